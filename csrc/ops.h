@@ -1,0 +1,12 @@
+#pragma once
+#include <torch/extension.h>
+
+// See python/droidspeak/kernels/reference.py for the semantics of each op.
+
+void rope_and_store(at::Tensor q, at::Tensor k, const at::Tensor& v, const at::Tensor& positions,
+                    const at::Tensor& cos_sin_cache, at::Tensor k_cache, at::Tensor v_cache,
+                    const at::Tensor& out_loc);
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& req_to_token, const at::Tensor& req_pool_indices,
+                            const at::Tensor& seq_lens, double scale);

@@ -1,0 +1,84 @@
+"""Engine configuration. CLI flags are generated from these fields (names as SGLang's
+where they apply); "auto" values are resolved once at start-up and logged."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from droidspeak.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+SCHEDULE_POLICIES = ("lpm", "fcfs")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str | None = None
+    """Local Hugging Face directory or .gguf file; None = the embedded default model."""
+    dtype: str = "auto"
+    """auto (bfloat16 on CPUs with AVX512-BF16 or AMX, else float32), bfloat16, float32, float16."""
+    context_length: int | None = None
+    """Longest prompt + output; default: the model's max_position_embeddings."""
+    max_total_tokens: int | None = None
+    """KV pool size in tokens; default: derived from mem_fraction_static."""
+    mem_fraction_static: float = 0.4
+    """Share of the host's available memory for weights plus the KV pool."""
+    max_running_requests: int = 64
+    """Most requests decoding at once (rows of the request-to-token table)."""
+    max_prefill_tokens: int = 16384
+    """Token budget of one prefill batch."""
+    chunked_prefill_size: int = 2048
+    """Longest prefill chunk of one request; -1 disables chunking."""
+    schedule_policy: str = "lpm"
+    """lpm (longest cached prefix first) or fcfs."""
+    disable_radix_cache: bool = False
+    random_seed: int = 0
+    num_threads: int | None = None
+    """torch intra-op threads; default: torch's choice (all cores)."""
+
+    def __post_init__(self):
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}", "dtype")
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise InvalidRequestError(
+                f"schedule_policy must be one of {SCHEDULE_POLICIES}, got {self.schedule_policy!r}",
+                "schedule_policy")
+        if not 0 < self.mem_fraction_static <= 1:
+            raise InvalidRequestError("mem_fraction_static must be in (0, 1]", "mem_fraction_static")
+        if self.chunked_prefill_size != -1 and self.chunked_prefill_size < 1:
+            raise InvalidRequestError("chunked_prefill_size must be -1 or >= 1", "chunked_prefill_size")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.resolved_dtype]
+
+    @property
+    def resolved_dtype(self) -> str:
+        return cpu_default_dtype() if self.dtype == "auto" else self.dtype
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def cpu_default_dtype() -> str:
+    """bfloat16 where the CPU has native bf16 matrix support, else float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        flags = ""
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+def available_memory_bytes() -> int:
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -1,0 +1,132 @@
+"""The offline engine, shaped like `sglang.Engine`: build once, call `generate`.
+
+The engine drives the scheduler in the caller's thread; one call to `generate`
+(or one open stream) at a time.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import uuid
+from collections.abc import Iterator
+
+import torch
+
+from droidspeak.config import EngineConfig
+from droidspeak.engine.io import format_output, normalize_inputs
+from droidspeak.models.default_model import resolve_model_path
+from droidspeak.runner.model_runner import ModelRunner
+from droidspeak.sampling.params import SamplingParams
+from droidspeak.scheduler.request import Req
+from droidspeak.scheduler.scheduler import Scheduler
+from droidspeak.tokenizer.detokenizer import IncrementalDetokenizer
+from droidspeak.tokenizer.tokenizer import eos_token_ids, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, model_path: str | None = None, dtype: str = "auto", **kwargs):
+        self.config = EngineConfig(model_path=model_path, dtype=dtype, **kwargs)
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        self.model_path = resolve_model_path(model_path)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.runner = ModelRunner(self.config, self.model_path)
+        self.eos_token_ids = eos_token_ids(self.tokenizer, self.runner.model_config.eos_token_ids)
+        self.scheduler = Scheduler(self.config, self.runner, self.eos_token_ids)
+        self._seed_rng = random.Random(self.config.random_seed)
+        self._counter = itertools.count()
+        logger.info("engine ready: %s, dtype=%s, threads=%d, native ops=%s", self.model_path,
+                    self.config.resolved_dtype, torch.get_num_threads(),
+                    __import__("droidspeak.kernels", fromlist=["x"]).native_available())
+
+    # ---- request construction ---------------------------------------------
+    def make_requests(self, prompt=None, sampling_params=None, input_ids=None, *,
+                      return_logprob=False, logprob_start_len=None, top_logprobs_num=0,
+                      stream=False, rid=None) -> tuple[list[Req], bool]:
+        """Validated requests for a (batched) call; the bool says whether the
+        caller passed a single prompt."""
+        prompts, params_list, rids, single = normalize_inputs(
+            prompt, input_ids, sampling_params, rid, self.tokenizer)
+        reqs = []
+        for ids, raw_params, base_rid in zip(prompts, params_list, rids):
+            params = SamplingParams.from_dict(raw_params)
+            self.scheduler.validate(ids, params.max_new_tokens)
+            for copy in range(params.n):
+                seed = (params.sampling_seed + copy if params.sampling_seed is not None
+                        else self._seed_rng.getrandbits(63))
+                reqs.append(Req(
+                    rid=base_rid if params.n == 1 else f"{base_rid}-{copy}",
+                    origin_input_ids=list(ids),
+                    sampling_params=params,
+                    detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
+                                                       params.spaces_between_special_tokens),
+                    generator=torch.Generator().manual_seed(seed),
+                    return_logprob=return_logprob,
+                    logprob_start_len=-1 if logprob_start_len is None else logprob_start_len,
+                    top_logprobs_num=top_logprobs_num or 0,
+                    stream=stream,
+                ))
+        return reqs, single and len(reqs) == 1
+
+    def new_rid(self) -> str:
+        return uuid.uuid4().hex
+
+    # ---- public API -----------------------------------------------------------
+    def generate(self, prompt=None, sampling_params=None, input_ids=None, stream: bool = False,
+                 return_logprob: bool = False, logprob_start_len: int | None = None,
+                 top_logprobs_num: int = 0, return_text_in_logprobs: bool = False, rid=None):
+        """One prompt (text or ids) -> one SGLang-shaped dict; a list -> a list.
+        With stream=True, an iterator of dicts with cumulative text."""
+        reqs, single = self.make_requests(
+            prompt, sampling_params, input_ids, return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
+            stream=stream, rid=rid)
+        fmt = dict(tokenizer=self.tokenizer, return_text_in_logprobs=return_text_in_logprobs)
+        if stream:
+            return self._stream(reqs, single, fmt)
+        for _ in self._drive(reqs):
+            pass
+        results = [format_output(r, **fmt) for r in reqs]
+        return results[0] if single else results
+
+    def _drive(self, reqs: list[Req]) -> Iterator:
+        """Add `reqs`, step the scheduler until all finish, yielding each output;
+        aborts whatever is left if the consumer goes away or a step fails."""
+        for r in reqs:
+            self.scheduler.add_request(r)
+        try:
+            while not all(r.finished for r in reqs):
+                yield from self.scheduler.step()
+        finally:
+            for r in reqs:
+                if not r.finished:
+                    self.scheduler.abort_request(r.rid)
+
+    def _stream(self, reqs: list[Req], single: bool, fmt: dict) -> Iterator[dict]:
+        index = {id(r): i for i, r in enumerate(reqs)}
+        for out in self._drive(reqs):
+            if id(out.req) not in index:
+                continue
+            result = format_output(out.req, **fmt)
+            if not single:
+                result["index"] = index[id(out.req)]
+            yield result
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def flush_cache(self) -> bool:
+        return self.scheduler.flush_cache()
+
+    def shutdown(self) -> None:
+        self.scheduler = None
+        self.runner = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

@@ -1,0 +1,55 @@
+"""Hot CPU ops: the C++ extension `droidspeak._C` when it is built, else the
+pure-torch references in `reference.py` (logged once)."""
+from __future__ import annotations
+
+import importlib
+import logging
+
+from droidspeak.kernels import reference
+
+logger = logging.getLogger(__name__)
+
+try:
+    _native = importlib.import_module("droidspeak._C")
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _native = None
+    _import_error = exc
+else:
+    _import_error = None
+
+_warned = False
+
+
+def native_available() -> bool:
+    return _native is not None
+
+
+def _warn_once() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        logger.warning("native extension droidspeak._C unavailable (%s); using the "
+                       "pure-torch reference ops", _import_error)
+
+
+def _supported(*tensors) -> bool:
+    return _native is not None and all(t.device.type == "cpu" for t in tensors)
+
+
+def rope_and_store(q, k, v, positions, cos_sin_cache, k_cache, v_cache, out_loc) -> None:
+    """See `reference.rope_and_store`."""
+    if _supported(q, k_cache):
+        _native.rope_and_store(q, k, v, positions, cos_sin_cache, k_cache, v_cache, out_loc)
+    else:
+        _warn_once()
+        reference.rope_and_store(q, k, v, positions, cos_sin_cache, k_cache, v_cache, out_loc)
+
+
+def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale):
+    """See `reference.decode_attention`."""
+    if _supported(q, k_cache):
+        return _native.decode_attention(q, k_cache, v_cache, req_to_token,
+                                        req_pool_indices, seq_lens, float(scale))
+    _warn_once()
+    return reference.decode_attention(q, k_cache, v_cache, req_to_token,
+                                      req_pool_indices, seq_lens, scale)

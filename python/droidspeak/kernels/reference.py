@@ -1,0 +1,49 @@
+"""Pure-torch reference implementations of the native ops in `csrc/`.
+
+They define the semantics the C++ kernels must match, and they are what the
+engine runs when the extension is not built.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   out_loc: torch.Tensor) -> None:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place (rotate-half RoPE), then
+    write k and v into the layer's pool rows `out_loc` [T].
+
+    `cos_sin_cache` is [max_pos, D] float32: cos in the first half, sin in the second.
+    """
+    half = q.shape[-1] // 2
+    cs = cos_sin_cache.index_select(0, positions).to(q.dtype)
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    for x in (q, k):
+        x1, x2 = x[..., :half], x[..., half:]
+        r1 = x1 * cos - x2 * sin
+        r2 = x2 * cos + x1 * sin
+        x[..., :half] = r1
+        x[..., half:] = r2
+    k_cache[out_loc] = k
+    v_cache[out_loc] = v
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per request. q [B, Hq, D]; K/V are read from the pool
+    through `req_to_token[req_pool_indices[b], :seq_lens[b]]`. Returns [B, Hq, D]."""
+    out = torch.empty_like(q)
+    num_heads, num_kv = q.shape[1], k_cache.shape[1]
+    for b in range(q.shape[0]):
+        n = int(seq_lens[b])
+        slots = req_to_token[req_pool_indices[b], :n].long()
+        k = k_cache.index_select(0, slots).transpose(0, 1)  # [Hkv, n, D]
+        v = v_cache.index_select(0, slots).transpose(0, 1)
+        qb = q[b].unsqueeze(1)  # [Hq, 1, D]
+        out[b] = F.scaled_dot_product_attention(
+            qb, k, v, scale=scale, enable_gqa=num_heads != num_kv).squeeze(1)
+    return out

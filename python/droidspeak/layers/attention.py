@@ -1,0 +1,62 @@
+"""Grouped-query self-attention over the paged token-slot KV pool."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from droidspeak import kernels
+
+if TYPE_CHECKING:
+    from droidspeak.runner.batch import ForwardBatch
+
+
+class Attention(nn.Module):
+    def __init__(self, layer_id: int, hidden_size: int, num_heads: int, num_kv_heads: int,
+                 head_dim: int, qkv_bias: bool):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.scale = head_dim ** -0.5
+        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, batch: "ForwardBatch", cos_sin: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(T, self.num_heads, self.head_dim)
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = batch.kv_pool.layer(self.layer_id)
+        kernels.rope_and_store(q, k, v, batch.positions, cos_sin, k_cache, v_cache,
+                               batch.out_cache_loc)
+        if batch.mode.value == "decode":
+            out = kernels.decode_attention(q, k_cache, v_cache, batch.req_to_token,
+                                           batch.req_pool_indices, batch.seq_lens, self.scale)
+        else:
+            out = self._extend(q, k, v, k_cache, v_cache, batch)
+        return self.o_proj(out.reshape(T, self.q_size))
+
+    def _extend(self, q, k, v, k_cache, v_cache, batch: "ForwardBatch") -> torch.Tensor:
+        out = torch.empty_like(q)
+        gqa = self.num_heads != self.num_kv_heads
+        for i, (start, n, p) in enumerate(zip(batch.extend_start, batch.extend_lens, batch.prefix_lens)):
+            qi = q[start:start + n].transpose(0, 1)
+            if p == 0:
+                # The whole sequence is in this forward: attend to the fresh K/V.
+                ki, vi = k[start:start + n], v[start:start + n]
+                mask, causal = None, True
+            else:
+                slots = batch.req_to_token[batch.req_pool_indices[i], :p + n].long()
+                ki, vi = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
+                # Query j sits at position p + j and sees keys 0..p + j.
+                mask = torch.arange(p + n)[None, :] <= (p + torch.arange(n))[:, None]
+                causal = False
+            oi = F.scaled_dot_product_attention(
+                qi, ki.transpose(0, 1), vi.transpose(0, 1), attn_mask=mask,
+                is_causal=causal, scale=self.scale, enable_gqa=gqa)
+            out[start:start + n] = oi.transpose(0, 1)
+        return out

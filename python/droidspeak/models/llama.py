@@ -1,0 +1,70 @@
+"""Llama-family decoder (SmolLM2, Llama 3.x, Qwen2/2.5) written for the slot pool.
+
+`forward_layers(hidden, batch, start, end)` runs any span of layers from given
+hidden states, which is what cross-model reuse needs: it recomputes layers s..e of
+a receiver over a sender's stored hidden states.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from droidspeak.layers.attention import Attention
+from droidspeak.layers.mlp import SwiGLU
+from droidspeak.layers.norm import RMSNorm
+from droidspeak.layers.rotary import cos_sin_cache
+from droidspeak.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from droidspeak.runner.batch import ForwardBatch
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(layer_id, config.hidden_size, config.num_heads,
+                                   config.num_kv_heads, config.head_dim, config.qkv_bias)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, hidden: torch.Tensor, batch: "ForwardBatch", cos_sin: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), batch, cos_sin)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+
+    def init_rope(self, max_positions: int) -> None:
+        c = self.config
+        self.cos_sin = cos_sin_cache(c.head_dim, max_positions, c.rope_theta, c.rope_scaling)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward_layers(self, hidden: torch.Tensor, batch: "ForwardBatch", start: int, end: int) -> torch.Tensor:
+        """Run layers [start, end) over `hidden`, the residual stream entering
+        layer `start`; writes those layers' KV to the pool at `batch.out_cache_loc`."""
+        for layer in self.layers[start:end]:
+            hidden = layer(hidden, batch, self.cos_sin)
+        return hidden
+
+    def forward(self, batch: "ForwardBatch") -> torch.Tensor:
+        """All layers; returns the final residual stream [T, hidden] (not normed)."""
+        return self.forward_layers(self.embed(batch.input_ids), batch, 0, len(self.layers))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head on selected rows of the residual stream; fp32 logits."""
+        weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return torch.nn.functional.linear(self.norm(hidden), weight).float()

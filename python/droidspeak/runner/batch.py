@@ -1,0 +1,58 @@
+"""Per-forward metadata. One `ForwardBatch` travels explicitly through the model
+and its attention layers; nothing about a batch lives in module globals."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from droidspeak.kvcache.pool import KVPool
+
+
+class ForwardMode(enum.Enum):
+    EXTEND = "extend"  # prefill (possibly a chunk, possibly over a cached prefix)
+    DECODE = "decode"  # one new token per request
+
+
+@dataclass
+class ForwardBatch:
+    """Flat (ragged) token layout: request i owns tokens
+    [extend_start[i], extend_start[i] + extend_lens[i]) of `input_ids`.
+
+    Invariant: `seq_lens[i] == prefix_lens[i] + extend_lens[i]`, and the pool slots
+    of request i's whole sequence are `req_to_token[req_pool_indices[i], :seq_lens[i]]`,
+    the last `extend_lens[i]` of them being this batch's `out_cache_loc` entries.
+    """
+    mode: ForwardMode
+    input_ids: torch.Tensor        # [T] int64
+    positions: torch.Tensor        # [T] int64
+    out_cache_loc: torch.Tensor    # [T] int64, pool slots the new tokens' KV goes to
+    req_pool_indices: torch.Tensor # [B] int64
+    seq_lens: torch.Tensor         # [B] int64, total length after this forward
+    prefix_lens: list[int]         # [B] tokens already in the pool before this forward
+    extend_lens: list[int]         # [B] tokens computed by this forward
+    kv_pool: KVPool
+    req_to_token: torch.Tensor     # [max_reqs, max_context] int32
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.extend_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def extend_start(self) -> list[int]:
+        starts, acc = [], 0
+        for n in self.extend_lens:
+            starts.append(acc)
+            acc += n
+        return starts
+
+    @property
+    def last_token_index(self) -> torch.Tensor:
+        """Index in the flat layout of each request's last token."""
+        ends = torch.tensor(self.extend_lens, dtype=torch.int64).cumsum(0)
+        return ends - 1

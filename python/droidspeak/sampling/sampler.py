@@ -1,0 +1,84 @@
+"""Turn fp32 logits into next tokens: penalties, min-token masking, temperature,
+top-k / top-p / min-p filtering, seeded sampling, and logprobs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from droidspeak.sampling.params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one request."""
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator
+    banned_ids: list[int]  # masked while the request is below min_new_tokens
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float]                 # log p(token) under the unprocessed distribution
+    top_logprobs: list[list[tuple[float, int]]] | None
+
+
+def apply_penalties(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
+    p = row.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), dtype=torch.int64)
+        if seen.numel():
+            vals = logits[seen]
+            logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.frequency_penalty or p.presence_penalty) and row.output_ids:
+        ids, counts = torch.tensor(row.output_ids, dtype=torch.int64).unique(return_counts=True)
+        logits[ids] -= p.frequency_penalty * counts.float() + p.presence_penalty
+    return logits
+
+
+def filter_probs(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Zero out tokens outside top-k, top-p and min-p; the result is not renormalised."""
+    if p.min_p > 0:
+        probs = torch.where(probs < p.min_p * probs.max(), 0.0, probs)
+    if p.top_k > 0 or p.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = torch.ones_like(sorted_probs, dtype=torch.bool)
+        if p.top_k > 0:
+            keep[p.top_k:] = False
+        if p.top_p < 1:
+            # keep the smallest head of the distribution whose mass reaches top_p
+            before = sorted_probs.cumsum(0) - sorted_probs
+            keep &= before < p.top_p
+        sorted_probs = torch.where(keep, sorted_probs, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return probs
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow], top_logprobs_nums: list[int]) -> SampleResult:
+    """logits [B, V] fp32 (modified in place)."""
+    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    tokens: list[int] = []
+    for i, row in enumerate(rows):
+        p = row.params
+        li = logits[i]
+        if p.has_penalties:
+            apply_penalties(li, row)
+        if row.banned_ids and len(row.output_ids) < p.min_new_tokens:
+            li[torch.tensor(row.banned_ids, dtype=torch.int64)] = float("-inf")
+        if p.is_greedy:
+            tokens.append(int(li.argmax()))
+            continue
+        probs = filter_probs(torch.softmax(li / p.temperature, dim=-1), p)
+        tokens.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+    token_tensor = torch.tensor(tokens, dtype=torch.int64)
+    chosen = raw_logprobs.gather(1, token_tensor[:, None]).squeeze(1).tolist()
+    top = None
+    k_max = max(top_logprobs_nums, default=0)
+    if k_max > 0:
+        vals, ids = raw_logprobs.topk(k_max, dim=-1)
+        vals, ids = vals.tolist(), ids.tolist()
+        top = [list(zip(vals[i][:k], ids[i][:k])) for i, k in enumerate(top_logprobs_nums)]
+    return SampleResult(tokens, chosen, top)

@@ -1,0 +1,54 @@
+"""Decode batches: one new token per running request, and retraction when the
+KV pool cannot hold the next token of every running request."""
+from __future__ import annotations
+
+import torch
+
+from droidspeak.kvcache.base import PrefixCache
+from droidspeak.kvcache.pool import SlotAllocator
+from droidspeak.runner.batch import ForwardBatch, ForwardMode
+from droidspeak.scheduler.request import Req
+
+
+def retraction_order(running: list[Req]) -> list[Req]:
+    """Victims first: the request with the fewest output tokens, then the longest
+    prompt (it is cheapest to redo relative to what it frees)."""
+    return sorted(running, key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)))
+
+
+def make_room_for_decode(running: list[Req], cache: PrefixCache, allocator: SlotAllocator) -> list[Req]:
+    """Evict cached entries, then retract requests, until every remaining running
+    request can get one slot. Returns the retracted requests (their KV released;
+    they keep their output tokens and are re-prefilled later)."""
+    retracted = []
+    victims = retraction_order(running)
+    while running and not allocator.can_allocate(len(running)):
+        cache.evict(len(running) - allocator.available_size)
+        if allocator.can_allocate(len(running)):
+            break
+        victim = victims.pop(0)
+        running.remove(victim)
+        cache.release_req(victim)
+        victim.num_retractions += 1
+        retracted.append(victim)
+    return retracted
+
+
+def build_decode_batch(running: list[Req], allocator: SlotAllocator, runner) -> ForwardBatch:
+    table = runner.req_to_token_pool.table
+    slots = allocator.allocate(len(running))
+    rows = torch.tensor([r.req_pool_idx for r in running], dtype=torch.int64)
+    kv_lens = torch.tensor([r.kv_len for r in running], dtype=torch.int64)
+    table[rows, kv_lens] = slots.to(torch.int32)
+    return ForwardBatch(
+        mode=ForwardMode.DECODE,
+        input_ids=torch.tensor([r.output_ids[-1] for r in running], dtype=torch.int64),
+        positions=kv_lens,
+        out_cache_loc=slots,
+        req_pool_indices=rows,
+        seq_lens=kv_lens + 1,
+        prefix_lens=kv_lens.tolist(),
+        extend_lens=[1] * len(running),
+        kv_pool=runner.kv_pool,
+        req_to_token=table,
+    )

@@ -1,0 +1,97 @@
+"""Request state as the scheduler sees it."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from droidspeak.sampling.params import SamplingParams
+from droidspeak.tokenizer.detokenizer import IncrementalDetokenizer
+
+# A logprob entry: (logprob or None for the first prompt token, token id).
+Logprob = tuple[float | None, int]
+
+
+@dataclass
+class FinishReason:
+    kind: str                       # "stop" | "length" | "abort"
+    matched: int | str | None = None
+    length: int | None = None
+    message: str | None = None
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"type": self.kind}
+        if self.kind == "stop":
+            out["matched"] = self.matched
+        elif self.kind == "length":
+            out["length"] = self.length
+        else:
+            out["message"] = self.message
+        return out
+
+
+@dataclass
+class Req:
+    rid: str
+    origin_input_ids: list[int]
+    sampling_params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator
+    return_logprob: bool = False
+    logprob_start_len: int = -1   # -1: no input-token logprobs
+    top_logprobs_num: int = 0
+    stream: bool = False
+
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    output_text: str = ""         # detokenized output, trimmed at a matched stop string
+
+    # KV state (see kvcache.base.CachedRequest)
+    req_pool_idx: int | None = None
+    kv_len: int = 0
+    prefix_len: int = 0
+    last_node: Any = None
+    cached_tokens: int = 0        # prompt tokens served from the prefix cache
+    admitted_once: bool = False
+    num_retractions: int = 0
+
+    input_token_logprobs: list[Logprob] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    output_token_logprobs: list[Logprob] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+
+    created_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    sent_output_len: int = 0      # output tokens already reported to the caller
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    @property
+    def extend_len(self) -> int:
+        return self.seq_len - self.kv_len
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def wants_input_logprobs(self) -> bool:
+        return self.return_logprob and self.logprob_start_len >= 0 and not self.output_ids
+
+    @property
+    def max_prefix_len(self) -> int:
+        """Longest prefix that may come from the cache. The last token always runs
+        (it produces the next-token logits), and input logprobs need the hidden
+        state of every position from logprob_start_len - 1 on."""
+        limit = self.seq_len - 1
+        if self.wants_input_logprobs:
+            limit = min(limit, max(self.logprob_start_len - 1, 0))
+        return limit

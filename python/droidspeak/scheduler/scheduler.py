@@ -1,0 +1,220 @@
+"""The scheduler: owns the queues and the prefix cache, and each `step()` runs one
+prefill batch (if anything can be admitted) or one decode batch, continuous-
+batching style. Single-threaded: one caller drives `step()`."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from droidspeak.config import EngineConfig
+from droidspeak.errors import InvalidRequestError, PromptTooLongError
+from droidspeak.kvcache.chunk_cache import NoPrefixCache
+from droidspeak.kvcache.radix_cache import RadixCache
+from droidspeak.runner.model_runner import ModelRunner
+from droidspeak.sampling.sampler import SamplingRow, sample
+from droidspeak.scheduler.decode import build_decode_batch, make_room_for_decode
+from droidspeak.scheduler.finish import append_token, finish
+from droidspeak.scheduler.output import RequestOutput
+from droidspeak.scheduler.policy import order_waiting
+from droidspeak.scheduler.prefill import PrefillAdder, build_prefill_batch, decode_reserve
+from droidspeak.scheduler.request import FinishReason, Req
+
+logger = logging.getLogger(__name__)
+
+# How much of each running request's remaining max_new_tokens is reserved when
+# admitting new work: starts conservative, relaxes each decode step, and snaps back
+# after a retraction (SGLang's new_token_ratio schedule).
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY = 0.001
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, runner: ModelRunner, eos_token_ids: list[int]):
+        self.config = config
+        self.runner = runner
+        self.allocator = runner.allocator
+        self.req_pool = runner.req_to_token_pool
+        cache_cls = NoPrefixCache if config.disable_radix_cache else RadixCache
+        self.cache = cache_cls(self.req_pool, self.allocator)
+        self.eos_token_ids = eos_token_ids
+        self.context_length = runner.context_length
+        self.vocab_size = runner.model_config.vocab_size
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.chunked_req: Req | None = None
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self.num_retractions = 0
+        self.num_forward_steps = 0
+
+    # ---- queue operations -------------------------------------------------
+    def validate(self, input_ids: list[int], max_new_tokens: int) -> None:
+        n = len(input_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty", "text")
+        bad = [t for t in input_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"input_ids holds {bad[0]}, outside [0, {self.vocab_size})", "input_ids")
+        if n + max_new_tokens > self.context_length:
+            raise PromptTooLongError(
+                f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
+                f"length {self.context_length}", "max_new_tokens" if n < self.context_length else "text")
+        if n + 1 > self.runner.max_total_tokens:
+            raise PromptTooLongError(
+                f"prompt ({n} tokens) does not fit the KV pool ({self.runner.max_total_tokens} tokens)", "text")
+
+    def add_request(self, req: Req) -> None:
+        self.validate(req.origin_input_ids, req.sampling_params.max_new_tokens)
+        self.waiting.append(req)
+
+    def abort_request(self, rid: str) -> RequestOutput | None:
+        for queue in (self.waiting, self.running):
+            for req in queue:
+                if req.rid == rid:
+                    queue.remove(req)
+                    return self._abort(req, "aborted by the client")
+        if self.chunked_req is not None and self.chunked_req.rid == rid:
+            req, self.chunked_req = self.chunked_req, None
+            return self._abort(req, "aborted by the client")
+        return None
+
+    def _abort(self, req: Req, message: str) -> RequestOutput:
+        finish(req, FinishReason("abort", message=message))
+        self.cache.release_req(req)
+        return RequestOutput(req, finished=True)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked_req)
+
+    @property
+    def is_idle(self) -> bool:
+        return not self.has_work
+
+    def flush_cache(self) -> bool:
+        """Drop every cached prefix; refused (False) while requests are in flight."""
+        if self.has_work:
+            return False
+        self.cache.reset()
+        self.allocator.reset()
+        self.req_pool.reset()
+        return True
+
+    # ---- one iteration ------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        entries = self._schedule_prefill()
+        if entries:
+            self._run_prefill(entries, outputs)
+        elif self.running:
+            self._run_decode(outputs)
+        self.num_forward_steps += 1
+        return outputs
+
+    def _schedule_prefill(self):
+        if not self.waiting and self.chunked_req is None:
+            return []
+        reserve = sum(decode_reserve(r, self.new_token_ratio) for r in self.running)
+        budget = self.allocator.available_size + self.cache.evictable_size - reserve
+        adder = PrefillAdder(self.cache, self.allocator, self.req_pool, self.config.max_prefill_tokens,
+                             self.config.chunked_prefill_size, budget, self.new_token_ratio,
+                             nothing_running=not self.running)
+        if self.chunked_req is not None:
+            if not adder.add_chunked(self.chunked_req):
+                return []
+            self.chunked_req = None
+        for req in order_waiting(self.waiting, self.config.schedule_policy, self.cache):
+            if len(self.running) + len(adder.entries) >= self.config.max_running_requests:
+                break
+            if not adder.add(req):
+                break
+            self.waiting.remove(req)
+        return adder.entries
+
+    def _run_prefill(self, entries, outputs: list[RequestOutput]) -> None:
+        batch, extra_rows, extra_pos = build_prefill_batch(entries, self.runner)
+        logits = self.runner.forward(batch, extra_rows)
+        to_sample, sample_rows = [], []
+        extra_offset = 0
+        for i, entry in enumerate(entries):
+            req = entry.req
+            positions = extra_pos[i]
+            if positions:
+                self._record_input_logprobs(req, positions, logits.extra_logits[extra_offset:extra_offset + len(positions)])
+                extra_offset += len(positions)
+            elif req.wants_input_logprobs and req.kv_len == 0 and not req.input_token_logprobs:
+                req.input_token_logprobs.append((None, req.origin_input_ids[0]))
+                req.input_top_logprobs.append(None)
+            req.kv_len += entry.num_tokens
+            self.cache.cache_unfinished_req(req)
+            if req.kv_len < req.seq_len:
+                self.chunked_req = req
+            elif req.sampling_params.max_new_tokens == 0:
+                finish(req, FinishReason("length", length=0))
+                self._release_finished(req, outputs)
+            else:
+                to_sample.append(req)
+                sample_rows.append(i)
+        if to_sample:
+            self._sample_and_append(to_sample, logits.next_token_logits[sample_rows], outputs)
+            self.running.extend(r for r in to_sample if not r.finished)
+
+    def _record_input_logprobs(self, req: Req, positions: list[int], logits: torch.Tensor) -> None:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        if req.kv_len == 0 and positions[0] == 0 and not req.input_token_logprobs:
+            req.input_token_logprobs.append((None, req.origin_input_ids[0]))
+            req.input_top_logprobs.append(None)
+        targets = torch.tensor([req.origin_input_ids[p + 1] for p in positions], dtype=torch.int64)
+        chosen = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
+        req.input_token_logprobs.extend(zip(chosen, targets.tolist()))
+        if req.top_logprobs_num > 0:
+            vals, ids = logprobs.topk(req.top_logprobs_num, dim=-1)
+            req.input_top_logprobs.extend(list(zip(v, t)) for v, t in zip(vals.tolist(), ids.tolist()))
+
+    def _run_decode(self, outputs: list[RequestOutput]) -> None:
+        retracted = make_room_for_decode(self.running, self.cache, self.allocator)
+        if retracted:
+            self.num_retractions += len(retracted)
+            self.new_token_ratio = 1.0
+            logger.info("KV pool full: retracted %d request(s); %d still decoding",
+                        len(retracted), len(self.running))
+            if not self.running:
+                # A single request outgrew the whole pool: it cannot continue.
+                victim = retracted.pop()
+                outputs.append(self._abort(victim, "the request outgrew the KV pool "
+                                                   f"({self.runner.max_total_tokens} tokens)"))
+            self.waiting[:0] = retracted
+            if not self.running:
+                return
+        batch = build_decode_batch(self.running, self.allocator, self.runner)
+        logits = self.runner.forward(batch)
+        for req in self.running:
+            req.kv_len += 1
+        self._sample_and_append(list(self.running), logits.next_token_logits, outputs)
+        self.running = [r for r in self.running if not r.finished]
+        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+
+    def _sample_and_append(self, reqs: list[Req], logits: torch.Tensor, outputs: list[RequestOutput]) -> None:
+        rows = [SamplingRow(r.sampling_params, r.origin_input_ids, r.output_ids, r.generator,
+                            self._banned_ids(r)) for r in reqs]
+        result = sample(logits, rows, [r.top_logprobs_num if r.return_logprob else 0 for r in reqs])
+        for i, req in enumerate(reqs):
+            top = result.top_logprobs[i] if result.top_logprobs is not None else None
+            append_token(req, result.token_ids[i], result.logprobs[i], top,
+                         self.eos_token_ids, self.context_length)
+            if req.finished:
+                self._release_finished(req, outputs)
+            elif req.stream:
+                outputs.append(RequestOutput(req, finished=False))
+
+    def _banned_ids(self, req: Req) -> list[int]:
+        p = req.sampling_params
+        if len(req.output_ids) >= p.min_new_tokens:
+            return []
+        return list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
+
+    def _release_finished(self, req: Req, outputs: list[RequestOutput]) -> None:
+        self.cache.cache_finished_req(req)
+        outputs.append(RequestOutput(req, finished=True))

@@ -1,0 +1,26 @@
+"""Tokenizer loading (transformers, local files only) and prompt encoding."""
+from __future__ import annotations
+
+import os
+
+from droidspeak.errors import ModelNotFoundError
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"no usable tokenizer in {path!r}: {exc}") from exc
+
+
+def eos_token_ids(tokenizer, model_eos_ids: tuple[int, ...]) -> list[int]:
+    ids = set(model_eos_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def has_tokenizer_files(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f))
+               for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
