@@ -50,13 +50,13 @@ class PrefillAdder:
     def add_chunked(self, req: Req) -> bool:
         """Continue a request whose prompt is being prefilled in chunks."""
         take = min(req.extend_len, self.rem_chunk, self.rem_tokens)
-        if req.extend_len == take:
-            reserve = decode_reserve(req, self.ratio)
-        else:
-            reserve = 0.0
-        take = min(take, int(self.budget - reserve)) if take + reserve > self.budget else take
+        reserve = decode_reserve(req, self.ratio) if take == req.extend_len else 0.0
+        if take + reserve > self.budget:
+            take, reserve = min(take, int(self.budget)), 0.0
         if take < 1 or not self._allocate(req, take):
             return False
+        if take < req.extend_len:
+            self.new_chunked_req = req
         self._commit(req, take, reserve)
         return True
 
@@ -68,6 +68,8 @@ class PrefillAdder:
         prefix_len = int(match.indices.numel())
         extend = req.seq_len - prefix_len
         take = min(extend, self.rem_chunk, self.rem_tokens)
+        if take < 1:
+            return False  # this batch's token or chunk budget is spent
         chunked = take < extend
         if chunked and self.new_chunked_req is not None:
             return False  # one request is chunked at a time

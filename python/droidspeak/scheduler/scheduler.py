@@ -110,6 +110,11 @@ class Scheduler:
             self._run_prefill(entries, outputs)
         elif self.running:
             self._run_decode(outputs)
+        elif self.has_work:
+            # With nothing running, the whole pool is free or evictable and every
+            # queued request was validated to fit: not admitting one is a bug.
+            raise RuntimeError(f"scheduler stalled: {len(self.waiting)} waiting, "
+                               f"{self.allocator.available_size} free slots")
         self.num_forward_steps += 1
         return outputs
 

@@ -1,0 +1,68 @@
+"""Native C++ ops against their pure-torch references."""
+import pytest
+import torch
+
+from droidspeak import kernels
+from droidspeak.kernels import reference
+from droidspeak.layers.rotary import cos_sin_cache
+
+
+
+def test_extension_is_built():
+    # `make test` builds csrc/; the engine must not silently fall back in CI.
+    assert kernels.native_available()
+
+
+def _qkv(T, hq, hkv, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(T, (hq + 2 * hkv) * D, generator=g).to(dtype)
+
+    def views(x):
+        q, k, v = x.split([hq * D, hkv * D, hkv * D], -1)  # strided views, as in the model
+        return q.reshape(T, hq, D), k.reshape(T, hkv, D), v.reshape(T, hkv, D)
+    return qkv, views
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("hq,hkv,D", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
+def test_rope_and_store_matches_reference(dtype, atol, hq, hkv, D):
+    from droidspeak import _C
+    T, S = 41, 300
+    qkv, views = _qkv(T, hq, hkv, D, dtype, 0)
+    cs = cos_sin_cache(D, 4096, 10000.0, None)
+    pos = torch.randint(0, 4096, (T,))
+    loc = torch.randperm(S)[:T] + 1
+    caches = [torch.zeros(S + 1, hkv, D, dtype=dtype) for _ in range(4)]
+    a, b = qkv.clone(), qkv.clone()
+    _C.rope_and_store(*views(a), pos, cs, caches[0], caches[1], loc)
+    reference.rope_and_store(*views(b), pos, cs, caches[2], caches[3], loc)
+    torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=0)
+    torch.testing.assert_close(caches[0].float(), caches[2].float(), atol=atol, rtol=0)
+    assert torch.equal(caches[1], caches[3])
+    untouched = torch.ones(S + 1, dtype=torch.bool)
+    untouched[loc] = False
+    assert not caches[0][untouched].any()
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("hq,hkv,D", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
+def test_decode_attention_matches_reference(dtype, atol, hq, hkv, D):
+    from droidspeak import _C
+    B, S, width = 7, 700, 800
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(S + 1, hkv, D, generator=g).to(dtype)
+    v = torch.randn(S + 1, hkv, D, generator=g).to(dtype)
+    table = torch.zeros(10, width, dtype=torch.int32)
+    rows = torch.tensor([9, 0, 3, 4, 5, 1, 2])
+    lens = torch.tensor([1, 63, 64, 65, 200, 700, 129])
+    for r, n in zip(rows.tolist(), lens.tolist()):
+        table[r, :n] = torch.randint(1, S + 1, (n,), generator=g).int()
+    q = torch.randn(B, hq, D, generator=g).to(dtype)
+    out = _C.decode_attention(q, k, v, table, rows, lens, D ** -0.5)
+    ref = reference.decode_attention(q, k, v, table, rows, lens, D ** -0.5)
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=0)
+
+
+def test_dispatch_falls_back_to_reference_for_unsupported_inputs():
+    # A meta-device tensor is not CPU: the dispatcher must take the reference path.
+    assert not kernels._supported(torch.empty(1, device="meta"))
