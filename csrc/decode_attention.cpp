@@ -6,6 +6,16 @@
 
 #include <ATen/Parallel.h>
 
+// ATen's Vectorized<> picks its implementation from CPU_CAPABILITY_* macros that
+// torch's own build sets per file; without them an extension gets the scalar
+// fallback (std::exp per element). Select it from what -march=native enabled.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2
+#endif
+#include <ATen/cpu/vec/vec.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -13,13 +23,28 @@
 
 namespace {
 
-constexpr int64_t kBlock = 64;
+constexpr int64_t kBlock = 32;
 
-template <typename scalar_t>
-inline float dot(const float* q, const scalar_t* k, int64_t D) {
-  float s = 0.f;
-  for (int64_t d = 0; d < D; ++d) s += q[d] * static_cast<float>(k[d]);
-  return s;
+// s[j] = exp(s[j] - shift) for j < n, vectorised; returns the sum.
+inline float exp_shifted(float* s, int64_t n, float shift) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec vshift(shift);
+  Vec vsum(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec x = (Vec::loadu(s + j) - vshift).exp_u20();
+    x.store(s + j);
+    vsum = vsum + x;
+  }
+  float lanes[Vec::size()];
+  vsum.store(lanes);
+  float sum = 0.f;
+  for (int64_t i = 0; i < Vec::size(); ++i) sum += lanes[i];
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - shift);
+    sum += s[j];
+  }
+  return sum;
 }
 
 template <typename scalar_t>
@@ -27,7 +52,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
                  const at::Tensor& table, const at::Tensor& rows, const at::Tensor& lens,
                  float scale, at::Tensor& out) {
   const int64_t B = q.size(0), hq = q.size(1), D = q.size(2), hkv = k_cache.size(1);
-  const int64_t G = hq / hkv, width = table.size(1);
+  const int64_t G = hq / hkv, width = table.size(1), row_len = hkv * D;
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kc = k_cache.data_ptr<scalar_t>();
   const scalar_t* vc = v_cache.data_ptr<scalar_t>();
@@ -37,50 +62,64 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
 
-  at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), acc(G * D), scores(G * kBlock), m(G), l(G);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / hkv, h = task % hkv, n = lp[b];
+  // One task per request: each token's K and V rows (all KV heads, contiguous in
+  // the pool) are read once, in slot order, for every query head.
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(hq * D), acc(hq * D), scores(hq * kBlock), m(hq), l(hq);
+    std::vector<float> kt(row_len * kBlock), vf(row_len);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n = lp[b];
       const int32_t* slots = tab + rp[b] * width;
-      for (int64_t g = 0; g < G; ++g) {
-        const scalar_t* src = qp + b * qs0 + (h * G + g) * qs1;
-        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(src[d]) * scale;
+      for (int64_t h = 0; h < hq; ++h) {
+        const scalar_t* src = qp + b * qs0 + h * qs1;
+        for (int64_t d = 0; d < D; ++d) qf[h * D + d] = static_cast<float>(src[d]) * scale;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
       for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
         const int64_t nb = std::min(kBlock, n - t0);
+        // K rows -> float tile [hkv * D][kBlock]: scores become axpys over
+        // contiguous tokens (vectorised) instead of dot-product reductions.
         for (int64_t j = 0; j < nb; ++j) {
-          const scalar_t* krow = kc + (static_cast<int64_t>(slots[t0 + j]) * hkv + h) * D;
-          for (int64_t g = 0; g < G; ++g) scores[g * kBlock + j] = dot(&qf[g * D], krow, D);
+          const scalar_t* krow = kc + static_cast<int64_t>(slots[t0 + j]) * row_len;
+          for (int64_t c = 0; c < row_len; ++c) kt[c * kBlock + j] = static_cast<float>(krow[c]);
         }
-        for (int64_t g = 0; g < G; ++g) {
-          float* s = &scores[g * kBlock];
-          float block_max = *std::max_element(s, s + nb);
-          const float new_m = std::max(m[g], block_max);
-          const float corr = std::exp(m[g] - new_m);
-          l[g] *= corr;
-          for (int64_t d = 0; d < D; ++d) acc[g * D + d] *= corr;
-          for (int64_t j = 0; j < nb; ++j) {
-            s[j] = std::exp(s[j] - new_m);
-            l[g] += s[j];
+        for (int64_t h = 0; h < hq; ++h) {
+          float* sh = &scores[h * kBlock];
+          std::fill(sh, sh + kBlock, 0.f);
+          const float* qh = &qf[h * D];
+          const float* kh = &kt[(h / G) * D * kBlock];
+          for (int64_t d = 0; d < D; ++d) {
+            const float qd = qh[d];
+            const float* kd = kh + d * kBlock;
+#pragma omp simd
+            for (int64_t j = 0; j < kBlock; ++j) sh[j] += qd * kd[j];
           }
-          m[g] = new_m;
+          const float block_max = *std::max_element(sh, sh + nb);
+          const float new_m = std::max(m[h], block_max);
+          const float corr = std::exp(m[h] - new_m);
+          l[h] = l[h] * corr + exp_shifted(sh, nb, new_m);
+          float* a = &acc[h * D];
+          for (int64_t d = 0; d < D; ++d) a[d] *= corr;
+          m[h] = new_m;
         }
         for (int64_t j = 0; j < nb; ++j) {
-          const scalar_t* vrow = vc + (static_cast<int64_t>(slots[t0 + j]) * hkv + h) * D;
-          for (int64_t g = 0; g < G; ++g) {
-            const float p = scores[g * kBlock + j];
-            float* a = &acc[g * D];
-            for (int64_t d = 0; d < D; ++d) a[d] += p * static_cast<float>(vrow[d]);
+          const scalar_t* vrow = vc + static_cast<int64_t>(slots[t0 + j]) * row_len;
+          for (int64_t c = 0; c < row_len; ++c) vf[c] = static_cast<float>(vrow[c]);
+          for (int64_t h = 0; h < hq; ++h) {
+            const float p = scores[h * kBlock + j];
+            const float* vh = &vf[(h / G) * D];
+            float* a = &acc[h * D];
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) a[d] += p * vh[d];
           }
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
-        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
-        scalar_t* dst = op + (b * hq + h * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[g * D + d] * inv);
+      for (int64_t h = 0; h < hq; ++h) {
+        const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+        scalar_t* dst = op + (b * hq + h) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[h * D + d] * inv);
       }
     }
   });

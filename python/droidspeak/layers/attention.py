@@ -44,7 +44,6 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         gqa = self.num_heads != self.num_kv_heads
         for i, (start, n, p) in enumerate(zip(batch.extend_start, batch.extend_lens, batch.prefix_lens)):
-            qi = q[start:start + n].transpose(0, 1)
             if p == 0:
                 # The whole sequence is in this forward: attend to the fresh K/V.
                 ki, vi = k[start:start + n], v[start:start + n]
@@ -55,8 +54,11 @@ class Attention(nn.Module):
                 # Query j sits at position p + j and sees keys 0..p + j.
                 mask = torch.arange(p + n)[None, :] <= (p + torch.arange(n))[:, None]
                 causal = False
+            # 4-D [1, H, n, D] inputs: CPU SDPA takes its flash kernel only for 4-D
+            # (3-D falls back to the math path, which materialises n x n scores).
             oi = F.scaled_dot_product_attention(
-                qi, ki.transpose(0, 1), vi.transpose(0, 1), attn_mask=mask,
-                is_causal=causal, scale=self.scale, enable_gqa=gqa)
-            out[start:start + n] = oi.transpose(0, 1)
+                q[None, start:start + n].transpose(1, 2), ki[None].transpose(1, 2),
+                vi[None].transpose(1, 2), attn_mask=mask, is_causal=causal, scale=self.scale,
+                enable_gqa=gqa)
+            out[start:start + n] = oi[0].transpose(0, 1)
         return out
