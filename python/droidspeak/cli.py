@@ -17,7 +17,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
-        help_text = f"(default: {f.default})"
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
         if hint is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
             continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,28 +19,40 @@ SCHEDULE_POLICIES = ("lpm", "fcfs")
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model_path: str | None = None
-    """Local Hugging Face directory or .gguf file; None = the embedded default model."""
-    dtype: str = "auto"
-    """auto (bfloat16 on CPUs with AVX512-BF16 or AMX, else float32), bfloat16, float32, float16."""
-    context_length: int | None = None
-    """Longest prompt + output; default: the model's max_position_embeddings."""
-    max_total_tokens: int | None = None
-    """KV pool size in tokens; default: derived from mem_fraction_static."""
-    mem_fraction_static: float = 0.4
-    """Share of the host's available memory for weights plus the KV pool."""
-    max_running_requests: int = 64
-    """Most requests decoding at once (rows of the request-to-token table)."""
-    max_prefill_tokens: int = 16384
-    """Token budget of one prefill batch."""
-    chunked_prefill_size: int = 2048
-    """Longest prefill chunk of one request; -1 disables chunking."""
-    schedule_policy: str = "lpm"
-    """lpm (longest cached prefix first) or fcfs."""
-    disable_radix_cache: bool = False
-    random_seed: int = 0
-    num_threads: int | None = None
-    """torch intra-op threads; default: torch's choice (all cores)."""
+    model_path: str | None = field(
+        default=None,
+        metadata={"help": 'Local Hugging Face directory or .gguf file; None = the embedded default model.'})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": 'auto (bfloat16 on CPUs with AVX512-BF16 or AMX, else float32), bfloat16, float32, float16.'})
+    context_length: int | None = field(
+        default=None,
+        metadata={"help": "Longest prompt + output; default: the model's max_position_embeddings."})
+    max_total_tokens: int | None = field(
+        default=None,
+        metadata={"help": 'KV pool size in tokens; default: derived from mem_fraction_static.'})
+    mem_fraction_static: float = field(
+        default=0.4,
+        metadata={"help": "Share of the host's available memory for weights plus the KV pool."})
+    max_running_requests: int = field(
+        default=64,
+        metadata={"help": 'Most requests decoding at once (rows of the request-to-token table).'})
+    max_prefill_tokens: int = field(default=16384, metadata={"help": 'Token budget of one prefill batch.'})
+    chunked_prefill_size: int = field(
+        default=2048,
+        metadata={"help": 'Longest prefill chunk of one request; -1 disables chunking.'})
+    schedule_policy: str = field(
+        default="lpm",
+        metadata={"help": 'lpm (longest cached prefix first) or fcfs.'})
+    disable_radix_cache: bool = field(
+        default=False,
+        metadata={"help": "Cache no prefixes (every request prefills from scratch)."})
+    random_seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the per-request samplers of requests that give no sampling_seed."})
+    num_threads: int | None = field(
+        default=None,
+        metadata={"help": "torch intra-op threads; default: torch's choice (all cores)."})
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
