@@ -16,6 +16,10 @@ CORPUS = [
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
+# A ChatML-style template, like the default model's.
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
 
 def build_tokenizer(path: str, vocab_size: int = 400):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -29,6 +33,7 @@ def build_tokenizer(path: str, vocab_size: int = 400):
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
     return fast
 

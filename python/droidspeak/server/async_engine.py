@@ -1,0 +1,137 @@
+"""The serving loop: the scheduler runs in one background thread; the HTTP event
+loop submits requests and awaits their outputs through asyncio queues.
+
+Why a thread and not processes: on 2 cores the model's torch ops release the GIL
+for nearly all of a step, so the event loop stays responsive, and a thread avoids
+pickling every request and token across process boundaries.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+from droidspeak.engine.engine import Engine
+from droidspeak.engine.io import format_output
+from droidspeak.scheduler.request import Req
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.05  # how long the loop sleeps on an empty inbox when idle
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.scheduler = engine.scheduler
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, dict]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="droidspeak-scheduler", daemon=True)
+        self.last_step_time = time.time()
+        self.num_requests = 0
+        self.started = time.time()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    # ---- called from the event loop ------------------------------------------
+    async def generate(self, reqs: list[Req], fmt: dict) -> AsyncIterator[tuple[int, dict, bool]]:
+        """Yield (index in reqs, formatted output, finished) as the scheduler reports
+        progress. If the consumer stops early (client gone), the rest is aborted."""
+        loop = asyncio.get_running_loop()
+        out_queue: asyncio.Queue = asyncio.Queue()
+        for i, r in enumerate(reqs):
+            self._streams[id(r)] = (loop, out_queue, dict(fmt, index=i))
+        self.num_requests += len(reqs)
+        self._inbox.put(("add", reqs))
+        pending = len(reqs)
+        try:
+            while pending:
+                index, result, finished = await out_queue.get()
+                if finished:
+                    pending -= 1
+                yield index, result, finished
+        finally:
+            unfinished = [r for r in reqs if not r.finished]
+            if unfinished:
+                self._inbox.put(("abort", [r.rid for r in unfinished]))
+            for r in reqs:
+                self._streams.pop(id(r), None)
+
+    def abort(self, rid: str) -> None:
+        self._inbox.put(("abort", [rid]))
+
+    async def call(self, fn: Callable):
+        """Run `fn()` on the scheduler thread (between steps) and await its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", (fn, future)))
+        return await asyncio.wrap_future(future)
+
+    # ---- the scheduler thread ----------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox(block=not self.scheduler.has_work)
+            if not self.scheduler.has_work:
+                continue
+            try:
+                outputs = self.scheduler.step()
+            except Exception:  # pragma: no cover - a bug; keep serving, fail the requests
+                logger.exception("scheduler step failed; aborting the requests in flight")
+                outputs = self._abort_everything()
+            self.last_step_time = time.time()
+            for out in outputs:
+                self._publish(out.req, out.finished)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            kind, payload = item
+            if kind == "add":
+                for r in payload:
+                    self.scheduler.waiting.append(r)
+            elif kind == "abort":
+                for rid in payload:
+                    out = self.scheduler.abort_request(rid)
+                    if out is not None:
+                        self._publish(out.req, True)
+            elif kind == "call":
+                fn, future = payload
+                try:
+                    future.set_result(fn())
+                except Exception as exc:  # surfaced to the awaiting handler
+                    future.set_exception(exc)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                item = None
+
+    def _abort_everything(self):
+        outs = []
+        for r in list(self.scheduler.running) + list(self.scheduler.waiting):
+            out = self.scheduler.abort_request(r.rid)
+            if out is not None:
+                outs.append(out)
+        return outs
+
+    def _publish(self, req: Req, finished: bool) -> None:
+        entry = self._streams.get(id(req))
+        if entry is None:
+            return
+        loop, out_queue, fmt = entry
+        fmt = dict(fmt)
+        index = fmt.pop("index")
+        result = format_output(req, **fmt)
+        loop.call_soon_threadsafe(out_queue.put_nowait, (index, result, finished))

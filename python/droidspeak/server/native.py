@@ -1,0 +1,199 @@
+"""SGLang's native endpoints."""
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from droidspeak.errors import InvalidRequestError
+from droidspeak.server.app import ServerState, body_schema, collect, parse_body, read_json
+
+router = APIRouter()
+
+
+class GenerateRequest(BaseModel):
+    """SGLang's GenerateReqInput (the fields droidspeak uses; others are ignored)."""
+    model_config = ConfigDict(extra="ignore")
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict | list[dict] | None = None
+    stream: bool = False
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: int | list[int] | None = None
+    top_logprobs_num: int | list[int] | None = None
+    return_text_in_logprobs: bool = False
+    rid: str | list[str] | None = None
+    model: str | None = None
+    lora_path: str | list[str | None] | None = None
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.ds
+
+
+def _engine_for(request: Request, model_name: str | None, body_model: str | None = None):
+    state = _state(request)
+    return state.resolve_model(model_name or body_model)
+
+
+def _scalar(value, name: str, n: int):
+    """SGLang allows per-prompt lists for logprob fields; droidspeak takes one value per call."""
+    if isinstance(value, list):
+        if len(value) != n:
+            raise InvalidRequestError(f"{name} has {len(value)} entries for {n} prompts", name)
+        if len(set(map(str, value))) > 1:
+            return value
+        return value[0] if value else None
+    return value
+
+
+@router.api_route("/generate", methods=["POST", "PUT"], openapi_extra=body_schema(GenerateRequest))
+async def generate(request: Request, model_name: str | None = None):
+    body = await parse_body(request, GenerateRequest)
+    lora = body.lora_path[0] if isinstance(body.lora_path, list) and body.lora_path else body.lora_path
+    aengine = _engine_for(request, model_name, body.model or lora)
+    engine = aengine.engine
+    prompts = body.text if body.text is not None else body.input_ids
+    n = len(prompts) if isinstance(prompts, list) and prompts and isinstance(prompts[0], (str, list)) else 1
+    per_prompt = {}
+    for name in ("return_logprob", "logprob_start_len", "top_logprobs_num"):
+        per_prompt[name] = _scalar(getattr(body, name), name, n)
+    if any(isinstance(v, list) for v in per_prompt.values()):
+        # different logprob settings per prompt: one request group per prompt
+        groups = []
+        for i in range(n):
+            kw = {k: (v[i] if isinstance(v, list) else v) for k, v in per_prompt.items()}
+            sp = body.sampling_params[i] if isinstance(body.sampling_params, list) else body.sampling_params
+            rid = body.rid[i] if isinstance(body.rid, list) else None
+            reqs, _ = engine.make_requests(
+                prompt=[body.text[i]] if body.text is not None else None,
+                input_ids=[body.input_ids[i]] if body.input_ids is not None else None,
+                sampling_params=sp, stream=body.stream, rid=[rid] if rid else None, **kw)
+            groups.extend(reqs)
+        reqs, single = groups, False
+    else:
+        reqs, single = engine.make_requests(
+            body.text, body.sampling_params, body.input_ids, return_logprob=bool(per_prompt["return_logprob"]),
+            logprob_start_len=per_prompt["logprob_start_len"], top_logprobs_num=per_prompt["top_logprobs_num"],
+            stream=body.stream, rid=body.rid)
+    fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=body.return_text_in_logprobs)
+    if body.stream:
+        async def events():
+            async for index, result, _ in aengine.generate(reqs, fmt):
+                if not single:
+                    result["index"] = index
+                yield f"data: {json.dumps(result)}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+    results = await collect(aengine, reqs, fmt, request)
+    return results[0] if single else results
+
+
+@router.get("/health")
+async def health(request: Request, model_name: str | None = None):
+    _engine_for(request, model_name)
+    return Response(status_code=200)
+
+
+@router.get("/health_generate")
+async def health_generate(request: Request, model_name: str | None = None):
+    aengine = _engine_for(request, model_name)
+    reqs, _ = aengine.engine.make_requests(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0})
+    async for _ in aengine.generate(reqs, dict(tokenizer=aengine.engine.tokenizer)):
+        pass
+    return Response(status_code=200)
+
+
+def _model_info(state: ServerState, aengine) -> dict:
+    engine = aengine.engine
+    mc = engine.runner.model_config
+    return {"model_path": engine.model_path, "tokenizer_path": engine.model_path,
+            "served_model_name": state.model_name, "is_generation": True,
+            "preferred_sampling_params": None, "weight_version": "default",
+            "has_image_understanding": False, "has_audio_understanding": False,
+            "model_type": "llama" if mc.architecture.startswith("Llama") else "qwen2",
+            "architectures": [mc.architecture]}
+
+
+@router.get("/get_model_info")
+@router.get("/model_info")
+async def model_info(request: Request, model_name: str | None = None):
+    return _model_info(_state(request), _engine_for(request, model_name))
+
+
+@router.get("/get_server_info")
+@router.get("/server_info")
+async def server_info(request: Request, model_name: str | None = None):
+    import dataclasses
+    aengine = _engine_for(request, model_name)
+    engine = aengine.engine
+    info = dataclasses.asdict(engine.config)
+    info.update(model_path=engine.model_path, tokenizer_path=engine.model_path,
+                served_model_name=_state(request).model_name, dtype=engine.config.resolved_dtype,
+                max_total_num_tokens=engine.runner.max_total_tokens,
+                context_length=engine.runner.context_length,
+                version=__import__("droidspeak").__version__, dp_size=1, tp_size=1)
+    return info
+
+
+@router.get("/get_load")
+async def get_load(request: Request, model_name: str | None = None):
+    sched = _engine_for(request, model_name).scheduler
+    used = sched.runner.max_total_tokens - sched.allocator.available_size - sched.cache.evictable_size
+    return [{"dp_rank": 0, "num_reqs": len(sched.running), "num_waiting_reqs": len(sched.waiting),
+             "num_tokens": used}]
+
+
+@router.api_route("/flush_cache", methods=["GET", "POST"])
+async def flush_cache(request: Request, model_name: str | None = None):
+    aengine = _engine_for(request, model_name)
+    ok = await aengine.call(aengine.scheduler.flush_cache)
+    if ok:
+        return PlainTextResponse("Cache flushed.\n")
+    return PlainTextResponse("Cache not flushed: requests are in flight.\n", status_code=400)
+
+
+@router.post("/abort_request")
+async def abort_request(request: Request, model_name: str | None = None):
+    body = await read_json(request)
+    rid = body.get("rid")
+    if not isinstance(rid, str):
+        raise InvalidRequestError("rid must be a string", "rid")
+    _engine_for(request, model_name).abort(rid)
+    return Response(status_code=200)
+
+
+class TokenizeRequest(BaseModel):
+    prompt: str | None = None
+    text: str | None = None
+    add_special_tokens: bool = False
+
+
+@router.post("/tokenize", openapi_extra=body_schema(TokenizeRequest))
+async def tokenize(request: Request, model_name: str | None = None):
+    body = await parse_body(request, TokenizeRequest)
+    engine = _engine_for(request, model_name).engine
+    text = body.prompt if body.prompt is not None else body.text
+    if text is None:
+        raise InvalidRequestError("give prompt (or text) to tokenize", "prompt")
+    ids = engine.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+    return {"tokens": ids, "count": len(ids), "max_model_len": engine.runner.context_length}
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[int]
+    skip_special_tokens: bool = True
+
+
+@router.post("/detokenize", openapi_extra=body_schema(DetokenizeRequest))
+async def detokenize(request: Request, model_name: str | None = None):
+    body = await parse_body(request, DetokenizeRequest)
+    engine = _engine_for(request, model_name).engine
+    vocab = engine.runner.model_config.vocab_size
+    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    if bad:
+        raise InvalidRequestError(f"token {bad[0]} outside [0, {vocab})", "tokens")
+    return {"text": engine.tokenizer.decode(body.tokens, skip_special_tokens=body.skip_special_tokens)}
+

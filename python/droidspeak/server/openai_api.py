@@ -1,0 +1,231 @@
+"""OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from droidspeak.errors import InvalidRequestError
+from droidspeak.server.app import ServerState, body_schema, collect, parse_body
+
+router = APIRouter(prefix="/v1")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CommonParams(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    rid: str | None = None
+
+    def sampling_params(self, max_tokens: int | None) -> dict:
+        params = {"max_new_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                  "top_k": self.top_k, "min_p": self.min_p, "n": self.n, "stop": self.stop,
+                  "stop_token_ids": self.stop_token_ids, "presence_penalty": self.presence_penalty,
+                  "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
+                  "sampling_seed": self.seed, "ignore_eos": self.ignore_eos, "min_new_tokens": self.min_tokens}
+        return {k: v for k, v in params.items() if v is not None}
+
+
+class CompletionRequest(CommonParams):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict] | None = None
+
+
+class ChatRequest(CommonParams):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+def _finish(reason: dict | None) -> str | None:
+    if reason is None:
+        return None
+    return {"stop": "stop", "length": "length"}.get(reason["type"], "abort")
+
+
+def _usage(results: list[dict]) -> dict:
+    # n samples of one prompt count the prompt once, as OpenAI does
+    prompts = {}
+    for r in results:
+        m = r["meta_info"]
+        prompts.setdefault(m["id"].rsplit("-", 1)[0] if "-" in m["id"] else m["id"], m)
+    prompt_tokens = sum(m["prompt_tokens"] for m in prompts.values())
+    cached = sum(m["cached_tokens"] for m in prompts.values())
+    completion = sum(r["meta_info"]["completion_tokens"] for r in results)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+@router.get("/models")
+async def list_models(request: Request):
+    state: ServerState = request.app.state.ds
+    created = int(state.engine.started)
+    return {"object": "list", "data": [
+        {"id": name, "object": "model", "created": created, "owned_by": "droidspeak", "root": name,
+         "parent": None, "max_model_len": state.engine.engine.runner.context_length}
+        for name in state.model_names]}
+
+
+@router.post("/completions", openapi_extra=body_schema(CompletionRequest))
+async def completions(request: Request):
+    body = await parse_body(request, CompletionRequest)
+    state: ServerState = request.app.state.ds
+    aengine = state.resolve_model(body.model)
+    engine = aengine.engine
+    if body.echo:
+        raise InvalidRequestError("echo is not supported", "echo")
+    prompt = body.prompt
+    ids_given = isinstance(prompt, list) and prompt and not isinstance(prompt[0], str)
+    reqs, _ = engine.make_requests(
+        prompt=None if ids_given else prompt, input_ids=prompt if ids_given else None,
+        sampling_params=body.sampling_params(body.max_tokens), stream=body.stream,
+        return_logprob=body.logprobs is not None, top_logprobs_num=body.logprobs or 0)
+    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name
+    fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=True)
+
+    def choice(index: int, text: str, result: dict, finished: bool) -> dict:
+        lp = None
+        if body.logprobs is not None:
+            meta = result["meta_info"]
+            entries = meta["output_token_logprobs"]
+            lp = {"tokens": [t for _, _, t in entries], "token_logprobs": [v for v, _, _ in entries],
+                  "top_logprobs": [{t: v for v, _, t in top} for top in meta.get("output_top_logprobs", [])],
+                  "text_offset": []}
+        return {"index": index, "text": text, "logprobs": lp,
+                "finish_reason": _finish(result["meta_info"]["finish_reason"]) if finished else None}
+
+    if body.stream:
+        async def events():
+            sent = [0] * len(reqs)
+            finals = []
+            async for index, result, finished in aengine.generate(reqs, fmt):
+                delta = result["text"][sent[index]:]
+                sent[index] = len(result["text"])
+                if finished:
+                    finals.append(result)
+                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                            "choices": [choice(index, delta, result, finished)]})
+            if body.stream_options and body.stream_options.include_usage:
+                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                            "choices": [], "usage": _usage(finals)})
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    results = await collect(aengine, reqs, fmt, request)
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [choice(i, r["text"], r, True) for i, r in enumerate(results)],
+            "usage": _usage(results)}
+
+
+def _chat_prompt_ids(engine, messages: list[ChatMessage]) -> list[int]:
+    convo = []
+    for m in messages:
+        content = m.content
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            if any(part.get("type") != "text" for part in content):
+                raise InvalidRequestError("only text content parts are supported", "messages")
+            content = "".join(part.get("text", "") for part in content)
+        convo.append({"role": m.role, "content": content or ""})
+    if engine.tokenizer.chat_template is None:
+        raise InvalidRequestError("this model has no chat template; use /v1/completions", "messages")
+    ids = engine.tokenizer.apply_chat_template(convo, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+@router.post("/chat/completions", openapi_extra=body_schema(ChatRequest))
+async def chat_completions(request: Request):
+    body = await parse_body(request, ChatRequest)
+    state: ServerState = request.app.state.ds
+    aengine = state.resolve_model(body.model)
+    engine = aengine.engine
+    if not body.messages:
+        raise InvalidRequestError("messages must not be empty", "messages")
+    ids = _chat_prompt_ids(engine, body.messages)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens is None:
+        max_tokens = max(1, min(engine.runner.context_length - len(ids), 2048))
+    reqs, _ = engine.make_requests(
+        input_ids=ids, sampling_params=body.sampling_params(max_tokens), stream=body.stream,
+        return_logprob=body.logprobs, top_logprobs_num=body.top_logprobs or 0)
+    rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name
+    fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=True)
+
+    def logprobs(result: dict, start: int = 0):
+        if not body.logprobs:
+            return None
+        meta = result["meta_info"]
+        tops = meta.get("output_top_logprobs", [])
+        content = []
+        for i, (v, _, t) in enumerate(meta["output_token_logprobs"][start:], start):
+            top = [{"token": tt, "logprob": vv, "bytes": list(tt.encode())} for vv, _, tt in tops[i]] if i < len(tops) else []
+            content.append({"token": t, "logprob": v, "bytes": list(t.encode()), "top_logprobs": top})
+        return {"content": content}
+
+    if body.stream:
+        async def events():
+            sent_text, sent_tokens, finals = [0] * len(reqs), [0] * len(reqs), []
+            for i in range(len(reqs)):
+                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]})
+            async for index, result, finished in aengine.generate(reqs, fmt):
+                delta = result["text"][sent_text[index]:]
+                lp = logprobs(result, sent_tokens[index])
+                sent_text[index], sent_tokens[index] = len(result["text"]), len(result["output_ids"])
+                if finished:
+                    finals.append(result)
+                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "choices": [{"index": index, "delta": {"content": delta} if delta else {},
+                                         "logprobs": lp,
+                                         "finish_reason": _finish(result["meta_info"]["finish_reason"]) if finished else None}]})
+            if body.stream_options and body.stream_options.include_usage:
+                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "choices": [], "usage": _usage(finals)})
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    results = await collect(aengine, reqs, fmt, request)
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": r["text"]},
+                         "logprobs": logprobs(r), "finish_reason": _finish(r["meta_info"]["finish_reason"])}
+                        for i, r in enumerate(results)],
+            "usage": _usage(results)}
