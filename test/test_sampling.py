@@ -176,3 +176,10 @@ def test_invalid_sampling_params(params, field):
     with pytest.raises(InvalidRequestError) as err:
         SamplingParams.from_dict(params)
     assert err.value.field == field and field in str(err.value)
+
+
+def test_unsupported_sglang_fields_null_accepted_value_refused():
+    assert SamplingParams.from_dict({"regex": None, "json_schema": None, "stop_regex": None}).max_new_tokens == 128
+    with pytest.raises(InvalidRequestError, match="regex is not supported") as err:
+        SamplingParams.from_dict({"regex": "[a-z]+"})
+    assert err.value.field == "regex"

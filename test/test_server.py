@@ -209,3 +209,21 @@ def test_api_key(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+def test_metrics(server):
+    httpx.post(server + "/generate", json={"text": "metrics please", "sampling_params": GREEDY})
+    text = httpx.get(server + "/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values['droidspeak_generation_tokens_total{model_name="tiny"}'] >= 8
+    assert values['droidspeak_prompt_tokens_total{model_name="tiny"}'] > 0
+    assert values['droidspeak_time_to_first_token_seconds_count{model_name="tiny"}'] >= 1
+    assert values['droidspeak_inter_token_latency_seconds_count{model_name="tiny"}'] >= 1
+    assert values['droidspeak_num_queue_reqs{model_name="tiny"}'] == 0
+    assert 0 <= values['droidspeak_kv_pool_usage{model_name="tiny"}'] <= 1
+    assert values['droidspeak_kv_pool_tokens{model_name="tiny"}'] == 4096
+    assert any(k.startswith("droidspeak_requests_total{") and 'finish_reason="length"' in k for k in values)

@@ -6,6 +6,7 @@ import uuid
 
 from droidspeak.errors import InvalidRequestError
 from droidspeak.scheduler.request import Req
+from droidspeak.tokenizer.tokenizer import encode_text
 
 
 def normalize_inputs(prompt, input_ids, sampling_params, rid, tokenizer):
@@ -17,7 +18,7 @@ def normalize_inputs(prompt, input_ids, sampling_params, rid, tokenizer):
         texts = [prompt] if single else prompt
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise InvalidRequestError("text must be a string or a non-empty list of strings", "text")
-        prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        prompts = [encode_text(tokenizer, t) for t in texts]
     else:
         single = isinstance(input_ids, list) and bool(input_ids) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in input_ids)

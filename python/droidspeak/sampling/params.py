@@ -8,6 +8,12 @@ from droidspeak.errors import InvalidRequestError
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
+# SGLang sampling fields droidspeak does not implement (constrained decoding and
+# friends). Clients such as the SGLang frontend send them as null: that is accepted;
+# a real value is refused rather than silently ignored.
+UNSUPPORTED_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag", "stop_regex",
+                      "logit_bias", "custom_params", "sampling_seed_per_token")
+
 
 @dataclass
 class SamplingParams:
@@ -47,6 +53,10 @@ class SamplingParams:
         raw = dict(raw)
         if "seed" in raw:  # accepted alias
             raw.setdefault("sampling_seed", raw.pop("seed"))
+        for name in UNSUPPORTED_FIELDS:
+            if raw.get(name) not in (None, {}, []):
+                raise InvalidRequestError(f"sampling parameter {name} is not supported by droidspeak", name)
+            raw.pop(name, None)
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - set(known))
         if unknown:

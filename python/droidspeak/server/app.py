@@ -76,6 +76,17 @@ def create_app(state: ServerState) -> FastAPI:
                                     status_code=401)
         return await call_next(request)
 
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from fastapi.responses import Response
+
+    from droidspeak.server.metrics import ServerMetrics
+    metrics = ServerMetrics(state.engine.scheduler, state.model_name, state.log_requests)
+    state.engine.on_finished = metrics.observe_finished
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     app.include_router(native_router)
     app.include_router(native_router, prefix="/models/{model_name}")
     app.include_router(openai_router)

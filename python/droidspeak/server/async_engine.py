@@ -35,6 +35,7 @@ class AsyncEngine:
         self.last_step_time = time.time()
         self.num_requests = 0
         self.started = time.time()
+        self.on_finished: Callable[[Req], None] | None = None  # metrics hook, called on the scheduler thread
 
     def start(self) -> None:
         self._thread.start()
@@ -127,6 +128,8 @@ class AsyncEngine:
         return outs
 
     def _publish(self, req: Req, finished: bool) -> None:
+        if finished and self.on_finished is not None:
+            self.on_finished(req)
         entry = self._streams.get(id(req))
         if entry is None:
             return

@@ -8,6 +8,7 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from droidspeak.errors import InvalidRequestError
+from droidspeak.tokenizer.tokenizer import encode_text
 from droidspeak.server.app import ServerState, body_schema, collect, parse_body, read_json
 
 router = APIRouter()
@@ -178,7 +179,7 @@ async def tokenize(request: Request, model_name: str | None = None):
     text = body.prompt if body.prompt is not None else body.text
     if text is None:
         raise InvalidRequestError("give prompt (or text) to tokenize", "prompt")
-    ids = engine.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+    ids = encode_text(engine.tokenizer, text, "prompt", body.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": engine.runner.context_length}
 
 

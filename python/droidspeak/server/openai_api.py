@@ -165,7 +165,10 @@ def _chat_prompt_ids(engine, messages: list[ChatMessage]) -> list[int]:
         convo.append({"role": m.role, "content": content or ""})
     if engine.tokenizer.chat_template is None:
         raise InvalidRequestError("this model has no chat template; use /v1/completions", "messages")
-    ids = engine.tokenizer.apply_chat_template(convo, add_generation_prompt=True, tokenize=True)
+    try:
+        ids = engine.tokenizer.apply_chat_template(convo, add_generation_prompt=True, tokenize=True)
+    except (UnicodeError, TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"messages cannot be rendered and tokenized: {exc}", "messages") from exc
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(ids)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from droidspeak.errors import ModelNotFoundError
+from droidspeak.errors import InvalidRequestError, ModelNotFoundError
 
 
 def load_tokenizer(path: str):
@@ -24,3 +24,12 @@ def eos_token_ids(tokenizer, model_eos_ids: tuple[int, ...]) -> list[int]:
 def has_tokenizer_files(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, f))
                for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def encode_text(tokenizer, text: str, field: str = "text", add_special_tokens: bool = False) -> list[int]:
+    """Token ids of user text; text the tokenizer cannot take (e.g. lone UTF-16
+    surrogates from JSON escapes) is a 400, not a crash."""
+    try:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    except (UnicodeError, TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"{field} cannot be tokenized: {exc}", field) from exc
