@@ -227,3 +227,18 @@ def test_metrics(server):
     assert 0 <= values['droidspeak_kv_pool_usage{model_name="tiny"}'] <= 1
     assert values['droidspeak_kv_pool_tokens{model_name="tiny"}'] == 4096
     assert any(k.startswith("droidspeak_requests_total{") and 'finish_reason="length"' in k for k in values)
+
+
+def test_abort_request_by_rid(server):
+    body = {"text": "The quick brown fox", "rid": "abort-me", "stream": True,
+            "sampling_params": {"max_new_tokens": 1900, "ignore_eos": True}}
+    last = None
+    with httpx.stream("POST", server + "/generate", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                last = json.loads(line[6:])
+                if last["meta_info"]["completion_tokens"] == 2:
+                    assert httpx.post(server + "/abort_request", json={"rid": "abort-me"}).status_code == 200
+    assert last["meta_info"]["finish_reason"]["type"] == "abort"
+    assert last["meta_info"]["completion_tokens"] < 1900
+    assert_idle(server)
