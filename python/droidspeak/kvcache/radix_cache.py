@@ -60,7 +60,10 @@ class RadixCache(PrefixCache):
     def protected_size(self) -> int:
         return self._protected_size
 
-    def match_prefix(self, key: list[int]) -> MatchResult:
+    def _walk(self, key: list[int]) -> tuple[TreeNode, int, list[torch.Tensor]]:
+        """Follow `key` down the tree, splitting the last node so that it ends
+        exactly at the match; touches every node on the path. Returns the deepest
+        matched node, the matched length and the matched nodes' slot tensors."""
         node, values, pos = self.root, [], 0
         now = next(self._clock)
         node.last_access = now
@@ -74,24 +77,18 @@ class RadixCache(PrefixCache):
             child.last_access = now
             values.append(child.value)
             node, pos = child, pos + n
+        return node, pos, values
+
+    def match_prefix(self, key: list[int]) -> MatchResult:
+        node, _, values = self._walk(key)
         indices = torch.cat(values) if values else torch.empty(0, dtype=torch.int64)
         return MatchResult(indices, node)
 
     def insert(self, key: list[int], slots: torch.Tensor) -> int:
-        node, pos = self.root, 0
-        now = next(self._clock)
-        while pos < len(key):
-            child = node.children.get(key[pos])
-            if child is None:
-                break
-            n = _common_prefix_len(child.key, key[pos:pos + len(child.key)])
-            if n < len(child.key):
-                child = self._split(child, n)
-            child.last_access = now
-            node, pos = child, pos + n
+        node, pos, _ = self._walk(key)
         if pos < len(key):
             leaf = TreeNode(list(key[pos:]), slots[pos:].clone(), node)
-            leaf.last_access = now
+            leaf.last_access = node.last_access
             self._evictable_leaves.discard(node)
             node.children[key[pos]] = leaf
             self._evictable_size += len(leaf.key)

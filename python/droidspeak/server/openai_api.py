@@ -93,6 +93,27 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+def _stream(aengine, reqs, fmt: dict, envelope: dict, make_choice, include_usage: bool,
+            first_choices: tuple = ()) -> StreamingResponse:
+    """SSE stream of chunks `envelope + {"choices": [make_choice(...)]}`, one per
+    progress report; `make_choice(index, text_delta, result, finished, tokens_sent)`."""
+    async def events():
+        for choice in first_choices:
+            yield _sse(dict(envelope, choices=[choice]))
+        sent_text, sent_tokens, finals = [0] * len(reqs), [0] * len(reqs), []
+        async for index, result, finished in aengine.generate(reqs, fmt):
+            delta = result["text"][sent_text[index]:]
+            choice = make_choice(index, delta, result, finished, sent_tokens[index])
+            sent_text[index], sent_tokens[index] = len(result["text"]), len(result["output_ids"])
+            if finished:
+                finals.append(result)
+            yield _sse(dict(envelope, choices=[choice]))
+        if include_usage:
+            yield _sse(dict(envelope, choices=[], usage=_usage(finals)))
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 @router.get("/models")
 async def list_models(request: Request):
     state: ServerState = request.app.state.ds
@@ -132,21 +153,10 @@ async def completions(request: Request):
                 "finish_reason": _finish(result["meta_info"]["finish_reason"]) if finished else None}
 
     if body.stream:
-        async def events():
-            sent = [0] * len(reqs)
-            finals = []
-            async for index, result, finished in aengine.generate(reqs, fmt):
-                delta = result["text"][sent[index]:]
-                sent[index] = len(result["text"])
-                if finished:
-                    finals.append(result)
-                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                            "choices": [choice(index, delta, result, finished)]})
-            if body.stream_options and body.stream_options.include_usage:
-                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                            "choices": [], "usage": _usage(finals)})
-            yield "data: [DONE]\n\n"
-        return StreamingResponse(events(), media_type="text/event-stream")
+        envelope = {"id": rid, "object": "text_completion", "created": created, "model": model}
+        return _stream(aengine, reqs, fmt, envelope,
+                       lambda index, delta, result, finished, _: choice(index, delta, result, finished),
+                       bool(body.stream_options and body.stream_options.include_usage))
 
     results = await collect(aengine, reqs, fmt, request)
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
@@ -204,27 +214,16 @@ async def chat_completions(request: Request):
         return {"content": content}
 
     if body.stream:
-        async def events():
-            sent_text, sent_tokens, finals = [0] * len(reqs), [0] * len(reqs), []
-            for i in range(len(reqs)):
-                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                            "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                         "logprobs": None, "finish_reason": None}]})
-            async for index, result, finished in aengine.generate(reqs, fmt):
-                delta = result["text"][sent_text[index]:]
-                lp = logprobs(result, sent_tokens[index])
-                sent_text[index], sent_tokens[index] = len(result["text"]), len(result["output_ids"])
-                if finished:
-                    finals.append(result)
-                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                            "choices": [{"index": index, "delta": {"content": delta} if delta else {},
-                                         "logprobs": lp,
-                                         "finish_reason": _finish(result["meta_info"]["finish_reason"]) if finished else None}]})
-            if body.stream_options and body.stream_options.include_usage:
-                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                            "choices": [], "usage": _usage(finals)})
-            yield "data: [DONE]\n\n"
-        return StreamingResponse(events(), media_type="text/event-stream")
+        envelope = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+
+        def chunk(index, delta, result, finished, tokens_sent):
+            reason = _finish(result["meta_info"]["finish_reason"]) if finished else None
+            return {"index": index, "delta": {"content": delta} if delta else {},
+                    "logprobs": logprobs(result, tokens_sent), "finish_reason": reason}
+        opening = tuple({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None} for i in range(len(reqs)))
+        return _stream(aengine, reqs, fmt, envelope, chunk,
+                       bool(body.stream_options and body.stream_options.include_usage), opening)
 
     results = await collect(aengine, reqs, fmt, request)
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
