@@ -68,3 +68,30 @@ def build_tiny_model(path: str, arch: str = "llama", seed: int = 0, num_layers: 
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path)
     return path
+
+
+def derive_finetune(base: str, path: str, seed: int, scale: float = 0.05, declare_base: str | None = None) -> str:
+    """A stand-in full fine-tune of `base` for engine tests: every tensor of every
+    layer moved by `scale` times its own spread (as training all layers would),
+    tokenizer and config copied."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(base):
+        if not name.endswith(".safetensors"):
+            shutil.copy(os.path.join(base, name), os.path.join(path, name))
+    g = torch.Generator().manual_seed(seed)
+    weights = load_file(os.path.join(base, "model.safetensors"))
+    tuned = {k: (v + scale * v.float().std() * torch.randn(v.shape, generator=g)).to(v.dtype).contiguous()
+             for k, v in weights.items()}
+    save_file(tuned, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    if declare_base:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["droidspeak_base_model"] = declare_base
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(cfg, f)
+    return path

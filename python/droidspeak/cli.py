@@ -21,6 +21,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if hint is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
             continue
+        if f.name == "models":
+            parser.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=PATH",
+                                help=help_text)
+            continue
         base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
         kwargs = dict(type=base, default=f.default, help=help_text)
         if f.name == "schedule_policy":
@@ -29,7 +33,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
+    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
+    kwargs["models"] = tuple(kwargs["models"])
+    return kwargs
 
 
 def cmd_prepare_model(args) -> int:

@@ -22,6 +22,12 @@ class EngineConfig:
     model_path: str | None = field(
         default=None,
         metadata={"help": 'Local Hugging Face directory or .gguf file; None = the embedded default model.'})
+    served_model_name: str | None = field(
+        default=None,
+        metadata={"help": "Name of the model given by model_path in the APIs; default: its directory's name."})
+    models: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "More models of the same family, NAME=PATH each (repeatable: --model a=/p/a --model b=/p/b)."})
     dtype: str = field(
         default="auto",
         metadata={"help": 'auto (bfloat16 on CPUs with AVX512-BF16 or AMX, else float32), bfloat16, float32, float16.'})
@@ -63,6 +69,9 @@ class EngineConfig:
                 "schedule_policy")
         if not 0 < self.mem_fraction_static <= 1:
             raise InvalidRequestError("mem_fraction_static must be in (0, 1]", "mem_fraction_static")
+        for entry in self.models:
+            if not isinstance(entry, str) or "=" not in entry or not entry.split("=", 1)[0]:
+                raise InvalidRequestError(f"models entries are NAME=PATH, got {entry!r}", "models")
         if self.chunked_prefill_size != -1 and self.chunked_prefill_size < 1:
             raise InvalidRequestError("chunked_prefill_size must be -1 or >= 1", "chunked_prefill_size")
 
@@ -94,3 +103,7 @@ def available_memory_bytes() -> int:
         return int(psutil.virtual_memory().available)
     except ImportError:  # pragma: no cover
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def parse_model_entries(entries: tuple[str, ...]) -> list[tuple[str, str]]:
+    return [tuple(e.split("=", 1)) for e in entries]

@@ -6,16 +6,20 @@ The engine drives the scheduler in the caller's thread; one call to `generate`
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
 import random
 import uuid
 from collections.abc import Iterator
 
 import torch
 
-from droidspeak.config import EngineConfig
+from droidspeak.config import EngineConfig, parse_model_entries
+from droidspeak.errors import InvalidRequestError, ModelNotFoundError
 from droidspeak.engine.io import format_output, normalize_inputs
 from droidspeak.models.default_model import resolve_model_path
+from droidspeak.models.lineage import DECLARED_BASE_KEY, LineageInfo, check_family
 from droidspeak.runner.model_runner import ModelRunner
 from droidspeak.sampling.params import SamplingParams
 from droidspeak.scheduler.request import Req
@@ -32,8 +36,16 @@ class Engine:
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         self.model_path = resolve_model_path(model_path)
+        root_name = self.config.served_model_name or os.path.basename(os.path.normpath(self.model_path))
+        members = [(root_name, self.model_path)] + [
+            (name, resolve_model_path(path)) for name, path in parse_model_entries(self.config.models)]
+        names = [n for n, _ in members]
+        if len(set(names)) != len(names):
+            raise InvalidRequestError(f"model names must be unique, got {names}", "models")
         self.tokenizer = load_tokenizer(self.model_path)
-        self.runner = ModelRunner(self.config, self.model_path)
+        self.runner = ModelRunner(self.config, [p for _, p in members])
+        self.model_names = names
+        self.lineage = self._check_lineage(members)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.runner.model_config.eos_token_ids)
         self.scheduler = Scheduler(self.config, self.runner, self.eos_token_ids)
         self._seed_rng = random.Random(self.config.random_seed)
@@ -42,12 +54,36 @@ class Engine:
                     self.config.resolved_dtype, torch.get_num_threads(),
                     __import__("droidspeak.kernels", fromlist=["x"]).native_available())
 
+    def _check_lineage(self, members: list[tuple[str, str]]) -> dict[str, LineageInfo]:
+        root_name, _ = members[0]
+        root = self.runner.models[0]
+        info = {root_name: LineageInfo(root_name, None, "root")}
+        for i, (name, path) in enumerate(members[1:], 1):
+            config = self.runner.models[i].config
+            with open(os.path.join(path, "config.json")) as f:
+                declared = json.load(f).get(DECLARED_BASE_KEY)
+            info[name] = check_family(root_name, root.config, self.tokenizer, root.embed_tokens.weight,
+                                      name, config, load_tokenizer(path), self.runner.models[i].embed_tokens.weight,
+                                      declared)
+            logger.info("model %s joins the family of %s (%s)", name, root_name, info[name].evidence)
+        return info
+
+    def model_id(self, name: str | None) -> int:
+        """Index of family member `name` (None: the root model)."""
+        if name is None:
+            return 0
+        try:
+            return self.model_names.index(name)
+        except ValueError:
+            raise ModelNotFoundError(f"model {name!r} not found; known models: {self.model_names}") from None
+
     # ---- request construction ---------------------------------------------
     def make_requests(self, prompt=None, sampling_params=None, input_ids=None, *,
                       return_logprob=False, logprob_start_len=None, top_logprobs_num=0,
-                      stream=False, rid=None) -> tuple[list[Req], bool]:
+                      stream=False, rid=None, model: str | None = None) -> tuple[list[Req], bool]:
         """Validated requests for a (batched) call; the bool says whether the
         caller passed a single prompt."""
+        model_id = self.model_id(model)
         prompts, params_list, rids, single = normalize_inputs(
             prompt, input_ids, sampling_params, rid, self.tokenizer)
         reqs = []
@@ -68,6 +104,7 @@ class Engine:
                     logprob_start_len=-1 if logprob_start_len is None else logprob_start_len,
                     top_logprobs_num=top_logprobs_num or 0,
                     stream=stream,
+                    model_id=model_id,
                 ))
         return reqs, single and len(reqs) == 1
 
@@ -77,13 +114,15 @@ class Engine:
     # ---- public API -----------------------------------------------------------
     def generate(self, prompt=None, sampling_params=None, input_ids=None, stream: bool = False,
                  return_logprob: bool = False, logprob_start_len: int | None = None,
-                 top_logprobs_num: int = 0, return_text_in_logprobs: bool = False, rid=None):
+                 top_logprobs_num: int = 0, return_text_in_logprobs: bool = False, rid=None,
+                 model: str | None = None):
         """One prompt (text or ids) -> one SGLang-shaped dict; a list -> a list.
-        With stream=True, an iterator of dicts with cumulative text."""
+        With stream=True, an iterator of dicts with cumulative text. `model` picks a
+        family member by name (default: the root model)."""
         reqs, single = self.make_requests(
             prompt, sampling_params, input_ids, return_logprob=return_logprob,
             logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
-            stream=stream, rid=rid)
+            stream=stream, rid=rid, model=model)
         fmt = dict(tokenizer=self.tokenizer, return_text_in_logprobs=return_text_in_logprobs)
         if stream:
             return self._stream(reqs, single, fmt)

@@ -23,12 +23,13 @@ class MatchResult(NamedTuple):
 class CachedRequest(Protocol):
     """What the cache needs to know about a request that holds KV."""
     req_pool_idx: int | None
-    kv_len: int         # tokens of `fill_ids` whose KV is in the request's row
+    kv_len: int         # leading tokens of `cache_key` whose KV is in the request's row
     prefix_len: int     # leading tokens of the row owned by the cache (locked via last_node)
     last_node: Any
 
     @property
-    def fill_ids(self) -> list[int]: ...
+    def cache_key(self) -> list[int]:
+        """The tokens whose KV the request holds, as prefix-cache keys."""
 
 
 class PrefixCache(abc.ABC):
@@ -76,7 +77,7 @@ class PrefixCache(abc.ABC):
     def cache_finished_req(self, req: CachedRequest) -> None:
         """Hand a finished request's KV to the cache and release its row."""
         slots = self._row(req)
-        already = self.insert(req.fill_ids[:req.kv_len], slots.clone())
+        already = self.insert(req.cache_key[:req.kv_len], slots.clone())
         # [prefix_len, already): computed by this request but cached meanwhile by another.
         self.allocator.free(slots[req.prefix_len:max(already, req.prefix_len)])
         self._free_row(req)
@@ -85,9 +86,9 @@ class PrefixCache(abc.ABC):
         """Insert what a still-running request has computed, and re-point its row
         and lock at the cache's copy (used between prefill chunks)."""
         slots = self._row(req)
-        already = self.insert(req.fill_ids[:req.kv_len], slots.clone())
+        already = self.insert(req.cache_key[:req.kv_len], slots.clone())
         self.allocator.free(slots[req.prefix_len:max(already, req.prefix_len)])
-        match = self.match_prefix(req.fill_ids[:req.kv_len])
+        match = self.match_prefix(req.cache_key[:req.kv_len])
         n = int(match.indices.numel())
         assert n == req.kv_len, (n, req.kv_len)
         self.req_to_token_pool.table[req.req_pool_idx, :n] = match.indices.to(torch.int32)

@@ -34,6 +34,7 @@ class ForwardBatch:
     extend_lens: list[int]         # [B] tokens computed by this forward
     kv_pool: KVPool
     req_to_token: torch.Tensor     # [max_reqs, max_context] int32
+    model_ids: list[int] | None = None  # [B] which family member runs request i (None: model 0)
 
     @property
     def batch_size(self) -> int:
@@ -56,3 +57,18 @@ class ForwardBatch:
         """Index in the flat layout of each request's last token."""
         ends = torch.tensor(self.extend_lens, dtype=torch.int64).cumsum(0)
         return ends - 1
+
+    def select(self, indices: list[int]) -> tuple["ForwardBatch", torch.Tensor]:
+        """The sub-batch of requests `indices`, and the flat token rows it takes
+        from this batch (to map rows back)."""
+        starts = self.extend_start
+        rows = torch.cat([torch.arange(starts[i], starts[i] + self.extend_lens[i]) for i in indices])
+        idx = torch.tensor(indices, dtype=torch.int64)
+        sub = ForwardBatch(
+            mode=self.mode, input_ids=self.input_ids[rows], positions=self.positions[rows],
+            out_cache_loc=self.out_cache_loc[rows], req_pool_indices=self.req_pool_indices[idx],
+            seq_lens=self.seq_lens[idx], prefix_lens=[self.prefix_lens[i] for i in indices],
+            extend_lens=[self.extend_lens[i] for i in indices], kv_pool=self.kv_pool,
+            req_to_token=self.req_to_token,
+            model_ids=None if self.model_ids is None else [self.model_ids[i] for i in indices])
+        return sub, rows

@@ -23,12 +23,18 @@ class LogitsOutput:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path: str):
+    """`model_paths[0]` is the family's root; every model shares its shape (checked
+    by the engine's lineage check), so one KV pool serves them all."""
+
+    def __init__(self, config: EngineConfig, model_paths: list[str] | str):
+        if isinstance(model_paths, str):
+            model_paths = [model_paths]
         self.config = config
         self.dtype = config.torch_dtype
-        self.model_config = ModelConfig.from_dir(model_path)
+        self.model_config = ModelConfig.from_dir(model_paths[0])
         self.context_length = config.context_length or self.model_config.max_position_embeddings
-        self.model = load_model(model_path, self.dtype, self.context_length)
+        self.models = [load_model(p, self.dtype, self.context_length) for p in model_paths]
+        self.model = self.models[0]
         self.max_total_tokens = self._kv_budget()
         mc = self.model_config
         self.kv_pool = KVPool(self.max_total_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
@@ -50,7 +56,7 @@ class ModelRunner:
     def _kv_budget(self) -> int:
         if self.config.max_total_tokens is not None:
             return self.config.max_total_tokens
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        weight_bytes = sum(p.numel() * p.element_size() for m in self.models for p in m.parameters())
         budget = available_memory_bytes() * self.config.mem_fraction_static - weight_bytes
         tokens = int(budget // self.kv_bytes_per_token)
         if tokens < self.context_length:
@@ -63,10 +69,34 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, extra_rows: torch.Tensor | None = None) -> LogitsOutput:
         """Run the batch. `extra_rows` are flat token indices whose logits are also
-        returned (input-token logprobs)."""
-        hidden = self.model(batch)
+        returned (input-token logprobs). A batch that mixes family members runs each
+        member's layers over its own requests, within this one step."""
+        ids = batch.model_ids
+        if ids is None or len(set(ids)) == 1:
+            return self._forward_one(self.models[ids[0] if ids else 0], batch, extra_rows)
+        next_logits = torch.empty(batch.batch_size, self.model_config.vocab_size)
+        extra = None
+        if extra_rows is not None and extra_rows.numel():
+            extra = torch.empty(extra_rows.numel(), self.model_config.vocab_size)
+        for model_id in sorted(set(ids)):
+            members = [i for i, m in enumerate(ids) if m == model_id]
+            sub, rows = batch.select(members)
+            local = torch.full((batch.num_tokens,), -1, dtype=torch.int64)
+            local[rows] = torch.arange(rows.numel())
+            sub_extra, where = None, None
+            if extra is not None:
+                where = (local[extra_rows] >= 0).nonzero().flatten()
+                sub_extra = local[extra_rows[where]]
+            out = self._forward_one(self.models[model_id], sub, sub_extra)
+            next_logits[members] = out.next_token_logits
+            if out.extra_logits is not None:
+                extra[where] = out.extra_logits
+        return LogitsOutput(next_logits, extra)
+
+    def _forward_one(self, model, batch: ForwardBatch, extra_rows: torch.Tensor | None) -> LogitsOutput:
+        hidden = model(batch)
         last = hidden.index_select(0, batch.last_token_index)
         extra = None
         if extra_rows is not None and extra_rows.numel():
-            extra = self.model.logits(hidden.index_select(0, extra_rows))
-        return LogitsOutput(self.model.logits(last), extra)
+            extra = model.logits(hidden.index_select(0, extra_rows))
+        return LogitsOutput(model.logits(last), extra)

@@ -51,4 +51,5 @@ def build_decode_batch(running: list[Req], allocator: SlotAllocator, runner) -> 
         extend_lens=[1] * len(running),
         kv_pool=runner.kv_pool,
         req_to_token=table,
+        model_ids=[r.model_id for r in running],
     )

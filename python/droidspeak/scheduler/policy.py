@@ -12,6 +12,6 @@ def order_waiting(waiting: list[Req], policy: str, cache: PrefixCache) -> list[R
     """lpm: longest cached prefix first (ties keep arrival order); fcfs: arrival order."""
     if policy == "fcfs" or len(waiting) > LPM_MAX_QUEUE:
         return list(waiting)
-    matched = {id(r): int(cache.match_prefix(r.fill_ids[:r.max_prefix_len]).indices.numel())
+    matched = {id(r): int(cache.match_prefix(r.cache_key[:r.max_prefix_len]).indices.numel())
                for r in waiting}
     return sorted(waiting, key=lambda r: -matched[id(r)])

@@ -64,7 +64,7 @@ class PrefillAdder:
         """Admit a new (or retracted) request; False stops filling the batch."""
         if not self.req_pool.can_allocate():
             return False
-        match = self.cache.match_prefix(req.fill_ids[:req.max_prefix_len])
+        match = self.cache.match_prefix(req.cache_key[:req.max_prefix_len])
         prefix_len = int(match.indices.numel())
         extend = req.seq_len - prefix_len
         take = min(extend, self.rem_chunk, self.rem_tokens)
@@ -142,5 +142,6 @@ def build_prefill_batch(entries: list[PrefillEntry], runner) -> tuple[ForwardBat
         extend_lens=[e.num_tokens for e in entries],
         kv_pool=runner.kv_pool,
         req_to_token=table,
+        model_ids=[e.req.model_id for e in entries],
     )
     return batch, torch.tensor(extra_rows, dtype=torch.int64), extra_pos

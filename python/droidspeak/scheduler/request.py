@@ -10,6 +10,10 @@ import torch
 from droidspeak.sampling.params import SamplingParams
 from droidspeak.tokenizer.detokenizer import IncrementalDetokenizer
 
+# Prefix-cache keys of family member m > 0 are token ids offset by m * stride, so
+# each member's entries live in their own namespace of the one tree (one LRU).
+MODEL_KEY_STRIDE = 1 << 32
+
 # A logprob entry: (logprob or None for the first prompt token, token id).
 Logprob = tuple[float | None, int]
 
@@ -43,6 +47,7 @@ class Req:
     logprob_start_len: int = -1   # -1: no input-token logprobs
     top_logprobs_num: int = 0
     stream: bool = False
+    model_id: int = 0             # which family member serves this request
 
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -69,6 +74,14 @@ class Req:
     @property
     def fill_ids(self) -> list[int]:
         return self.origin_input_ids + self.output_ids
+
+    @property
+    def cache_key(self) -> list[int]:
+        """fill_ids in this request's model namespace of the prefix cache."""
+        if self.model_id == 0:
+            return self.fill_ids
+        offset = self.model_id * MODEL_KEY_STRIDE
+        return [t + offset for t in self.fill_ids]
 
     @property
     def seq_len(self) -> int:

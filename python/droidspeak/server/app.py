@@ -24,19 +24,22 @@ DISCONNECT_POLL_S = 0.2
 @dataclass
 class ServerState:
     engine: AsyncEngine
-    model_name: str
     api_key: str | None = None
     log_requests: bool = False
 
     @property
     def model_names(self) -> list[str]:
-        return [self.model_name]
+        return self.engine.engine.model_names
+
+    @property
+    def model_name(self) -> str:
+        """The family's root model, served when a request names none."""
+        return self.model_names[0]
 
     def resolve_model(self, name: str | None) -> AsyncEngine:
-        """The engine serving `name` (None: the default model)."""
-        if name is None or name == self.model_name:
-            return self.engine
-        raise ModelNotFoundError(f"model {name!r} not found; known models: {self.model_names}")
+        """The engine serving `name` (None: the root model); 404 for unknown names."""
+        self.engine.engine.model_id(name)
+        return self.engine
 
 
 def error_body(message: str, status: int, param: str | None = None, kind: str = "invalid_request_error") -> dict:
@@ -80,7 +83,7 @@ def create_app(state: ServerState) -> FastAPI:
     from fastapi.responses import Response
 
     from droidspeak.server.metrics import ServerMetrics
-    metrics = ServerMetrics(state.engine.scheduler, state.model_name, state.log_requests)
+    metrics = ServerMetrics(state.engine.scheduler, state.model_names, state.log_requests)
     state.engine.on_finished = metrics.observe_finished
 
     @app.get("/metrics")

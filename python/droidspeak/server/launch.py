@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 
 logger = logging.getLogger(__name__)
@@ -15,8 +14,6 @@ DEFAULT_PORT = 30000
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default: {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
-    parser.add_argument("--served-model-name", default=None,
-                        help="name of the model in the APIs (default: the model directory's name)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (not on /health)")
     parser.add_argument("--log-requests", action="store_true", help="log every request")
 
@@ -29,11 +26,10 @@ def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
     from droidspeak.server.async_engine import AsyncEngine
 
     engine = Engine(**engine_kwargs)
-    name = args.served_model_name or os.path.basename(os.path.normpath(engine.model_path))
     aengine = AsyncEngine(engine)
     aengine.start()
-    app = create_app(ServerState(aengine, name, api_key=args.api_key, log_requests=args.log_requests))
-    logger.info("serving %s on http://%s:%d", name, args.host, args.port)
+    app = create_app(ServerState(aengine, api_key=args.api_key, log_requests=args.log_requests))
+    logger.info("serving %s on http://%s:%d", ", ".join(engine.model_names), args.host, args.port)
     # uvicorn catches SIGINT/SIGTERM, shuts down gracefully, then re-raises the signal
     # under the handlers it found installed: make those no-ops so that a requested
     # shutdown ends the process normally (exit status 0) after cleanup.

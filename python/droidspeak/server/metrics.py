@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -14,25 +15,26 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1
 
 
 class ServerMetrics:
-    def __init__(self, scheduler, model_name: str, log_requests: bool = False):
+    def __init__(self, scheduler, model_names: list[str], log_requests: bool = False):
+        model_name = model_names[0]
+        self.model_names = model_names
         self.registry = CollectorRegistry()
         self.log_requests = log_requests
         labels = {"model_name": model_name}
         r = self.registry
         self.requests = Counter("droidspeak_requests", "Finished requests by finish reason",
                                 ["model_name", "finish_reason"], registry=r)
-        self.prompt_tokens = Counter("droidspeak_prompt_tokens", "Prompt tokens", ["model_name"], registry=r).labels(**labels)
+        self.prompt_tokens = Counter("droidspeak_prompt_tokens", "Prompt tokens", ["model_name"], registry=r)
         self.generation_tokens = Counter("droidspeak_generation_tokens", "Generated tokens", ["model_name"],
-                                         registry=r).labels(**labels)
+                                         registry=r)
         self.cached_tokens = Counter("droidspeak_cached_tokens", "Prompt tokens served from the prefix cache",
-                                     ["model_name"], registry=r).labels(**labels)
+                                     ["model_name"], registry=r)
         self.ttft = Histogram("droidspeak_time_to_first_token_seconds", "Time to first token", ["model_name"],
-                              buckets=LATENCY_BUCKETS, registry=r).labels(**labels)
+                              buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("droidspeak_inter_token_latency_seconds", "Mean time between output tokens, per request",
-                             ["model_name"], buckets=ITL_BUCKETS, registry=r).labels(**labels)
+                             ["model_name"], buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("droidspeak_e2e_request_latency_seconds", "End-to-end request latency", ["model_name"],
-                             buckets=LATENCY_BUCKETS, registry=r).labels(**labels)
-        self._model_name = model_name
+                             buckets=LATENCY_BUCKETS, registry=r)
         runner = scheduler.runner
         Gauge("droidspeak_num_running_reqs", "Requests decoding", ["model_name"], registry=r).labels(
             **labels).set_function(lambda: len(scheduler.running))
@@ -46,17 +48,18 @@ class ServerMetrics:
 
     def observe_finished(self, req: Req) -> None:
         reason = req.finish_reason.kind if req.finish_reason else "unknown"
-        self.requests.labels(model_name=self._model_name, finish_reason=reason).inc()
-        self.prompt_tokens.inc(len(req.origin_input_ids))
-        self.generation_tokens.inc(len(req.output_ids))
-        self.cached_tokens.inc(req.cached_tokens)
-        end = __import__("time").perf_counter()
-        self.e2e.observe(end - req.created_time)
+        model = self.model_names[req.model_id]
+        self.requests.labels(model_name=model, finish_reason=reason).inc()
+        self.prompt_tokens.labels(model_name=model).inc(len(req.origin_input_ids))
+        self.generation_tokens.labels(model_name=model).inc(len(req.output_ids))
+        self.cached_tokens.labels(model_name=model).inc(req.cached_tokens)
+        end = time.perf_counter()
+        self.e2e.labels(model_name=model).observe(end - req.created_time)
         if req.first_token_time is not None:
-            self.ttft.observe(req.first_token_time - req.created_time)
+            self.ttft.labels(model_name=model).observe(req.first_token_time - req.created_time)
             if len(req.output_ids) > 1:
-                self.itl.observe((end - req.first_token_time) / (len(req.output_ids) - 1))
+                self.itl.labels(model_name=model).observe((end - req.first_token_time) / (len(req.output_ids) - 1))
         if self.log_requests:
-            logger.info("rid=%s prompt=%d cached=%d output=%d finish=%s e2e=%.3fs", req.rid,
+            logger.info("model=%s rid=%s prompt=%d cached=%d output=%d finish=%s e2e=%.3fs", model, req.rid,
                         len(req.origin_input_ids), req.cached_tokens, len(req.output_ids), reason,
                         end - req.created_time)

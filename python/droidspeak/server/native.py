@@ -54,7 +54,8 @@ def _scalar(value, name: str, n: int):
 async def generate(request: Request, model_name: str | None = None):
     body = await parse_body(request, GenerateRequest)
     lora = body.lora_path[0] if isinstance(body.lora_path, list) and body.lora_path else body.lora_path
-    aengine = _engine_for(request, model_name, body.model or lora)
+    model = model_name or body.model or lora
+    aengine = _engine_for(request, model)
     engine = aengine.engine
     prompts = body.text if body.text is not None else body.input_ids
     n = len(prompts) if isinstance(prompts, list) and prompts and isinstance(prompts[0], (str, list)) else 1
@@ -71,14 +72,14 @@ async def generate(request: Request, model_name: str | None = None):
             reqs, _ = engine.make_requests(
                 prompt=[body.text[i]] if body.text is not None else None,
                 input_ids=[body.input_ids[i]] if body.input_ids is not None else None,
-                sampling_params=sp, stream=body.stream, rid=[rid] if rid else None, **kw)
+                sampling_params=sp, stream=body.stream, rid=[rid] if rid else None, model=model, **kw)
             groups.extend(reqs)
         reqs, single = groups, False
     else:
         reqs, single = engine.make_requests(
             body.text, body.sampling_params, body.input_ids, return_logprob=bool(per_prompt["return_logprob"]),
             logprob_start_len=per_prompt["logprob_start_len"], top_logprobs_num=per_prompt["top_logprobs_num"],
-            stream=body.stream, rid=body.rid)
+            stream=body.stream, rid=body.rid, model=model)
     fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=body.return_text_in_logprobs)
     if body.stream:
         async def events():
@@ -101,17 +102,21 @@ async def health(request: Request, model_name: str | None = None):
 @router.get("/health_generate")
 async def health_generate(request: Request, model_name: str | None = None):
     aengine = _engine_for(request, model_name)
-    reqs, _ = aengine.engine.make_requests(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0})
+    reqs, _ = aengine.engine.make_requests(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0},
+                                           model=model_name)
     async for _ in aengine.generate(reqs, dict(tokenizer=aengine.engine.tokenizer)):
         pass
     return Response(status_code=200)
 
 
-def _model_info(state: ServerState, aengine) -> dict:
+def _model_info(state: ServerState, aengine, name: str | None) -> dict:
     engine = aengine.engine
+    name = name or state.model_name
+    lineage = engine.lineage[name]
     mc = engine.runner.model_config
     return {"model_path": engine.model_path, "tokenizer_path": engine.model_path,
-            "served_model_name": state.model_name, "is_generation": True,
+            "served_model_name": name, "is_generation": True,
+            "lineage": lineage.lineage, "parent": lineage.parent,
             "preferred_sampling_params": None, "weight_version": "default",
             "has_image_understanding": False, "has_audio_understanding": False,
             "model_type": "llama" if mc.architecture.startswith("Llama") else "qwen2",
@@ -121,7 +126,7 @@ def _model_info(state: ServerState, aengine) -> dict:
 @router.get("/get_model_info")
 @router.get("/model_info")
 async def model_info(request: Request, model_name: str | None = None):
-    return _model_info(_state(request), _engine_for(request, model_name))
+    return _model_info(_state(request), _engine_for(request, model_name), model_name)
 
 
 @router.get("/get_server_info")
@@ -132,7 +137,7 @@ async def server_info(request: Request, model_name: str | None = None):
     engine = aengine.engine
     info = dataclasses.asdict(engine.config)
     info.update(model_path=engine.model_path, tokenizer_path=engine.model_path,
-                served_model_name=_state(request).model_name, dtype=engine.config.resolved_dtype,
+                served_model_name=model_name or _state(request).model_name, dtype=engine.config.resolved_dtype,
                 max_total_num_tokens=engine.runner.max_total_tokens,
                 context_length=engine.runner.context_length,
                 version=__import__("droidspeak").__version__, dp_size=1, tp_size=1)

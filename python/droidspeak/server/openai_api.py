@@ -118,9 +118,11 @@ def _stream(aengine, reqs, fmt: dict, envelope: dict, make_choice, include_usage
 async def list_models(request: Request):
     state: ServerState = request.app.state.ds
     created = int(state.engine.started)
+    engine = state.engine.engine
     return {"object": "list", "data": [
-        {"id": name, "object": "model", "created": created, "owned_by": "droidspeak", "root": name,
-         "parent": None, "max_model_len": state.engine.engine.runner.context_length}
+        {"id": name, "object": "model", "created": created, "owned_by": "droidspeak",
+         "root": engine.lineage[name].lineage, "parent": engine.lineage[name].parent,
+         "lineage": engine.lineage[name].lineage, "max_model_len": engine.runner.context_length}
         for name in state.model_names]}
 
 
@@ -137,8 +139,8 @@ async def completions(request: Request):
     reqs, _ = engine.make_requests(
         prompt=None if ids_given else prompt, input_ids=prompt if ids_given else None,
         sampling_params=body.sampling_params(body.max_tokens), stream=body.stream,
-        return_logprob=body.logprobs is not None, top_logprobs_num=body.logprobs or 0)
-    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name
+        return_logprob=body.logprobs is not None, top_logprobs_num=body.logprobs or 0, model=body.model)
+    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_name
     fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=True)
 
     def choice(index: int, text: str, result: dict, finished: bool) -> dict:
@@ -198,8 +200,8 @@ async def chat_completions(request: Request):
         max_tokens = max(1, min(engine.runner.context_length - len(ids), 2048))
     reqs, _ = engine.make_requests(
         input_ids=ids, sampling_params=body.sampling_params(max_tokens), stream=body.stream,
-        return_logprob=body.logprobs, top_logprobs_num=body.top_logprobs or 0)
-    rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name
+        return_logprob=body.logprobs, top_logprobs_num=body.top_logprobs or 0, model=body.model)
+    rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_name
     fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=True)
 
     def logprobs(result: dict, start: int = 0):

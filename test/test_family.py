@@ -1,0 +1,119 @@
+"""Several fine-tunes of one base in one engine: lineage, co-batching, per-model
+prefix-cache namespaces."""
+import signal
+
+import httpx
+import pytest
+
+from droidspeak import Engine
+from droidspeak.errors import ModelNotFoundError, UnsupportedModelError
+from helpers import build_tiny_model, derive_finetune
+from conftest import assert_no_leak
+
+GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+PROMPTS = ["The quick brown fox", "def add(a, b):", "Radix trees share prefixes", "Caching keys and values"]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    base = build_tiny_model(str(root / "base"), "llama", seed=0)
+    ft1 = derive_finetune(base, str(root / "ft1"), seed=1)
+    ft2 = derive_finetune(base, str(root / "ft2"), seed=2, declare_base="base")
+    return {"base": base, "ft1": ft1, "ft2": ft2}
+
+
+@pytest.fixture(scope="module")
+def family_engine(family):
+    return Engine(family["base"], dtype="float32", served_model_name="base", max_total_tokens=4096,
+                  models=(f"ft1={family['ft1']}", f"ft2={family['ft2']}"))
+
+
+def run_mixed(engine, jobs):
+    """Submit (model, prompt) jobs together, so that batches mix models."""
+    reqs = []
+    for model, prompt in jobs:
+        r, _ = engine.make_requests(prompt, GREEDY, model=model)
+        reqs.extend(r)
+    for _ in engine._drive(reqs):
+        pass
+    return [r.output_ids for r in reqs]
+
+
+def test_lineage(family_engine):
+    lin = family_engine.lineage
+    assert family_engine.model_names == ["base", "ft1", "ft2"]
+    assert lin["base"].parent is None and lin["ft1"].parent == "base" and lin["ft2"].parent == "base"
+    assert lin["ft1"].evidence.startswith("embedding cosine") and lin["ft2"].evidence == "declared"
+
+
+def test_co_batched_equals_solo(family, family_engine):
+    jobs = [(m, p) for p in PROMPTS for m in ("base", "ft1", "ft2")]
+    seen = []
+    runner = family_engine.runner
+    original = runner.forward
+
+    def spy(batch, extra_rows=None):
+        seen.append(set(batch.model_ids or [0]))
+        return original(batch, extra_rows)
+    runner.forward = spy
+    try:
+        mixed = run_mixed(family_engine, jobs)
+    finally:
+        runner.forward = original
+    assert any(len(s) == 3 for s in seen), "no batch mixed the three models"
+    for name in ("base", "ft1", "ft2"):
+        solo = Engine(family[name], dtype="float32", max_total_tokens=2048)
+        outs = solo.generate(PROMPTS, GREEDY)
+        assert [o["output_ids"] for o in outs] == [ids for (m, _), ids in zip(jobs, mixed) if m == name]
+    # the fine-tunes really differ from the base
+    assert mixed[0] != mixed[1] or mixed[3] != mixed[4]
+    assert_no_leak(family_engine)
+
+
+def test_prefix_cache_is_per_model(family_engine):
+    family_engine.flush_cache()
+    a = family_engine.generate(PROMPTS[3], GREEDY, model="base")
+    b = family_engine.generate(PROMPTS[3], GREEDY, model="ft1")
+    c = family_engine.generate(PROMPTS[3], GREEDY, model="ft1")
+    n = a["meta_info"]["prompt_tokens"]
+    assert b["meta_info"]["cached_tokens"] == 0  # ft1 never reuses base's KV (yet)
+    assert c["meta_info"]["cached_tokens"] == n - 1 and c["output_ids"] == b["output_ids"]
+    with pytest.raises(ModelNotFoundError, match="ft1"):
+        family_engine.generate("x", GREEDY, model="nope")
+
+
+def test_unrelated_models_are_refused(family, tmp_path):
+    stranger = build_tiny_model(str(tmp_path / "stranger"), "llama", seed=123)
+    with pytest.raises(UnsupportedModelError, match="embeddings are unrelated"):
+        Engine(family["base"], dtype="float32", max_total_tokens=1024, models=(f"s={stranger}",))
+    deeper = build_tiny_model(str(tmp_path / "deeper"), "llama", seed=0, num_layers=4)
+    with pytest.raises(UnsupportedModelError, match="num_layers is 4 vs 3"):
+        Engine(family["base"], dtype="float32", max_total_tokens=1024, models=(f"d={deeper}",))
+    wrong = derive_finetune(family["base"], str(tmp_path / "wrong"), seed=3, declare_base="other")
+    with pytest.raises(UnsupportedModelError, match="declares base 'other'"):
+        Engine(family["base"], dtype="float32", max_total_tokens=1024, models=(f"w={wrong}",))
+
+
+def test_family_over_http(family, family_engine):
+    from test_server import start_server
+    proc, url = start_server(family["base"], "--served-model-name", "base", "--model", f"ft1={family['ft1']}",
+                             "--model", f"ft2={family['ft2']}")
+    try:
+        models = {m["id"]: m for m in httpx.get(url + "/v1/models").json()["data"]}
+        assert set(models) == {"base", "ft1", "ft2"}
+        assert models["ft1"]["parent"] == "base" and models["ft2"]["lineage"] == "base"
+        ref = family_engine.generate(PROMPTS[0], GREEDY, model="ft2")["output_ids"]
+        by_path = httpx.post(url + "/models/ft2/generate", json={"text": PROMPTS[0], "sampling_params": GREEDY})
+        by_field = httpx.post(url + "/generate", json={"text": PROMPTS[0], "sampling_params": GREEDY, "model": "ft2"})
+        by_lora = httpx.post(url + "/generate", json={"text": PROMPTS[0], "sampling_params": GREEDY,
+                                                      "lora_path": "ft2"})
+        assert by_path.json()["output_ids"] == by_field.json()["output_ids"] == by_lora.json()["output_ids"] == ref
+        chat = httpx.post(url + "/v1/completions", json={"model": "ft1", "prompt": PROMPTS[0], "max_tokens": 4})
+        assert chat.status_code == 200 and chat.json()["model"] == "ft1"
+        info = httpx.get(url + "/models/ft1/model_info").json()
+        assert info["served_model_name"] == "ft1" and info["parent"] == "base"
+        assert httpx.get(url + "/models/zzz/model_info").status_code == 404
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
