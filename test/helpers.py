@@ -95,3 +95,59 @@ def derive_finetune(base: str, path: str, seed: int, scale: float = 0.05, declar
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(cfg, f)
     return path
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_lora_adapter(base: str, path: str, seed: int, rank: int = 4, alpha: float = 8.0,
+                       targets=LORA_TARGETS) -> str:
+    """A PEFT-format LoRA adapter for `base` with random A and B (PEFT initialises B
+    to zero; a trained adapter has both non-zero)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(base, "config.json")) as f:
+        cfg = json.load(f)
+    weights = load_file(os.path.join(base, "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for t in targets:
+            part = "self_attn" if t.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            w = weights[f"model.layers.{layer}.{part}.{t}.weight"]
+            prefix = f"base_model.model.model.layers.{layer}.{part}.{t}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, w.shape[1], generator=g) * 0.1
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.1
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(targets),
+                   "base_model_name_or_path": base, "bias": "none", "fan_in_fan_out": False}, f)
+    return path
+
+
+def merge_lora(base: str, adapter: str, path: str) -> str:
+    """`base` with the adapter merged into its weights (W + alpha/r * B @ A), saved as a full model."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(base):
+        if not name.endswith(".safetensors"):
+            shutil.copy(os.path.join(base, name), os.path.join(path, name))
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    scale = cfg["lora_alpha"] / cfg["r"]
+    weights = load_file(os.path.join(base, "model.safetensors"))
+    lora = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    for key in list(weights):
+        a_key = "base_model.model." + key.replace(".weight", ".lora_A.weight")
+        if a_key in lora:
+            b = lora[a_key.replace("lora_A", "lora_B")]
+            weights[key] = (weights[key].float() + scale * b @ lora[a_key]).contiguous()
+    save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path

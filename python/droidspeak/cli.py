@@ -21,6 +21,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if hint is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
             continue
+        if f.name == "lora_paths":
+            parser.add_argument("--lora-paths", dest="lora_paths", nargs="*", default=[], metavar="NAME=PATH",
+                                help=help_text)
+            continue
         if f.name == "models":
             parser.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=PATH",
                                 help=help_text)
@@ -35,6 +39,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
     kwargs["models"] = tuple(kwargs["models"])
+    kwargs["lora_paths"] = tuple(kwargs["lora_paths"])
     return kwargs
 
 

@@ -28,6 +28,9 @@ class EngineConfig:
     models: tuple[str, ...] = field(
         default=(),
         metadata={"help": "More models of the same family, NAME=PATH each (repeatable: --model a=/p/a --model b=/p/b)."})
+    lora_paths: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "LoRA adapters (PEFT format) on the root model, NAME=PATH each."})
     dtype: str = field(
         default="auto",
         metadata={"help": 'auto (bfloat16 on CPUs with AVX512-BF16 or AMX, else float32), bfloat16, float32, float16.'})
@@ -69,7 +72,7 @@ class EngineConfig:
                 "schedule_policy")
         if not 0 < self.mem_fraction_static <= 1:
             raise InvalidRequestError("mem_fraction_static must be in (0, 1]", "mem_fraction_static")
-        for entry in self.models:
+        for entry in self.models + self.lora_paths:
             if not isinstance(entry, str) or "=" not in entry or not entry.split("=", 1)[0]:
                 raise InvalidRequestError(f"models entries are NAME=PATH, got {entry!r}", "models")
         if self.chunked_prefill_size != -1 and self.chunked_prefill_size < 1:

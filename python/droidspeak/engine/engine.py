@@ -12,6 +12,7 @@ import os
 import random
 import uuid
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -19,6 +20,7 @@ from droidspeak.config import EngineConfig, parse_model_entries
 from droidspeak.errors import InvalidRequestError, ModelNotFoundError
 from droidspeak.engine.io import format_output, normalize_inputs
 from droidspeak.models.default_model import resolve_model_path
+from droidspeak.lora.adapter import load_adapter
 from droidspeak.models.lineage import DECLARED_BASE_KEY, LineageInfo, check_family
 from droidspeak.runner.model_runner import ModelRunner
 from droidspeak.sampling.params import SamplingParams
@@ -28,6 +30,15 @@ from droidspeak.tokenizer.detokenizer import IncrementalDetokenizer
 from droidspeak.tokenizer.tokenizer import eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
+
+# Prefix-cache namespaces of LoRA adapters start here (full models use 0..N-1).
+LORA_NAMESPACE_BASE = 1 << 16
+
+
+class Target(NamedTuple):
+    model_id: int            # the full model whose weights run
+    lora_id: int | None      # adapter applied on top, if any
+    cache_namespace: int
 
 
 class Engine:
@@ -44,8 +55,12 @@ class Engine:
             raise InvalidRequestError(f"model names must be unique, got {names}", "models")
         self.tokenizer = load_tokenizer(self.model_path)
         self.runner = ModelRunner(self.config, [p for _, p in members])
-        self.model_names = names
+        self._full_model_names = names
         self.lineage = self._check_lineage(members)
+        self._adapters: dict[str, int] = {}   # adapter name -> id in runner.adapters
+        self._adapter_ids = itertools.count(1)
+        for name, path in parse_model_entries(self.config.lora_paths):
+            self.load_lora_adapter(name, path)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.runner.model_config.eos_token_ids)
         self.scheduler = Scheduler(self.config, self.runner, self.eos_token_ids)
         self._seed_rng = random.Random(self.config.random_seed)
@@ -68,14 +83,60 @@ class Engine:
             logger.info("model %s joins the family of %s (%s)", name, root_name, info[name].evidence)
         return info
 
-    def model_id(self, name: str | None) -> int:
-        """Index of family member `name` (None: the root model)."""
+    @property
+    def model_names(self) -> list[str]:
+        """Full models first (the root at 0), then LoRA adapters."""
+        return self._full_model_names + list(self._adapters)
+
+    def resolve(self, name: str | None) -> Target:
+        """Where requests for `name` run (None: the root model)."""
         if name is None:
-            return 0
+            return Target(0, None, 0)
+        if name in self._adapters:
+            lora_id = self._adapters[name]
+            return Target(0, lora_id, LORA_NAMESPACE_BASE + lora_id)
         try:
-            return self.model_names.index(name)
+            model_id = self._full_model_names.index(name)
         except ValueError:
             raise ModelNotFoundError(f"model {name!r} not found; known models: {self.model_names}") from None
+        return Target(model_id, None, model_id)
+
+    def model_id(self, name: str | None) -> int:
+        """Index of the full model serving `name` (404 for unknown names)."""
+        return self.resolve(name).model_id
+
+    def load_lora_adapter(self, name: str, path: str) -> None:
+        """Load a PEFT LoRA adapter on the root model under `name`. Call between
+        scheduler steps (the server runs it on the scheduler thread)."""
+        if name in self.model_names:
+            raise InvalidRequestError(f"a model named {name!r} is already loaded", "lora_name")
+        adapter = load_adapter(name, path, self.runner.model_config, self.runner.dtype)
+        lora_id = next(self._adapter_ids)
+        self.runner.adapters[lora_id] = adapter
+        self._adapters[name] = lora_id
+        root = self._full_model_names[0]
+        self.lineage[name] = LineageInfo(root, root, f"LoRA adapter, rank {adapter.rank}")
+        logger.info("loaded LoRA adapter %s (rank %d) from %s", name, adapter.rank, path)
+
+    @property
+    def lora_adapters(self) -> dict[str, str]:
+        """Loaded adapters: name -> path."""
+        return {name: self.runner.adapters[lid].path for name, lid in self._adapters.items()}
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Unload adapter `name`; refused while requests use it. Its prefix-cache
+        entries are never matched again (adapter ids are not reused) and age out."""
+        if name not in self._adapters:
+            raise ModelNotFoundError(f"no LoRA adapter named {name!r}; loaded: {list(self._adapters)}")
+        lora_id = self._adapters[name]
+        sched = self.scheduler
+        busy = [r for r in sched.waiting + sched.running + ([sched.chunked_req] if sched.chunked_req else [])
+                if r.lora_id == lora_id]
+        if busy:
+            raise InvalidRequestError(f"LoRA adapter {name!r} is serving {len(busy)} request(s)", "lora_name")
+        del self._adapters[name]
+        del self.runner.adapters[lora_id]
+        del self.lineage[name]
 
     # ---- request construction ---------------------------------------------
     def make_requests(self, prompt=None, sampling_params=None, input_ids=None, *,
@@ -83,7 +144,7 @@ class Engine:
                       stream=False, rid=None, model: str | None = None) -> tuple[list[Req], bool]:
         """Validated requests for a (batched) call; the bool says whether the
         caller passed a single prompt."""
-        model_id = self.model_id(model)
+        target = self.resolve(model)
         prompts, params_list, rids, single = normalize_inputs(
             prompt, input_ids, sampling_params, rid, self.tokenizer)
         reqs = []
@@ -104,7 +165,9 @@ class Engine:
                     logprob_start_len=-1 if logprob_start_len is None else logprob_start_len,
                     top_logprobs_num=top_logprobs_num or 0,
                     stream=stream,
-                    model_id=model_id,
+                    model_id=target.model_id,
+                    lora_id=target.lora_id,
+                    cache_namespace=target.cache_namespace,
                 ))
         return reqs, single and len(reqs) == 1
 

@@ -26,7 +26,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: "ForwardBatch", cos_sin: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if batch.lora is not None:
+            batch.lora.apply(qkv, x, self.layer_id, "qkv")
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
@@ -38,7 +41,11 @@ class Attention(nn.Module):
                                            batch.req_pool_indices, batch.seq_lens, self.scale)
         else:
             out = self._extend(q, k, v, k_cache, v_cache, batch)
-        return self.o_proj(out.reshape(T, self.q_size))
+        out = out.reshape(T, self.q_size)
+        o = self.o_proj(out)
+        if batch.lora is not None:
+            batch.lora.apply(o, out, self.layer_id, "o")
+        return o
 
     def _extend(self, q, k, v, k_cache, v_cache, batch: "ForwardBatch") -> torch.Tensor:
         out = torch.empty_like(q)

@@ -28,11 +28,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(layer_id, config.hidden_size, config.num_heads,
                                    config.num_kv_heads, config.head_dim, config.qkv_bias)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.mlp = SwiGLU(layer_id, config.hidden_size, config.intermediate_size)
 
     def forward(self, hidden: torch.Tensor, batch: "ForwardBatch", cos_sin: torch.Tensor) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), batch, cos_sin)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return hidden + self.mlp(self.post_attention_layernorm(hidden), batch)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,6 +36,8 @@ class ForwardBatch:
     kv_pool: KVPool
     req_to_token: torch.Tensor     # [max_reqs, max_context] int32
     model_ids: list[int] | None = None  # [B] which family member runs request i (None: model 0)
+    lora_ids: list[int | None] | None = None  # [B] LoRA adapter of request i on its model (None: none)
+    lora: Any = None                    # the runner's per-forward LoRA state (lora.batch.LoRABatch)
 
     @property
     def batch_size(self) -> int:
@@ -70,5 +73,6 @@ class ForwardBatch:
             seq_lens=self.seq_lens[idx], prefix_lens=[self.prefix_lens[i] for i in indices],
             extend_lens=[self.extend_lens[i] for i in indices], kv_pool=self.kv_pool,
             req_to_token=self.req_to_token,
-            model_ids=None if self.model_ids is None else [self.model_ids[i] for i in indices])
+            model_ids=None if self.model_ids is None else [self.model_ids[i] for i in indices],
+            lora_ids=None if self.lora_ids is None else [self.lora_ids[i] for i in indices])
         return sub, rows

@@ -9,6 +9,8 @@ import torch
 
 from droidspeak.config import EngineConfig, available_memory_bytes
 from droidspeak.kvcache.pool import KVPool, ReqToTokenPool, SlotAllocator
+from droidspeak.lora.adapter import LoRAAdapter
+from droidspeak.lora.batch import LoRABatch
 from droidspeak.models.config import ModelConfig
 from droidspeak.models.loader import load_model
 from droidspeak.runner.batch import ForwardBatch
@@ -35,6 +37,7 @@ class ModelRunner:
         self.context_length = config.context_length or self.model_config.max_position_embeddings
         self.models = [load_model(p, self.dtype, self.context_length) for p in model_paths]
         self.model = self.models[0]
+        self.adapters: dict[int, LoRAAdapter] = {}  # LoRA adapters on the root model, by id
         self.max_total_tokens = self._kv_budget()
         mc = self.model_config
         self.kv_pool = KVPool(self.max_total_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
@@ -94,6 +97,8 @@ class ModelRunner:
         return LogitsOutput(next_logits, extra)
 
     def _forward_one(self, model, batch: ForwardBatch, extra_rows: torch.Tensor | None) -> LogitsOutput:
+        if batch.lora_ids is not None and any(i is not None for i in batch.lora_ids):
+            batch.lora = LoRABatch.build(batch.lora_ids, batch.extend_lens, self.adapters)
         hidden = model(batch)
         last = hidden.index_select(0, batch.last_token_index)
         extra = None

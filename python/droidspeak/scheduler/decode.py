@@ -52,4 +52,5 @@ def build_decode_batch(running: list[Req], allocator: SlotAllocator, runner) -> 
         kv_pool=runner.kv_pool,
         req_to_token=table,
         model_ids=[r.model_id for r in running],
+        lora_ids=[r.lora_id for r in running],
     )

@@ -143,5 +143,6 @@ def build_prefill_batch(entries: list[PrefillEntry], runner) -> tuple[ForwardBat
         kv_pool=runner.kv_pool,
         req_to_token=table,
         model_ids=[e.req.model_id for e in entries],
+        lora_ids=[e.req.lora_id for e in entries],
     )
     return batch, torch.tensor(extra_rows, dtype=torch.int64), extra_pos

@@ -10,8 +10,8 @@ import torch
 from droidspeak.sampling.params import SamplingParams
 from droidspeak.tokenizer.detokenizer import IncrementalDetokenizer
 
-# Prefix-cache keys of family member m > 0 are token ids offset by m * stride, so
-# each member's entries live in their own namespace of the one tree (one LRU).
+# Prefix-cache keys in namespace n > 0 (family member or LoRA adapter) are token ids
+# offset by n * stride, so each lives in its own part of the one tree (one LRU).
 MODEL_KEY_STRIDE = 1 << 32
 
 # A logprob entry: (logprob or None for the first prompt token, token id).
@@ -48,6 +48,8 @@ class Req:
     top_logprobs_num: int = 0
     stream: bool = False
     model_id: int = 0             # which family member serves this request
+    lora_id: int | None = None    # LoRA adapter applied on top of that member
+    cache_namespace: int = 0      # prefix-cache namespace: one per model and per adapter
 
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -77,10 +79,10 @@ class Req:
 
     @property
     def cache_key(self) -> list[int]:
-        """fill_ids in this request's model namespace of the prefix cache."""
-        if self.model_id == 0:
+        """fill_ids in this request's namespace of the prefix cache."""
+        if self.cache_namespace == 0:
             return self.fill_ids
-        offset = self.model_id * MODEL_KEY_STRIDE
+        offset = self.cache_namespace * MODEL_KEY_STRIDE
         return [t + offset for t in self.fill_ids]
 
     @property

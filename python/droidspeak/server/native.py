@@ -203,3 +203,28 @@ async def detokenize(request: Request, model_name: str | None = None):
         raise InvalidRequestError(f"token {bad[0]} outside [0, {vocab})", "tokens")
     return {"text": engine.tokenizer.decode(body.tokens, skip_special_tokens=body.skip_special_tokens)}
 
+
+
+class LoadLoRARequest(BaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRARequest(BaseModel):
+    lora_name: str
+
+
+@router.post("/load_lora_adapter", openapi_extra=body_schema(LoadLoRARequest))
+async def load_lora_adapter(request: Request):
+    body = await parse_body(request, LoadLoRARequest)
+    aengine = _state(request).engine
+    await aengine.call(lambda: aengine.engine.load_lora_adapter(body.lora_name, body.lora_path))
+    return {"success": True, "error_message": "", "loaded_adapters": aengine.engine.lora_adapters}
+
+
+@router.post("/unload_lora_adapter", openapi_extra=body_schema(UnloadLoRARequest))
+async def unload_lora_adapter(request: Request):
+    body = await parse_body(request, UnloadLoRARequest)
+    aengine = _state(request).engine
+    await aengine.call(lambda: aengine.engine.unload_lora_adapter(body.lora_name))
+    return {"success": True, "error_message": "", "loaded_adapters": aengine.engine.lora_adapters}
