@@ -117,3 +117,26 @@ def test_family_over_http(family, family_engine):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_max_models_per_batch_and_fairness(family):
+    engine = Engine(family["base"], dtype="float32", served_model_name="base", max_total_tokens=4096,
+                    models=(f"ft1={family['ft1']}", f"ft2={family['ft2']}"), max_models_per_batch=1,
+                    max_running_requests=2)
+    seen = []
+    original = engine.runner.forward
+
+    def spy(batch, extra_rows=None):
+        seen.append(set(batch.model_ids or [0]))
+        return original(batch, extra_rows)
+    engine.runner.forward = spy
+    # a backlog for the base model queued first, then one request for ft1
+    jobs = [("base", f"{PROMPTS[0]} {i}") for i in range(8)] + [("ft1", PROMPTS[1])]
+    mixed = run_mixed(engine, jobs)
+    assert all(len(s) == 1 for s in seen), "a batch held more than one model"
+    solo = Engine(family["ft1"], dtype="float32", max_total_tokens=1024).generate(PROMPTS[1], GREEDY)
+    assert mixed[-1] == solo["output_ids"]
+    # round-robin admission: ft1 runs after at most one base batch, not after all eight
+    first_ft1 = next(i for i, s in enumerate(seen) if s == {1})
+    assert first_ft1 < len(seen) // 2
+    assert_no_leak(engine)

@@ -46,6 +46,9 @@ class EngineConfig:
     max_running_requests: int = field(
         default=64,
         metadata={"help": 'Most requests decoding at once (rows of the request-to-token table).'})
+    max_models_per_batch: int = field(
+        default=8,
+        metadata={"help": "Most distinct models and adapters decoding at once (each adds its own linear or LoRA work)."})
     max_prefill_tokens: int = field(default=16384, metadata={"help": 'Token budget of one prefill batch.'})
     chunked_prefill_size: int = field(
         default=2048,
@@ -75,6 +78,8 @@ class EngineConfig:
         for entry in self.models + self.lora_paths:
             if not isinstance(entry, str) or "=" not in entry or not entry.split("=", 1)[0]:
                 raise InvalidRequestError(f"models entries are NAME=PATH, got {entry!r}", "models")
+        if self.max_models_per_batch < 1:
+            raise InvalidRequestError("max_models_per_batch must be >= 1", "max_models_per_batch")
         if self.chunked_prefill_size != -1 and self.chunked_prefill_size < 1:
             raise InvalidRequestError("chunked_prefill_size must be -1 or >= 1", "chunked_prefill_size")
 

@@ -37,7 +37,8 @@ class PrefillAdder:
 
     def __init__(self, cache: PrefixCache, allocator: SlotAllocator, req_pool: ReqToTokenPool,
                  max_prefill_tokens: int, chunk_size: int, memory_budget: float,
-                 new_token_ratio: float, nothing_running: bool):
+                 new_token_ratio: float, nothing_running: bool,
+                 max_models: int = 1 << 30, active_models: set[int] | None = None):
         self.cache, self.allocator, self.req_pool = cache, allocator, req_pool
         self.rem_tokens = max_prefill_tokens
         self.rem_chunk = chunk_size if chunk_size > 0 else 1 << 62
@@ -46,6 +47,12 @@ class PrefillAdder:
         self.nothing_running = nothing_running
         self.entries: list[PrefillEntry] = []
         self.new_chunked_req: Req | None = None
+        self.max_models = max_models
+        self.active_models = set(active_models or ())  # cache namespaces running or admitted
+
+    def model_fits(self, req: Req) -> bool:
+        """Whether admitting `req` keeps distinct models per batch within the cap."""
+        return req.cache_namespace in self.active_models or len(self.active_models) < self.max_models
 
     def add_chunked(self, req: Req) -> bool:
         """Continue a request whose prompt is being prefilled in chunks."""
@@ -107,6 +114,7 @@ class PrefillAdder:
 
     def _commit(self, req: Req, take: int, reserve: float) -> None:
         self.entries.append(PrefillEntry(req, take))
+        self.active_models.add(req.cache_namespace)
         self.budget -= take + reserve
         self.rem_tokens -= take
         self.rem_chunk -= take

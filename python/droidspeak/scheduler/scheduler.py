@@ -47,6 +47,7 @@ class Scheduler:
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.num_retractions = 0
         self.num_forward_steps = 0
+        self._last_admitted: dict[int, int] = {}  # cache namespace -> step of its last admission
 
     # ---- queue operations -------------------------------------------------
     def validate(self, input_ids: list[int], max_new_tokens: int) -> None:
@@ -125,17 +126,23 @@ class Scheduler:
         budget = self.allocator.available_size + self.cache.evictable_size - reserve
         adder = PrefillAdder(self.cache, self.allocator, self.req_pool, self.config.max_prefill_tokens,
                              self.config.chunked_prefill_size, budget, self.new_token_ratio,
-                             nothing_running=not self.running)
+                             nothing_running=not self.running, max_models=self.config.max_models_per_batch,
+                             active_models={r.cache_namespace for r in self.running})
         if self.chunked_req is not None:
             if not adder.add_chunked(self.chunked_req):
                 return []
             self.chunked_req = None
-        for req in order_waiting(self.waiting, self.config.schedule_policy, self.cache):
+        for req in order_waiting(self.waiting, self.config.schedule_policy, self.cache, self._last_admitted):
             if len(self.running) + len(adder.entries) >= self.config.max_running_requests:
+                break
+            if not adder.model_fits(req):
+                # Head-of-line model blocked by the model cap: admit nothing more, so
+                # the models in the batch drain and this one gets its turn.
                 break
             if not adder.add(req):
                 break
             self.waiting.remove(req)
+            self._last_admitted[req.cache_namespace] = self.num_forward_steps
         return adder.entries
 
     def _run_prefill(self, entries, outputs: list[RequestOutput]) -> None:
