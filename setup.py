@@ -45,7 +45,7 @@ setup(
         "pydantic>=2",
         "prometheus-client",
     ],
-    extras_require={"test": ["pytest", "ninja", "httpx", "openai", "hypothesis", "sglang-router"]},
+    extras_require={"test": ["pytest", "ninja", "httpx", "openai", "hypothesis", "sglang-router", "peft"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["droidspeak=droidspeak.cli:main"]},

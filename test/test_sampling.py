@@ -183,3 +183,11 @@ def test_unsupported_sglang_fields_null_accepted_value_refused():
     with pytest.raises(InvalidRequestError, match="regex is not supported") as err:
         SamplingParams.from_dict({"regex": "[a-z]+"})
     assert err.value.field == "regex"
+
+
+def test_input_logprobs_from_one_have_no_none(tiny_engine):
+    ids = tiny_engine.tokenize(PROMPT)
+    out = tiny_engine.generate(PROMPT, {"max_new_tokens": 0}, return_logprob=True, logprob_start_len=1)
+    entries = out["meta_info"]["input_token_logprobs"]
+    assert [t for _, t in entries] == ids[1:]
+    assert all(isinstance(lp, float) for lp, _ in entries)

@@ -156,7 +156,8 @@ class Scheduler:
             if positions:
                 self._record_input_logprobs(req, positions, logits.extra_logits[extra_offset:extra_offset + len(positions)])
                 extra_offset += len(positions)
-            elif req.wants_input_logprobs and req.kv_len == 0 and not req.input_token_logprobs:
+            elif req.wants_input_logprobs and req.logprob_start_len == 0 and req.kv_len == 0 \
+                    and not req.input_token_logprobs:
                 req.input_token_logprobs.append((None, req.origin_input_ids[0]))
                 req.input_top_logprobs.append(None)
             req.kv_len += entry.num_tokens
@@ -175,7 +176,8 @@ class Scheduler:
 
     def _record_input_logprobs(self, req: Req, positions: list[int], logits: torch.Tensor) -> None:
         logprobs = torch.log_softmax(logits, dim=-1)
-        if req.kv_len == 0 and positions[0] == 0 and not req.input_token_logprobs:
+        # Token 0 has no logprob; it is listed (as None) only when asked for from 0.
+        if req.logprob_start_len == 0 and req.kv_len == 0 and not req.input_token_logprobs:
             req.input_token_logprobs.append((None, req.origin_input_ids[0]))
             req.input_top_logprobs.append(None)
         targets = torch.tensor([req.origin_input_ids[p + 1] for p in positions], dtype=torch.int64)
