@@ -32,8 +32,9 @@ def free_port() -> int:
 
 def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "droidspeak.launch_server", "--port", str(port),
-                             "--max-total-tokens", "100000", *extra],
+    if "--max-total-tokens" not in extra:
+        extra = ["--max-total-tokens", "100000", *extra]
+    proc = subprocess.Popen([sys.executable, "-m", "droidspeak.launch_server", "--port", str(port), *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import random
-import uuid
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -19,8 +18,9 @@ import torch
 from droidspeak.config import EngineConfig, parse_model_entries
 from droidspeak.errors import InvalidRequestError, ModelNotFoundError
 from droidspeak.engine.io import format_output, normalize_inputs
-from droidspeak.models.default_model import resolve_model_path
+from droidspeak.kernels import native_available
 from droidspeak.lora.adapter import load_adapter
+from droidspeak.models.default_model import resolve_model_path
 from droidspeak.models.lineage import DECLARED_BASE_KEY, LineageInfo, check_family
 from droidspeak.runner.model_runner import ModelRunner
 from droidspeak.sampling.params import SamplingParams
@@ -64,10 +64,8 @@ class Engine:
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.runner.model_config.eos_token_ids)
         self.scheduler = Scheduler(self.config, self.runner, self.eos_token_ids)
         self._seed_rng = random.Random(self.config.random_seed)
-        self._counter = itertools.count()
         logger.info("engine ready: %s, dtype=%s, threads=%d, native ops=%s", self.model_path,
-                    self.config.resolved_dtype, torch.get_num_threads(),
-                    __import__("droidspeak.kernels", fromlist=["x"]).native_available())
+                    self.config.resolved_dtype, torch.get_num_threads(), native_available())
 
     def _check_lineage(self, members: list[tuple[str, str]]) -> dict[str, LineageInfo]:
         root_name, _ = members[0]
@@ -170,9 +168,6 @@ class Engine:
                     cache_namespace=target.cache_namespace,
                 ))
         return reqs, single and len(reqs) == 1
-
-    def new_rid(self) -> str:
-        return uuid.uuid4().hex
 
     # ---- public API -----------------------------------------------------------
     def generate(self, prompt=None, sampling_params=None, input_ids=None, stream: bool = False,
