@@ -69,3 +69,15 @@ def test_memory_budget_from_fraction(tiny_llama):
     assert engine.runner.max_total_tokens >= engine.runner.context_length
     with pytest.raises(InvalidRequestError, match="mem_fraction_static"):
         Engine(tiny_llama, mem_fraction_static=1.5)
+
+
+def test_per_prompt_logprob_arguments(tiny_engine):
+    outs = tiny_engine.generate(["a b", "c d"], {"max_new_tokens": 1}, return_logprob=[True, False],
+                                logprob_start_len=[0, 1], top_logprobs_num=[2, 0])
+    first, second = (o["meta_info"] for o in outs)
+    assert first["input_token_logprobs"][0][0] is None and len(first["input_top_logprobs"][1]) == 2
+    assert "input_token_logprobs" not in second
+    with pytest.raises(InvalidRequestError, match="logprob_start_len has 1 entries for 2 prompts") as err:
+        tiny_engine.generate(["a", "b"], P, return_logprob=True, logprob_start_len=[0])
+    assert err.value.field == "logprob_start_len"
+    assert_no_leak(tiny_engine)

@@ -17,7 +17,7 @@ import torch
 
 from droidspeak.config import EngineConfig, parse_model_entries
 from droidspeak.errors import InvalidRequestError, ModelNotFoundError
-from droidspeak.engine.io import format_output, normalize_inputs
+from droidspeak.engine.io import format_output, normalize_inputs, per_prompt
 from droidspeak.kernels import native_available
 from droidspeak.lora.adapter import load_adapter
 from droidspeak.models.default_model import resolve_model_path
@@ -141,12 +141,17 @@ class Engine:
                       return_logprob=False, logprob_start_len=None, top_logprobs_num=0,
                       stream=False, rid=None, model: str | None = None) -> tuple[list[Req], bool]:
         """Validated requests for a (batched) call; the bool says whether the
-        caller passed a single prompt."""
+        caller passed a single prompt. The logprob arguments take one value for all
+        prompts or a list with one per prompt."""
         target = self.resolve(model)
         prompts, params_list, rids, single = normalize_inputs(
             prompt, input_ids, sampling_params, rid, self.tokenizer)
+        n = len(prompts)
+        logprob_args = zip(per_prompt(return_logprob, "return_logprob", n),
+                           per_prompt(logprob_start_len, "logprob_start_len", n),
+                           per_prompt(top_logprobs_num, "top_logprobs_num", n))
         reqs = []
-        for ids, raw_params, base_rid in zip(prompts, params_list, rids):
+        for ids, raw_params, base_rid, (want_logprob, start, top) in zip(prompts, params_list, rids, logprob_args):
             params = SamplingParams.from_dict(raw_params)
             self.scheduler.validate(ids, params.max_new_tokens)
             for copy in range(params.n):
@@ -159,9 +164,9 @@ class Engine:
                     detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
                                                        params.spaces_between_special_tokens),
                     generator=torch.Generator().manual_seed(seed),
-                    return_logprob=return_logprob,
-                    logprob_start_len=-1 if logprob_start_len is None else logprob_start_len,
-                    top_logprobs_num=top_logprobs_num or 0,
+                    return_logprob=bool(want_logprob),
+                    logprob_start_len=-1 if start is None else start,
+                    top_logprobs_num=top or 0,
                     stream=stream,
                     model_id=target.model_id,
                     lora_id=target.lora_id,

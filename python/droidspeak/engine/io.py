@@ -45,6 +45,15 @@ def normalize_inputs(prompt, input_ids, sampling_params, rid, tokenizer):
     return prompts, params, rids, single
 
 
+def per_prompt(value, name: str, n: int) -> list:
+    """One value per prompt: SGLang accepts a scalar for all or a list of n."""
+    if isinstance(value, list):
+        if len(value) != n:
+            raise InvalidRequestError(f"{name} has {len(value)} entries for {n} prompts", name)
+        return value
+    return [value] * n
+
+
 def _with_text(entries, tokenizer, with_text: bool):
     if not with_text:
         return [list(e) for e in entries]

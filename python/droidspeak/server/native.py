@@ -34,20 +34,8 @@ def _state(request: Request) -> ServerState:
     return request.app.state.ds
 
 
-def _engine_for(request: Request, model_name: str | None, body_model: str | None = None):
-    state = _state(request)
-    return state.resolve_model(model_name or body_model)
-
-
-def _scalar(value, name: str, n: int):
-    """SGLang allows per-prompt lists for logprob fields; droidspeak takes one value per call."""
-    if isinstance(value, list):
-        if len(value) != n:
-            raise InvalidRequestError(f"{name} has {len(value)} entries for {n} prompts", name)
-        if len(set(map(str, value))) > 1:
-            return value
-        return value[0] if value else None
-    return value
+def _engine_for(request: Request, model_name: str | None):
+    return _state(request).resolve_model(model_name)
 
 
 @router.api_route("/generate", methods=["POST", "PUT"], openapi_extra=body_schema(GenerateRequest))
@@ -57,29 +45,10 @@ async def generate(request: Request, model_name: str | None = None):
     model = model_name or body.model or lora
     aengine = _engine_for(request, model)
     engine = aengine.engine
-    prompts = body.text if body.text is not None else body.input_ids
-    n = len(prompts) if isinstance(prompts, list) and prompts and isinstance(prompts[0], (str, list)) else 1
-    per_prompt = {}
-    for name in ("return_logprob", "logprob_start_len", "top_logprobs_num"):
-        per_prompt[name] = _scalar(getattr(body, name), name, n)
-    if any(isinstance(v, list) for v in per_prompt.values()):
-        # different logprob settings per prompt: one request group per prompt
-        groups = []
-        for i in range(n):
-            kw = {k: (v[i] if isinstance(v, list) else v) for k, v in per_prompt.items()}
-            sp = body.sampling_params[i] if isinstance(body.sampling_params, list) else body.sampling_params
-            rid = body.rid[i] if isinstance(body.rid, list) else None
-            reqs, _ = engine.make_requests(
-                prompt=[body.text[i]] if body.text is not None else None,
-                input_ids=[body.input_ids[i]] if body.input_ids is not None else None,
-                sampling_params=sp, stream=body.stream, rid=[rid] if rid else None, model=model, **kw)
-            groups.extend(reqs)
-        reqs, single = groups, False
-    else:
-        reqs, single = engine.make_requests(
-            body.text, body.sampling_params, body.input_ids, return_logprob=bool(per_prompt["return_logprob"]),
-            logprob_start_len=per_prompt["logprob_start_len"], top_logprobs_num=per_prompt["top_logprobs_num"],
-            stream=body.stream, rid=body.rid, model=model)
+    reqs, single = engine.make_requests(
+        body.text, body.sampling_params, body.input_ids, return_logprob=body.return_logprob,
+        logprob_start_len=body.logprob_start_len, top_logprobs_num=body.top_logprobs_num,
+        stream=body.stream, rid=body.rid, model=model)
     fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=body.return_text_in_logprobs)
     if body.stream:
         async def events():
