@@ -60,10 +60,6 @@ def create_app(state: ServerState) -> FastAPI:
         msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else first.get("msg", "invalid request")
         return JSONResponse(error_body(msg, 400, loc or None), status_code=400)
 
-    @app.exception_handler(json.JSONDecodeError)
-    async def on_bad_json(request: Request, exc: json.JSONDecodeError):
-        return JSONResponse(error_body(f"malformed JSON: {exc}", 400), status_code=400)
-
     @app.exception_handler(DroidspeakError)
     async def on_engine_error(request: Request, exc: DroidspeakError):
         status = 404 if isinstance(exc, ModelNotFoundError) else 400

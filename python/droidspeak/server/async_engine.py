@@ -32,8 +32,6 @@ class AsyncEngine:
         self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, dict]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="droidspeak-scheduler", daemon=True)
-        self.last_step_time = time.time()
-        self.num_requests = 0
         self.started = time.time()
         self.on_finished: Callable[[Req], None] | None = None  # metrics hook, called on the scheduler thread
 
@@ -53,7 +51,6 @@ class AsyncEngine:
         out_queue: asyncio.Queue = asyncio.Queue()
         for i, r in enumerate(reqs):
             self._streams[id(r)] = (loop, out_queue, dict(fmt, index=i))
-        self.num_requests += len(reqs)
         self._inbox.put(("add", reqs))
         pending = len(reqs)
         try:
@@ -89,7 +86,6 @@ class AsyncEngine:
             except Exception:  # pragma: no cover - a bug; keep serving, fail the requests
                 logger.exception("scheduler step failed; aborting the requests in flight")
                 outputs = self._abort_everything()
-            self.last_step_time = time.time()
             for out in outputs:
                 self._publish(out.req, out.finished)
 
