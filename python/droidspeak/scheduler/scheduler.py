@@ -153,13 +153,14 @@ class Scheduler:
         for i, entry in enumerate(entries):
             req = entry.req
             positions = extra_pos[i]
-            if positions:
-                self._record_input_logprobs(req, positions, logits.extra_logits[extra_offset:extra_offset + len(positions)])
-                extra_offset += len(positions)
-            elif req.wants_input_logprobs and req.logprob_start_len == 0 and req.kv_len == 0 \
+            # Token 0 has no logprob; it is listed (as None) only when asked for from 0.
+            if req.wants_input_logprobs and req.logprob_start_len == 0 and req.kv_len == 0 \
                     and not req.input_token_logprobs:
                 req.input_token_logprobs.append((None, req.origin_input_ids[0]))
                 req.input_top_logprobs.append(None)
+            if positions:
+                self._record_input_logprobs(req, positions, logits.extra_logits[extra_offset:extra_offset + len(positions)])
+                extra_offset += len(positions)
             req.kv_len += entry.num_tokens
             self.cache.cache_unfinished_req(req)
             if req.kv_len < req.seq_len:
@@ -176,10 +177,6 @@ class Scheduler:
 
     def _record_input_logprobs(self, req: Req, positions: list[int], logits: torch.Tensor) -> None:
         logprobs = torch.log_softmax(logits, dim=-1)
-        # Token 0 has no logprob; it is listed (as None) only when asked for from 0.
-        if req.logprob_start_len == 0 and req.kv_len == 0 and not req.input_token_logprobs:
-            req.input_token_logprobs.append((None, req.origin_input_ids[0]))
-            req.input_top_logprobs.append(None)
         targets = torch.tensor([req.origin_input_ids[p + 1] for p in positions], dtype=torch.int64)
         chosen = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
         req.input_token_logprobs.extend(zip(chosen, targets.tolist()))
