@@ -60,4 +60,6 @@ def test_run_batch(endpoint):
 def test_streaming(endpoint):
     state = qa.run(question="Stream this?", stream=True)
     pieces = list(state.text_iter("answer"))
+    state.sync()  # the program goes on to its select: wait for all of it
     assert "".join(pieces) == state["answer"]
+    assert state["verdict"] in ("yes", "no", "maybe")
