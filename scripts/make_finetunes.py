@@ -194,36 +194,25 @@ def heldout_loss(engine, model: str, data: torch.Tensor) -> float:
 def reuse_quality(engine, sender: str, receiver: str, rows: torch.Tensor, ctx: int) -> dict:
     """Receiver's next-token distributions over each row's suffix when the context's
     KV comes wholesale from `sender`, against the receiver's own full prefill."""
-    from droidspeak.runner.batch import ForwardBatch, ForwardMode
+    from droidspeak.runner.sequence import Sequence
     runner = engine.runner
-    s_id, r_id = engine.model_id(sender), engine.model_id(receiver)
-    s_lora, r_lora = engine.resolve(sender).lora_id, engine.resolve(receiver).lora_id
+    s_target, r_target = engine.resolve(sender), engine.resolve(receiver)
     kls, agree, n = [], 0, 0
     for row in rows:
         ids = row.tolist()
-        total = len(ids)
-        slot_row = runner.req_to_token_pool.allocate()
-        slots = runner.allocator.allocate(total)
-        runner.req_to_token_pool.table[slot_row, :total] = slots.to(torch.int32)
-
-        def run(model_id, lora_id, start, end):
-            batch = ForwardBatch(ForwardMode.EXTEND, torch.tensor(ids[start:end]), torch.arange(start, end),
-                                 slots[start:end], torch.tensor([slot_row]), torch.tensor([end]), [start],
-                                 [end - start], runner.kv_pool, runner.req_to_token_pool.table,
-                                 model_ids=[model_id], lora_ids=[lora_id])
-            return runner.forward(batch, torch.arange(end - start)).extra_logits
-
         # logits at position p predict token p + 1; compare positions ctx .. total - 2,
         # where the reused variant has run the receiver over the sender's context KV.
-        own = run(r_id, r_lora, 0, total)[ctx:total - 1]   # receiver's own full prefill
-        run(s_id, s_lora, 0, ctx)                           # sender's KV for the context
-        reused = run(r_id, r_lora, ctx, total)[:-1]         # receiver on the suffix over it
+        own_seq, sender_seq, reused_seq = Sequence(runner), Sequence(runner), Sequence(runner)
+        own = own_seq.extend(ids, r_target.model_id, r_target.lora_id)[ctx:-1]
+        sender_seq.extend(ids[:ctx], s_target.model_id, s_target.lora_id)
+        reused_seq.reuse(sender_seq, ctx, None)
+        reused = reused_seq.extend(ids[ctx:], r_target.model_id, r_target.lora_id)[:-1]
+        for seq in (own_seq, sender_seq, reused_seq):
+            seq.release()
         lp_own, lp_reused = F.log_softmax(own, -1), F.log_softmax(reused, -1)
         kls.append(F.kl_div(lp_reused, lp_own, log_target=True, reduction="none").sum(-1).mean().item())
         agree += (own.argmax(-1) == reused.argmax(-1)).sum().item()
         n += own.shape[0]
-        runner.allocator.free(slots)
-        runner.req_to_token_pool.free(slot_row)
     return {"kl": sum(kls) / len(kls), "top1_agreement": agree / n}
 
 

@@ -34,10 +34,36 @@ def default_model_path():
     return prepare_default_model()
 
 
+def cache_references(cache, attr):
+    """Slot references held by the prefix cache's entries (`slots` or `erows`), per space."""
+    counts, stack = None, [cache.root] if hasattr(cache, "root") else []
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children.values())
+        for entry in node.entries.values():
+            t = getattr(entry, attr)
+            if t is not None:
+                c = (t > 0).sum(dim=1)
+                counts = c if counts is None else counts + c
+    return counts
+
+
 def assert_no_leak(engine):
-    """Every slot is either free or held by the prefix cache, and no request row is taken."""
-    sched = engine.scheduler
+    """Every slot reference (KV and E cache) is held by a prefix-cache entry, each
+    slot with references is out of the free lists, and no request row is taken."""
+    sched, runner = engine.scheduler, engine.runner
     assert sched.is_idle
     assert sched.cache.protected_size == 0
-    assert engine.runner.allocator.available_size + sched.cache.evictable_size == engine.runner.max_total_tokens
-    assert engine.runner.req_to_token_pool.available_size == engine.runner.req_to_token_pool.max_requests
+    for alloc, attr in ((runner.allocator, "slots"), (runner.e_allocator, "erows")):
+        if alloc is None:
+            continue
+        held = cache_references(sched.cache, attr)
+        expected = [0] * alloc.num_spaces if held is None else held.tolist()
+        assert alloc.refs.sum(dim=1).tolist() == expected
+        in_use = (alloc.refs[:, 1:] > 0).sum(dim=1).tolist()
+        assert [alloc.size - c for c in alloc._count] == in_use
+    if runner.allocator.num_spaces == 1:
+        assert runner.allocator.available_size + sched.cache.evictable_size == runner.max_total_tokens
+    else:
+        assert runner.allocator.available_size + sched.cache.evictable_size <= runner.max_total_tokens
+    assert runner.req_to_token_pool.available_size == runner.req_to_token_pool.max_requests

@@ -5,20 +5,13 @@ import torch
 from droidspeak.config import EngineConfig
 from droidspeak.errors import ModelNotFoundError, UnsupportedModelError
 from droidspeak.models.config import ModelConfig
-from droidspeak.runner.batch import ForwardBatch, ForwardMode
 from droidspeak.runner.model_runner import ModelRunner
+from droidspeak.runner.sequence import Sequence
 from helpers import build_tiny_model
 
 
 def prefill_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
-    n = len(ids)
-    row = runner.req_to_token_pool.allocate()
-    slots = runner.allocator.allocate(n)
-    runner.req_to_token_pool.table[row, :n] = slots.int()
-    batch = ForwardBatch(ForwardMode.EXTEND, torch.tensor(ids), torch.arange(n), slots,
-                         torch.tensor([row]), torch.tensor([n]), [0], [n], runner.kv_pool,
-                         runner.req_to_token_pool.table)
-    return runner.forward(batch, torch.arange(n)).extra_logits
+    return Sequence(runner).extend(ids)
 
 
 def hf_logits(path, ids, dtype=torch.float32):

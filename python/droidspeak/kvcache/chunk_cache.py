@@ -8,12 +8,11 @@ from droidspeak.kvcache.base import MatchResult, PrefixCache
 
 
 class NoPrefixCache(PrefixCache):
-    def match_prefix(self, key):
-        return MatchResult(torch.empty(0, dtype=torch.int64), None)
+    def match_prefix(self, key, variant=0, senders=None):
+        return MatchResult(torch.empty((self.allocator.num_spaces, 0), dtype=torch.int64), None)
 
-    def insert(self, key, slots):
-        self.allocator.free(slots)  # nothing is kept: give the slots back
-        return 0
+    def insert(self, key, variant, slots, erows=None):
+        pass  # nothing is kept: the caller's references are the last ones
 
     def evict(self, num_tokens):
         return 0

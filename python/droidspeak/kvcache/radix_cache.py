@@ -1,31 +1,58 @@
-"""Radix tree over token ids whose nodes own pool slots (SGLang's RadixCache,
-page size 1). Evictable leaves are tracked as the tree changes, so eviction never
-rescans the tree."""
+"""Radix tree over token ids, one per model family (SGLang's RadixCache, page
+size 1, keyed by lineage instead of by model). A node's token span holds one
+entry per variant that cached it. Evictable leaves are tracked as the tree
+changes, so eviction never rescans the tree; a node is evicted with all its
+entries.
+
+Sizes (evictable, protected) count token slots that eviction would return in
+every KV segment: a node's weight is its length times its number of *full*
+entries, those that own slots in every segment (a cross-model entry shares the
+sender's slots outside its recomputed layers, so it adds none)."""
 from __future__ import annotations
 
 import heapq
 import itertools
+from typing import NamedTuple
 
 import torch
 
-from droidspeak.kvcache.base import MatchResult, PrefixCache
+from droidspeak.kvcache.base import CrossHit, MatchResult, PrefixCache
 from droidspeak.kvcache.pool import ReqToTokenPool, SlotAllocator
 
 
-class TreeNode:
-    __slots__ = ("children", "parent", "key", "value", "lock_ref", "last_access")
+class Entry(NamedTuple):
+    slots: torch.Tensor         # [G, n] one slot per KV segment per token
+    erows: torch.Tensor | None  # [E, n] E-cache rows (0 = not kept), None if none at all
+    full: bool = True           # owns its slots in every segment (not sharing another entry's)
 
-    def __init__(self, key: list[int], value: torch.Tensor, parent: "TreeNode | None"):
+    def split(self, n: int) -> tuple["Entry", "Entry"]:
+        e = self.erows
+        return (Entry(self.slots[:, :n], None if e is None else e[:, :n], self.full),
+                Entry(self.slots[:, n:], None if e is None else e[:, n:], self.full))
+
+    def has_e(self, index: int) -> bool:
+        return self.erows is not None and bool((self.erows[index] > 0).all())
+
+
+class TreeNode:
+    __slots__ = ("children", "parent", "key", "entries", "num_full", "lock_ref", "last_access")
+
+    def __init__(self, key: list[int], parent: "TreeNode | None"):
         self.children: dict[int, TreeNode] = {}
         self.parent = parent
         self.key = key
-        self.value = value
+        self.entries: dict[int, Entry] = {}
+        self.num_full = 0
         self.lock_ref = 0
         self.last_access = 0
 
     @property
     def is_leaf(self) -> bool:
         return not self.children
+
+    @property
+    def weight(self) -> int:
+        return len(self.key) * self.num_full
 
     def __lt__(self, other: "TreeNode") -> bool:
         return self.last_access < other.last_access
@@ -40,13 +67,14 @@ def _common_prefix_len(a: list[int], b: list[int]) -> int:
 
 
 class RadixCache(PrefixCache):
-    def __init__(self, req_to_token_pool: ReqToTokenPool, allocator: SlotAllocator):
-        super().__init__(req_to_token_pool, allocator)
+    def __init__(self, req_to_token_pool: ReqToTokenPool, allocator: SlotAllocator,
+                 e_allocator: SlotAllocator | None = None):
+        super().__init__(req_to_token_pool, allocator, e_allocator)
         self._clock = itertools.count(1)
         self.reset()
 
     def reset(self) -> None:
-        self.root = TreeNode([], torch.empty(0, dtype=torch.int64), None)
+        self.root = TreeNode([], None)
         self.root.lock_ref = 1  # the root is never evicted
         self._evictable_leaves: set[TreeNode] = set()
         self._evictable_size = 0
@@ -60,11 +88,11 @@ class RadixCache(PrefixCache):
     def protected_size(self) -> int:
         return self._protected_size
 
-    def _walk(self, key: list[int]) -> tuple[TreeNode, int, list[torch.Tensor]]:
+    def _walk(self, key: list[int]) -> tuple[list[TreeNode], int]:
         """Follow `key` down the tree, splitting the last node so that it ends
-        exactly at the match; touches every node on the path. Returns the deepest
-        matched node, the matched length and the matched nodes' slot tensors."""
-        node, values, pos = self.root, [], 0
+        exactly at the match; touches every node on the path. Returns the matched
+        nodes (root excluded) and the matched length."""
+        node, path, pos = self.root, [], 0
         now = next(self._clock)
         node.last_access = now
         while pos < len(key):
@@ -75,35 +103,87 @@ class RadixCache(PrefixCache):
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access = now
-            values.append(child.value)
+            path.append(child)
             node, pos = child, pos + n
-        return node, pos, values
+        return path, pos
 
-    def match_prefix(self, key: list[int]) -> MatchResult:
-        node, _, values = self._walk(key)
-        indices = torch.cat(values) if values else torch.empty(0, dtype=torch.int64)
-        return MatchResult(indices, node)
+    def match_prefix(self, key: list[int], variant: int = 0,
+                     senders: dict[int, int] | None = None) -> MatchResult:
+        path, _ = self._walk(key)
+        # A variant's entries are prefix-closed (insert covers the path from the
+        # root), so its exact hit is the run of nodes from the root that hold one.
+        exact = 0
+        while exact < len(path) and variant in path[exact].entries:
+            exact += 1
+        own = [n.entries[variant].slots for n in path[:exact]]
+        indices = torch.cat(own, dim=1) if own else torch.empty((self.allocator.num_spaces, 0), dtype=torch.int64)
+        last = path[exact - 1] if exact else self.root
+        best, best_end = None, exact
+        for sender, e_index in (senders or {}).items():
+            end = exact
+            while end < len(path) and (entry := path[end].entries.get(sender)) is not None \
+                    and entry.has_e(e_index):
+                end += 1
+            if end > best_end:
+                best, best_end = sender, end
+        if best is None:
+            return MatchResult(indices, last)
+        nodes = path[exact:best_end]
+        cross = CrossHit(best, indices.shape[1], torch.cat([n.entries[best].slots for n in nodes], dim=1),
+                         torch.cat([n.entries[best].erows for n in nodes], dim=1))
+        return MatchResult(indices, nodes[-1], cross)
 
-    def insert(self, key: list[int], slots: torch.Tensor) -> int:
-        node, pos, _ = self._walk(key)
+    def insert(self, key: list[int], variant: int, slots: torch.Tensor,
+               erows: torch.Tensor | None = None) -> None:
+        path, pos = self._walk(key)
+        start = 0
+        for node in path:
+            n = len(node.key)
+            if variant not in node.entries:
+                self._add_entry(node, variant, slots[:, start:start + n],
+                                None if erows is None else erows[:, start:start + n])
+            start += n
         if pos < len(key):
-            leaf = TreeNode(list(key[pos:]), slots[pos:].clone(), node)
-            leaf.last_access = node.last_access
-            self._evictable_leaves.discard(node)
-            node.children[key[pos]] = leaf
-            self._evictable_size += len(leaf.key)
+            parent = path[-1] if path else self.root
+            leaf = TreeNode(list(key[pos:]), parent)
+            leaf.last_access = parent.last_access
+            self._evictable_leaves.discard(parent)
+            parent.children[key[pos]] = leaf
             self._evictable_leaves.add(leaf)
-        return pos
+            self._add_entry(leaf, variant, slots[:, pos:], None if erows is None else erows[:, pos:])
+
+    def _add_entry(self, node: TreeNode, variant: int, slots: torch.Tensor, erows: torch.Tensor | None) -> None:
+        """Store an entry on `node`, taking references to its slots and E rows."""
+        slots = slots.clone()
+        self.allocator.share(slots)
+        if erows is not None and bool((erows > 0).any()):
+            erows = erows.clone()
+            self.e_allocator.share(erows)
+        else:
+            erows = None
+        # Entries of one node cover the same tokens: an entry shares another's
+        # slots in a segment iff their first slots there are equal.
+        full = not any(bool((slots[:, 0] == other.slots[:, 0]).any()) for other in node.entries.values())
+        node.entries[variant] = Entry(slots, erows, full)
+        if full:
+            node.num_full += 1
+            if node.lock_ref:
+                self._protected_size += len(node.key)
+            else:
+                self._evictable_size += len(node.key)
 
     def _split(self, child: TreeNode, n: int) -> TreeNode:
         """Cut `child` after its first n tokens; returns the new upper node."""
-        upper = TreeNode(child.key[:n], child.value[:n], child.parent)
+        upper = TreeNode(child.key[:n], child.parent)
+        for variant, entry in child.entries.items():
+            upper.entries[variant], child.entries[variant] = entry.split(n)
+        upper.num_full = child.num_full
         upper.lock_ref = child.lock_ref
         upper.last_access = child.last_access
         upper.children[child.key[n]] = child
         child.parent.children[child.key[0]] = upper
         child.parent = upper
-        child.key, child.value = child.key[n:], child.value[n:]
+        child.key = child.key[n:]
         return upper
 
     def evict(self, num_tokens: int) -> int:
@@ -114,9 +194,12 @@ class RadixCache(PrefixCache):
             leaf = heapq.heappop(heap)
             if leaf not in self._evictable_leaves:
                 continue
-            self.allocator.free(leaf.value)
-            freed += len(leaf.key)
-            self._evictable_size -= len(leaf.key)
+            for entry in leaf.entries.values():
+                self.allocator.free(entry.slots)
+                if entry.erows is not None:
+                    self.e_allocator.free(entry.erows)
+            freed += leaf.weight
+            self._evictable_size -= leaf.weight
             self._evictable_leaves.discard(leaf)
             parent = leaf.parent
             del parent.children[leaf.key[0]]
@@ -128,8 +211,8 @@ class RadixCache(PrefixCache):
     def lock(self, node: TreeNode | None) -> None:
         while node is not None and node is not self.root:
             if node.lock_ref == 0:
-                self._evictable_size -= len(node.key)
-                self._protected_size += len(node.key)
+                self._evictable_size -= node.weight
+                self._protected_size += node.weight
                 self._evictable_leaves.discard(node)
             node.lock_ref += 1
             node = node.parent
@@ -139,8 +222,8 @@ class RadixCache(PrefixCache):
             assert node.lock_ref > 0, "unlock without lock"
             node.lock_ref -= 1
             if node.lock_ref == 0:
-                self._evictable_size += len(node.key)
-                self._protected_size -= len(node.key)
+                self._evictable_size += node.weight
+                self._protected_size -= node.weight
                 if node.is_leaf:
                     self._evictable_leaves.add(node)
             node = node.parent

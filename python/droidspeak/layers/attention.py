@@ -34,20 +34,22 @@ class Attention(nn.Module):
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = batch.kv_pool.layer(self.layer_id)
+        segment = batch.kv_pool.segments.segment_of[self.layer_id]
         kernels.rope_and_store(q, k, v, batch.positions, cos_sin, k_cache, v_cache,
-                               batch.out_cache_loc)
+                               batch.out_cache_loc[segment])
+        table = batch.req_to_token[segment]
         if batch.mode.value == "decode":
-            out = kernels.decode_attention(q, k_cache, v_cache, batch.req_to_token,
+            out = kernels.decode_attention(q, k_cache, v_cache, table,
                                            batch.req_pool_indices, batch.seq_lens, self.scale)
         else:
-            out = self._extend(q, k, v, k_cache, v_cache, batch)
+            out = self._extend(q, k, v, k_cache, v_cache, table, batch)
         out = out.reshape(T, self.q_size)
         o = self.o_proj(out)
         if batch.lora is not None:
             batch.lora.apply(o, out, self.layer_id, "o")
         return o
 
-    def _extend(self, q, k, v, k_cache, v_cache, batch: "ForwardBatch") -> torch.Tensor:
+    def _extend(self, q, k, v, k_cache, v_cache, table, batch: "ForwardBatch") -> torch.Tensor:
         out = torch.empty_like(q)
         gqa = self.num_heads != self.num_kv_heads
         for i, (start, n, p) in enumerate(zip(batch.extend_start, batch.extend_lens, batch.prefix_lens)):
@@ -56,7 +58,7 @@ class Attention(nn.Module):
                 ki, vi = k[start:start + n], v[start:start + n]
                 mask, causal = None, True
             else:
-                slots = batch.req_to_token[batch.req_pool_indices[i], :p + n].long()
+                slots = table[batch.req_pool_indices[i], :p + n].long()
                 ki, vi = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
                 # Query j sits at position p + j and sees keys 0..p + j.
                 mask = torch.arange(p + n)[None, :] <= (p + torch.arange(n))[:, None]

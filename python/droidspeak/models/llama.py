@@ -55,9 +55,13 @@ class LlamaForCausalLM(nn.Module):
 
     def forward_layers(self, hidden: torch.Tensor, batch: "ForwardBatch", start: int, end: int) -> torch.Tensor:
         """Run layers [start, end) over `hidden`, the residual stream entering
-        layer `start`; writes those layers' KV to the pool at `batch.out_cache_loc`."""
-        for layer in self.layers[start:end]:
-            hidden = layer(hidden, batch, self.cos_sin)
+        layer `start`; writes those layers' KV to the pool at `batch.out_cache_loc`
+        and, where `batch.e_loc` asks for it, the stream entering each E-cache
+        layer to `batch.e_pool`."""
+        for i in range(start, end):
+            if batch.e_loc is not None:
+                batch.e_pool.store(i, batch.e_loc, hidden)
+            hidden = self.layers[i](hidden, batch, self.cos_sin)
         return hidden
 
     def forward(self, batch: "ForwardBatch") -> torch.Tensor:

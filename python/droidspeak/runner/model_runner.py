@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import torch
 
 from droidspeak.config import EngineConfig, available_memory_bytes
-from droidspeak.kvcache.pool import KVPool, ReqToTokenPool, SlotAllocator
+from droidspeak.kvcache.pool import HiddenPool, KVPool, LayerSegments, ReqToTokenPool, SlotAllocator
 from droidspeak.lora.adapter import LoRAAdapter
 from droidspeak.lora.batch import LoRABatch
 from droidspeak.models.config import ModelConfig
 from droidspeak.models.loader import load_model
-from droidspeak.runner.batch import ForwardBatch
+from droidspeak.runner.batch import ForwardBatch, ForwardMode, Recompute
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +24,23 @@ class LogitsOutput:
     extra_logits: torch.Tensor | None  # [sum(len(rows)), V] fp32 for `extra_rows`
 
 
+@dataclass(frozen=True)
+class KVLayout:
+    """How the pool is cut for cross-model reuse: KV segment boundaries (every
+    recompute group's start and end) and the layers whose input stream is kept
+    as the E cache. The default (no profiles) is one segment and no E cache."""
+    segment_bounds: tuple[int, ...] = ()
+    e_layers: tuple[int, ...] = ()
+
+
 class ModelRunner:
     """`model_paths[0]` is the family's root; every model shares its shape (checked
     by the engine's lineage check), so one KV pool serves them all."""
 
-    def __init__(self, config: EngineConfig, model_paths: list[str] | str):
+    def __init__(self, config: EngineConfig, model_paths: list[str] | str, layout: KVLayout = KVLayout()):
         if isinstance(model_paths, str):
             model_paths = [model_paths]
+        self.layout = layout
         self.config = config
         self.dtype = config.torch_dtype
         self.model_config = ModelConfig.from_dir(model_paths[0])
@@ -40,17 +50,27 @@ class ModelRunner:
         self.adapters: dict[int, LoRAAdapter] = {}  # LoRA adapters on the root model, by id
         self.max_total_tokens = self._kv_budget()
         mc = self.model_config
-        self.kv_pool = KVPool(self.max_total_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
-        self.allocator = SlotAllocator(self.max_total_tokens)
-        self.req_to_token_pool = ReqToTokenPool(config.max_running_requests, self.context_length + 1)
-        logger.info("KV pool: %d tokens (%.2f GiB), context %d, %d request rows",
+        segments = LayerSegments(mc.num_layers, layout.segment_bounds)
+        self.kv_pool = KVPool(self.max_total_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim,
+                              self.dtype, segments=segments)
+        self.allocator = SlotAllocator(self.max_total_tokens, segments.num_segments)
+        self.req_to_token_pool = ReqToTokenPool(config.max_running_requests, self.context_length + 1,
+                                                segments.num_segments)
+        self.e_pool = self.e_allocator = None
+        if layout.e_layers:
+            self.e_pool = HiddenPool(self.max_total_tokens, layout.e_layers, mc.hidden_size, self.dtype)
+            self.e_allocator = SlotAllocator(self.max_total_tokens, len(layout.e_layers))
+        logger.info("KV pool: %d tokens (%.2f GiB), context %d, %d request rows, "
+                    "KV segments %s, E cache at layers %s",
                     self.max_total_tokens, self.kv_bytes / 2**30, self.context_length,
-                    config.max_running_requests)
+                    config.max_running_requests, segments.bounds, list(layout.e_layers) or "none")
 
     @property
     def kv_bytes_per_token(self) -> int:
+        """KV plus E-cache bytes of one token: the E cache counts in the budget."""
         mc = self.model_config
-        return KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        return (KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+                + HiddenPool.bytes_per_token(len(self.layout.e_layers), mc.hidden_size, self.dtype))
 
     @property
     def kv_bytes(self) -> int:
@@ -73,7 +93,10 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch, extra_rows: torch.Tensor | None = None) -> LogitsOutput:
         """Run the batch. `extra_rows` are flat token indices whose logits are also
         returned (input-token logprobs). A batch that mixes family members runs each
-        member's layers over its own requests, within this one step."""
+        member's layers over its own requests, within this one step. Cross-model
+        recomputes (`batch.recompute`) run first: the extend reads their KV."""
+        if batch.recompute:
+            self.recompute(batch.recompute)
         ids = batch.model_ids
         if ids is None or len(set(ids)) == 1:
             return self._forward_one(self.models[ids[0] if ids else 0], batch, extra_rows)
@@ -95,6 +118,30 @@ class ModelRunner:
             if out.extra_logits is not None:
                 extra[where] = out.extra_logits
         return LogitsOutput(next_logits, extra)
+
+    @torch.inference_mode()
+    def recompute(self, jobs: list[Recompute]) -> None:
+        """Run each job's receiver layers over its span from the sender's E cache,
+        one ragged batch per (model, layer group)."""
+        groups: dict[tuple[int, int, int], list[Recompute]] = {}
+        for job in jobs:
+            groups.setdefault((job.model_id, job.layer_start, job.layer_end), []).append(job)
+        table = self.req_to_token_pool.table
+        for (model_id, start, end), group in groups.items():
+            sub = ForwardBatch(
+                mode=ForwardMode.EXTEND,
+                input_ids=torch.zeros(sum(j.end - j.start for j in group), dtype=torch.int64),
+                positions=torch.cat([torch.arange(j.start, j.end) for j in group]),
+                out_cache_loc=torch.cat([table[:, j.req_pool_idx, j.start:j.end] for j in group], 1).long(),
+                req_pool_indices=torch.tensor([j.req_pool_idx for j in group], dtype=torch.int64),
+                seq_lens=torch.tensor([j.end for j in group], dtype=torch.int64),
+                prefix_lens=[j.start for j in group], extend_lens=[j.end - j.start for j in group],
+                kv_pool=self.kv_pool, req_to_token=table, model_ids=[model_id] * len(group),
+                lora_ids=[j.lora_id for j in group])
+            if any(j.lora_id is not None for j in group):
+                sub.lora = LoRABatch.build(sub.lora_ids, sub.extend_lens, self.adapters)
+            hidden = torch.cat([self.e_pool.rows(start, j.e_rows) for j in group])
+            self.models[model_id].forward_layers(hidden, sub, start, end)
 
     def _forward_one(self, model, batch: ForwardBatch, extra_rows: torch.Tensor | None) -> LogitsOutput:
         if batch.lora_ids is not None and any(i is not None for i in batch.lora_ids):

@@ -7,6 +7,7 @@ import torch
 from droidspeak.kvcache.base import PrefixCache
 from droidspeak.kvcache.pool import SlotAllocator
 from droidspeak.runner.batch import ForwardBatch, ForwardMode
+from droidspeak.scheduler.prefill import stack_e_loc
 from droidspeak.scheduler.request import Req
 
 
@@ -34,13 +35,21 @@ def make_room_for_decode(running: list[Req], cache: PrefixCache, allocator: Slot
     return retracted
 
 
-def build_decode_batch(running: list[Req], allocator: SlotAllocator, runner) -> ForwardBatch:
+def build_decode_batch(running: list[Req], allocator: SlotAllocator, runner,
+                       is_sender=None) -> ForwardBatch:
+    """`is_sender(variant)`: whether a variant keeps an E cache (cross-model senders)."""
     table = runner.req_to_token_pool.table
     slots = allocator.allocate(len(running))
     rows = torch.tensor([r.req_pool_idx for r in running], dtype=torch.int64)
     kv_lens = torch.tensor([r.kv_len for r in running], dtype=torch.int64)
-    table[rows, kv_lens] = slots.to(torch.int32)
-    return ForwardBatch(
+    table[:, rows, kv_lens] = slots.to(torch.int32)
+    e_locs = [None] * len(running)
+    if is_sender is not None:
+        for i, r in enumerate(running):
+            if is_sender(r.cache_variant):
+                e_locs[i] = runner.e_allocator.allocate(1)
+                r.erows.append(e_locs[i])
+    batch = ForwardBatch(
         mode=ForwardMode.DECODE,
         input_ids=torch.tensor([r.output_ids[-1] for r in running], dtype=torch.int64),
         positions=kv_lens,
@@ -54,3 +63,5 @@ def build_decode_batch(running: list[Req], allocator: SlotAllocator, runner) -> 
         model_ids=[r.model_id for r in running],
         lora_ids=[r.lora_id for r in running],
     )
+    batch.e_pool, batch.e_loc = runner.e_pool, stack_e_loc(e_locs, [1] * len(running))
+    return batch

@@ -17,7 +17,7 @@ def order_waiting(waiting: list[Req], policy: str, cache: PrefixCache,
     if policy == "fcfs" or len(waiting) > LPM_MAX_QUEUE:
         ordered = list(waiting)
     else:
-        matched = {id(r): int(cache.match_prefix(r.cache_key[:r.max_prefix_len]).indices.numel())
+        matched = {id(r): cache.match_prefix(r.cache_key[:r.max_prefix_len], r.cache_variant).length
                    for r in waiting}
         ordered = sorted(waiting, key=lambda r: -matched[id(r)])
     return interleave_by_model(ordered, last_admitted or {})

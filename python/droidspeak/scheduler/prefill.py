@@ -8,7 +8,7 @@ import torch
 
 from droidspeak.kvcache.base import PrefixCache
 from droidspeak.kvcache.pool import ReqToTokenPool, SlotAllocator
-from droidspeak.runner.batch import ForwardBatch, ForwardMode
+from droidspeak.runner.batch import ForwardBatch, ForwardMode, Recompute
 from droidspeak.scheduler.request import Req
 
 # Decode tokens reserved per running request are capped here: a request asking for
@@ -38,8 +38,11 @@ class PrefillAdder:
     def __init__(self, cache: PrefixCache, allocator: SlotAllocator, req_pool: ReqToTokenPool,
                  max_prefill_tokens: int, chunk_size: int, memory_budget: float,
                  new_token_ratio: float, nothing_running: bool,
-                 max_models: int = 1 << 30, active_models: set[int] | None = None):
+                 max_models: int = 1 << 30, active_models: set[int] | None = None,
+                 cross_policy=None, idle: bool = False):
         self.cache, self.allocator, self.req_pool = cache, allocator, req_pool
+        self.cross_policy = cross_policy  # crossmodel.policy.CrossModelPolicy or None
+        self.idle = idle
         self.rem_tokens = max_prefill_tokens
         self.rem_chunk = chunk_size if chunk_size > 0 else 1 << 62
         self.budget = memory_budget
@@ -71,8 +74,10 @@ class PrefillAdder:
         """Admit a new (or retracted) request; False stops filling the batch."""
         if not self.req_pool.can_allocate():
             return False
-        match = self.cache.match_prefix(req.cache_key[:req.max_prefix_len])
-        prefix_len = int(match.indices.numel())
+        req.recompute = None
+        senders = self.cross_policy.senders_for(req.cache_variant) if self.cross_policy else None
+        match = self.cache.match_prefix(req.cache_key[:req.max_prefix_len], req.cache_variant, senders)
+        prefix_len = match.length + (match.cross.length if match.cross else 0)
         extend = req.seq_len - prefix_len
         take = min(extend, self.rem_chunk, self.rem_tokens)
         if take < 1:
@@ -90,26 +95,53 @@ class PrefillAdder:
                 return False
         self.cache.lock(match.last_node)
         row = self.req_pool.allocate()
-        self.req_pool.table[row, :prefix_len] = match.indices.to(torch.int32)
+        self.req_pool.table[:, row, :match.length] = match.indices.to(torch.int32)
         req.req_pool_idx, req.prefix_len, req.kv_len, req.last_node = row, prefix_len, prefix_len, match.last_node
-        if not self._allocate(req, take):
+        if (match.cross is not None and not self._start_recompute(req, match)) \
+                or not self._allocate(req, take):
             self.cache.release_req(req)
             return False
         if not req.admitted_once:
-            req.cached_tokens, req.admitted_once = prefix_len, True
+            req.cached_tokens, req.admitted_once = req.prefix_len, True
+            req.cross_model_tokens = req.prefix_len - match.length
         if chunked:
             self.new_chunked_req = req
         self._commit(req, take, reserve)
         return True
 
-    def _allocate(self, req: Req, take: int) -> bool:
-        short = take - self.allocator.available_size
+    def _start_recompute(self, req: Req, match) -> bool:
+        """Point the row at the sender's KV for the cross-model hit, with fresh
+        slots for the recompute group's segments, and queue the recompute."""
+        hit = match.cross
+        group = self.cross_policy.group(hit.sender, req.cache_variant, self.idle)
+        spaces = self.cross_policy.segments.covering(*group)
+        if not self._make_room(hit.length):
+            return False
+        table, row = self.req_pool.table, req.req_pool_idx
+        span = slice(hit.start, hit.start + hit.length)
+        table[:, row, span] = hit.indices.to(torch.int32)
+        table[spaces.start:spaces.stop, row, span] = self.allocator.allocate(hit.length, spaces).to(torch.int32)
+        req.cross_start, req.cross_spaces = hit.start, spaces
+        e_index = self.cross_policy.e_index(group[0])
+        req.recompute = Recompute(row, hit.start, hit.start + hit.length, group[0], group[1],
+                                  hit.erows[e_index].clone(), req.model_id, req.lora_id)
+        self.budget -= hit.length
+        self.cross_policy.record_hit(hit.sender, req.cache_variant, hit.length, group)
+        return True
+
+    def _make_room(self, n: int) -> bool:
+        short = n - self.allocator.available_size
         if short > 0:
             self.cache.evict(short)
-        if not self.allocator.can_allocate(take):
+        return self.allocator.can_allocate(n)
+
+    def _allocate(self, req: Req, take: int) -> bool:
+        if not self._make_room(take):
             return False
         slots = self.allocator.allocate(take)
-        self.req_pool.table[req.req_pool_idx, req.kv_len:req.kv_len + take] = slots.to(torch.int32)
+        self.req_pool.table[:, req.req_pool_idx, req.kv_len:req.kv_len + take] = slots.to(torch.int32)
+        if self.cross_policy is not None and self.cross_policy.is_sender(req.cache_variant):
+            req.erows.append(self.cache.e_allocator.allocate(take))
         return True
 
     def _commit(self, req: Req, take: int, reserve: float) -> None:
@@ -123,14 +155,15 @@ class PrefillAdder:
 def build_prefill_batch(entries: list[PrefillEntry], runner) -> tuple[ForwardBatch, torch.Tensor, list[list[int]]]:
     """ForwardBatch for the entries, plus the flat rows whose logits input-token
     logprobs need and, per entry, the positions those rows stand for."""
-    ids, positions, locs, extra_rows, extra_pos = [], [], [], [], []
+    ids, positions, locs, extra_rows, extra_pos, e_locs = [], [], [], [], [], []
     start = 0
     table = runner.req_to_token_pool.table
     for e in entries:
         r, n = e.req, e.num_tokens
         ids.extend(r.fill_ids[r.kv_len:r.kv_len + n])
         positions.append(torch.arange(r.kv_len, r.kv_len + n))
-        locs.append(table[r.req_pool_idx, r.kv_len:r.kv_len + n])
+        locs.append(table[:, r.req_pool_idx, r.kv_len:r.kv_len + n])
+        e_locs.append(r.erows[-1] if r.erows else None)
         pos_here = []
         if r.wants_input_logprobs:
             lo = max(r.kv_len, r.logprob_start_len - 1, 0)
@@ -143,7 +176,7 @@ def build_prefill_batch(entries: list[PrefillEntry], runner) -> tuple[ForwardBat
         mode=ForwardMode.EXTEND,
         input_ids=torch.tensor(ids, dtype=torch.int64),
         positions=torch.cat(positions),
-        out_cache_loc=torch.cat(locs).to(torch.int64),
+        out_cache_loc=torch.cat(locs, dim=1).to(torch.int64),
         req_pool_indices=torch.tensor([e.req.req_pool_idx for e in entries], dtype=torch.int64),
         seq_lens=torch.tensor([e.req.kv_len + e.num_tokens for e in entries], dtype=torch.int64),
         prefix_lens=[e.req.kv_len for e in entries],
@@ -152,5 +185,17 @@ def build_prefill_batch(entries: list[PrefillEntry], runner) -> tuple[ForwardBat
         req_to_token=table,
         model_ids=[e.req.model_id for e in entries],
         lora_ids=[e.req.lora_id for e in entries],
+        recompute=[e.req.recompute for e in entries if e.req.recompute is not None],
     )
+    batch.e_pool, batch.e_loc = runner.e_pool, stack_e_loc(e_locs, [e.num_tokens for e in entries])
     return batch, torch.tensor(extra_rows, dtype=torch.int64), extra_pos
+
+
+def stack_e_loc(e_locs: list[torch.Tensor | None], lens: list[int]) -> torch.Tensor | None:
+    """[E, T] E-cache rows for a batch (0 where a request keeps none), or None."""
+    present = [e for e in e_locs if e is not None]
+    if not present:
+        return None
+    num_e = present[0].shape[0]
+    return torch.cat([e if e is not None else torch.zeros((num_e, n), dtype=torch.int64)
+                      for e, n in zip(e_locs, lens)], dim=1), torch.tensor(extra_rows, dtype=torch.int64), extra_pos

@@ -10,10 +10,6 @@ import torch
 from droidspeak.sampling.params import SamplingParams
 from droidspeak.tokenizer.detokenizer import IncrementalDetokenizer
 
-# Prefix-cache keys in namespace n > 0 (family member or LoRA adapter) are token ids
-# offset by n * stride, so each lives in its own part of the one tree (one LRU).
-MODEL_KEY_STRIDE = 1 << 32
-
 # A logprob entry: (logprob or None for the first prompt token, token id).
 Logprob = tuple[float | None, int]
 
@@ -49,7 +45,7 @@ class Req:
     stream: bool = False
     model_id: int = 0             # which family member serves this request
     lora_id: int | None = None    # LoRA adapter applied on top of that member
-    cache_namespace: int = 0      # prefix-cache namespace: one per model and per adapter
+    cache_namespace: int = 0      # prefix-cache variant: one per model and per adapter
 
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -60,7 +56,12 @@ class Req:
     kv_len: int = 0
     prefix_len: int = 0
     last_node: Any = None
+    cross_start: int = 0          # [cross_start, prefix_len) came from another variant
+    cross_spaces: range | None = None  # KV segments of that span this request recomputed
+    recompute: Any = None         # the pending cross-model recompute (runner.batch.Recompute)
+    erows: list[torch.Tensor] = field(default_factory=list)  # owned E-cache rows, see kvcache.base
     cached_tokens: int = 0        # prompt tokens served from the prefix cache
+    cross_model_tokens: int = 0   # of those, tokens reused from another model
     admitted_once: bool = False
     num_retractions: int = 0
 
@@ -79,11 +80,11 @@ class Req:
 
     @property
     def cache_key(self) -> list[int]:
-        """fill_ids in this request's namespace of the prefix cache."""
-        if self.cache_namespace == 0:
-            return self.fill_ids
-        offset = self.cache_namespace * MODEL_KEY_STRIDE
-        return [t + offset for t in self.fill_ids]
+        return self.fill_ids
+
+    @property
+    def cache_variant(self) -> int:
+        return self.cache_namespace
 
     @property
     def seq_len(self) -> int:

@@ -31,13 +31,17 @@ NEW_TOKEN_RATIO_DECAY = 0.001
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, runner: ModelRunner, eos_token_ids: list[int]):
+    def __init__(self, config: EngineConfig, runner: ModelRunner, eos_token_ids: list[int],
+                 cross_policy=None):
+        """`cross_policy` (crossmodel.policy.CrossModelPolicy) enables cross-model
+        reuse; the runner's KV layout must be the one it asked for."""
         self.config = config
         self.runner = runner
         self.allocator = runner.allocator
         self.req_pool = runner.req_to_token_pool
         cache_cls = NoPrefixCache if config.disable_radix_cache else RadixCache
-        self.cache = cache_cls(self.req_pool, self.allocator)
+        self.cache = cache_cls(self.req_pool, self.allocator, runner.e_allocator)
+        self.cross_policy = cross_policy
         self.eos_token_ids = eos_token_ids
         self.context_length = runner.context_length
         self.vocab_size = runner.model_config.vocab_size
@@ -99,6 +103,8 @@ class Scheduler:
             return False
         self.cache.reset()
         self.allocator.reset()
+        if self.runner.e_allocator is not None:
+            self.runner.e_allocator.reset()
         self.req_pool.reset()
         return True
 
@@ -127,7 +133,9 @@ class Scheduler:
         adder = PrefillAdder(self.cache, self.allocator, self.req_pool, self.config.max_prefill_tokens,
                              self.config.chunked_prefill_size, budget, self.new_token_ratio,
                              nothing_running=not self.running, max_models=self.config.max_models_per_batch,
-                             active_models={r.cache_namespace for r in self.running})
+                             active_models={r.cache_namespace for r in self.running},
+                             cross_policy=self.cross_policy,
+                             idle=not self.running and len(self.waiting) <= 1)
         if self.chunked_req is not None:
             if not adder.add_chunked(self.chunked_req):
                 return []
@@ -152,6 +160,7 @@ class Scheduler:
         extra_offset = 0
         for i, entry in enumerate(entries):
             req = entry.req
+            req.recompute = None
             positions = extra_pos[i]
             # Token 0 has no logprob; it is listed (as None) only when asked for from 0.
             if req.wants_input_logprobs and req.logprob_start_len == 0 and req.kv_len == 0 \
@@ -199,7 +208,8 @@ class Scheduler:
             self.waiting[:0] = retracted
             if not self.running:
                 return
-        batch = build_decode_batch(self.running, self.allocator, self.runner)
+        batch = build_decode_batch(self.running, self.allocator, self.runner,
+                                   self.cross_policy.is_sender if self.cross_policy else None)
         logits = self.runner.forward(batch)
         for req in self.running:
             req.kv_len += 1

@@ -1,0 +1,76 @@
+"""One token sequence driven by hand through the model runner, outside the
+scheduler: offline tools (the cross-model profiler, fine-tune evaluation) and
+tests use it to run exact prefill / reuse / recompute experiments on the real
+pools and kernels."""
+from __future__ import annotations
+
+import torch
+
+from droidspeak.runner.batch import ForwardBatch, ForwardMode, Recompute
+
+
+class Sequence:
+    """Holds a request row and the slots it allocated; `release()` frees them."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.row = runner.req_to_token_pool.allocate()
+        self.length = 0
+        self._owned: list[tuple[torch.Tensor, range]] = []  # (slots, spaces) this sequence allocated
+        self._erows: list[torch.Tensor] = []                # [E, n] E rows, in token order
+
+    @property
+    def table(self) -> torch.Tensor:
+        return self.runner.req_to_token_pool.table[:, self.row]
+
+    @torch.inference_mode()
+    def extend(self, ids: list[int], model_id: int = 0, lora_id: int | None = None,
+               keep_e: bool = False) -> torch.Tensor:
+        """Run `ids` after what the sequence holds with model `model_id`; returns
+        fp32 logits for every new position [len(ids), V]. `keep_e` keeps the
+        stream entering each E-cache layer (the runner's layout) for these tokens."""
+        runner, n, start = self.runner, len(ids), self.length
+        slots = runner.allocator.allocate(n)
+        self._owned.append((slots, range(runner.allocator.num_spaces)))
+        self.table[:, start:start + n] = slots.to(torch.int32)
+        batch = ForwardBatch(ForwardMode.EXTEND, torch.tensor(ids, dtype=torch.int64),
+                             torch.arange(start, start + n), slots, torch.tensor([self.row]),
+                             torch.tensor([start + n]), [start], [n], runner.kv_pool,
+                             runner.req_to_token_pool.table, model_ids=[model_id], lora_ids=[lora_id])
+        if keep_e:
+            erows = runner.e_allocator.allocate(n)
+            self._erows.append(erows)
+            batch.e_pool, batch.e_loc = runner.e_pool, erows
+        self.length += n
+        return runner.forward(batch, torch.arange(n)).extra_logits
+
+    def e_rows(self, layer: int) -> torch.Tensor:
+        """This sequence's E-cache rows at `layer`, for every position it kept them."""
+        return torch.cat(self._erows, dim=1)[self.runner.e_pool.index[layer]]
+
+    @torch.inference_mode()
+    def reuse(self, sender: "Sequence", n: int, group: tuple[int, int] | None,
+              model_id: int = 0, lora_id: int | None = None) -> None:
+        """Take the sender's first `n` tokens of KV, as a cross-model hit does:
+        every layer is the sender's except `group` = [start, end), which this
+        sequence's model recomputes from the sender's E cache at `start` into
+        fresh slots. `group=None` (or an empty one) is wholesale reuse."""
+        assert self.length == 0 and sender.length >= n
+        self.table[:, :n] = sender.table[:, :n]
+        if group is not None and group[0] < group[1]:
+            runner = self.runner
+            spaces = runner.kv_pool.segments.covering(*group)
+            slots = runner.allocator.allocate(n, spaces)
+            self._owned.append((slots, spaces))
+            self.table[spaces.start:spaces.stop, :n] = slots.to(torch.int32)
+            runner.recompute([Recompute(self.row, 0, n, group[0], group[1], sender.e_rows(group[0])[:n],
+                                        model_id, lora_id)])
+        self.length = n
+
+    def release(self) -> None:
+        for slots, spaces in self._owned:
+            self.runner.allocator.free(slots, spaces)
+        for erows in self._erows:
+            self.runner.e_allocator.free(erows)
+        self._owned, self._erows = [], []
+        self.runner.req_to_token_pool.free(self.row)
