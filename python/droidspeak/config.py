@@ -59,6 +59,17 @@ class EngineConfig:
     disable_radix_cache: bool = field(
         default=False,
         metadata={"help": "Cache no prefixes (every request prefills from scratch)."})
+    cross_model_profiles: str | None = field(
+        default=None,
+        metadata={"help": "Directory of cross-model profiles (droidspeak profile); default: "
+                          "$DROIDSPEAK_CACHE/profiles/<root model name>."})
+    cross_model_quality: float = field(
+        default=0.01,
+        metadata={"help": "Cross-model reuse must stay within this relative cross-entropy of full "
+                          "prefill on the pair's profile (0.01 = 1%)."})
+    disable_cross_model: bool = field(
+        default=False,
+        metadata={"help": "Never reuse another model's KV (every model prefills its own)."})
     random_seed: int = field(
         default=0,
         metadata={"help": "Seed of the per-request samplers of requests that give no sampling_seed."})
@@ -80,6 +91,8 @@ class EngineConfig:
                 raise InvalidRequestError(f"models entries are NAME=PATH, got {entry!r}", "models")
         if self.max_models_per_batch < 1:
             raise InvalidRequestError("max_models_per_batch must be >= 1", "max_models_per_batch")
+        if not 0 <= self.cross_model_quality < 1:
+            raise InvalidRequestError("cross_model_quality must be in [0, 1)", "cross_model_quality")
         if self.chunked_prefill_size != -1 and self.chunked_prefill_size < 1:
             raise InvalidRequestError("chunked_prefill_size must be -1 or >= 1", "chunked_prefill_size")
 

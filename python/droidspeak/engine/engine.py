@@ -16,10 +16,13 @@ from typing import NamedTuple
 import torch
 
 from droidspeak.config import EngineConfig, parse_model_entries
+from droidspeak.crossmodel.policy import CrossModelPolicy
+from droidspeak.crossmodel.profile import default_profile_dir, fingerprint
 from droidspeak.errors import InvalidRequestError, ModelNotFoundError
 from droidspeak.engine.io import format_output, normalize_inputs, per_prompt
 from droidspeak.kernels import native_available
 from droidspeak.lora.adapter import load_adapter
+from droidspeak.models.config import ModelConfig
 from droidspeak.models.default_model import resolve_model_path
 from droidspeak.models.lineage import DECLARED_BASE_KEY, LineageInfo, check_family
 from droidspeak.runner.model_runner import ModelRunner
@@ -54,7 +57,8 @@ class Engine:
         if len(set(names)) != len(names):
             raise InvalidRequestError(f"model names must be unique, got {names}", "models")
         self.tokenizer = load_tokenizer(self.model_path)
-        self.runner = ModelRunner(self.config, [p for _, p in members])
+        self.cross_policy = self._load_cross_policy(root_name, members)
+        self.runner = ModelRunner(self.config, [p for _, p in members], self.cross_policy.layout)
         self._full_model_names = names
         self.lineage = self._check_lineage(members)
         self._adapters: dict[str, int] = {}   # adapter name -> id in runner.adapters
@@ -62,10 +66,24 @@ class Engine:
         for name, path in parse_model_entries(self.config.lora_paths):
             self.load_lora_adapter(name, path)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.runner.model_config.eos_token_ids)
-        self.scheduler = Scheduler(self.config, self.runner, self.eos_token_ids)
+        self.cross_policy.bind(self._variants())
+        self.scheduler = Scheduler(self.config, self.runner, self.eos_token_ids, self.cross_policy)
         self._seed_rng = random.Random(self.config.random_seed)
         logger.info("engine ready: %s, dtype=%s, threads=%d, native ops=%s", self.model_path,
                     self.config.resolved_dtype, torch.get_num_threads(), native_available())
+
+    def _load_cross_policy(self, root_name: str, members: list[tuple[str, str]]) -> CrossModelPolicy:
+        num_layers = ModelConfig.from_dir(self.model_path).num_layers
+        if self.config.disable_cross_model:
+            return CrossModelPolicy([], self.config.cross_model_quality, num_layers)
+        directory = self.config.cross_model_profiles or default_profile_dir(root_name)
+        paths = dict(members)
+        paths.update(parse_model_entries(self.config.lora_paths))
+        return CrossModelPolicy.from_directory(directory, paths, self.config.cross_model_quality,
+                                               num_layers, fingerprint)
+
+    def _variants(self) -> dict[str, int]:
+        return {name: self.resolve(name).cache_namespace for name in self.model_names}
 
     def _check_lineage(self, members: list[tuple[str, str]]) -> dict[str, LineageInfo]:
         root_name, _ = members[0]
@@ -114,6 +132,8 @@ class Engine:
         self._adapters[name] = lora_id
         root = self._full_model_names[0]
         self.lineage[name] = LineageInfo(root, root, f"LoRA adapter, rank {adapter.rank}")
+        if hasattr(self, "scheduler"):
+            self.cross_policy.bind(self._variants())
         logger.info("loaded LoRA adapter %s (rank %d) from %s", name, adapter.rank, path)
 
     @property
@@ -135,6 +155,7 @@ class Engine:
         del self._adapters[name]
         del self.runner.adapters[lora_id]
         del self.lineage[name]
+        self.cross_policy.bind(self._variants())
 
     # ---- request construction ---------------------------------------------
     def make_requests(self, prompt=None, sampling_params=None, input_ids=None, *,

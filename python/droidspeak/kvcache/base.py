@@ -30,7 +30,7 @@ class CrossHit(NamedTuple):
     sender: int           # the variant whose entries were matched
     start: int            # first token position of the hit
     indices: torch.Tensor  # [G, m] the sender's slots for tokens [start, start + m)
-    erows: torch.Tensor    # [E, m] the sender's E-cache rows for the same tokens
+    erows: torch.Tensor | None  # [E, m] the sender's E-cache rows (None: no E layer asked for)
 
     @property
     def length(self) -> int:
@@ -41,6 +41,8 @@ class MatchResult(NamedTuple):
     indices: torch.Tensor  # [G, n] slots of the prefix the variant itself has cached
     last_node: Any         # lock this to keep `indices` (and the cross hit's) valid
     cross: CrossHit | None = None
+    # Without a cross hit: other variants holding the next tokens (a hit a profile would allow).
+    other_variants: tuple[int, ...] = ()
 
     @property
     def length(self) -> int:
@@ -76,10 +78,10 @@ class PrefixCache(abc.ABC):
 
     @abc.abstractmethod
     def match_prefix(self, key: list[int], variant: int = 0,
-                     senders: dict[int, int] | None = None) -> MatchResult:
+                     senders: dict[int, int | None] | None = None) -> MatchResult:
         """Longest prefix of `key` that `variant` has cached; then, if `senders`
-        (sender variant -> index of the E-cache layer it must hold) is given, the
-        longest continuation that one sender has cached with that E cache."""
+        (sender variant -> index of the E-cache layer it must hold, None for none)
+        is given, the longest continuation that one sender has cached with it."""
 
     @abc.abstractmethod
     def insert(self, key: list[int], variant: int, slots: torch.Tensor,

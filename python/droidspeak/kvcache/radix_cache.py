@@ -30,8 +30,9 @@ class Entry(NamedTuple):
         return (Entry(self.slots[:, :n], None if e is None else e[:, :n], self.full),
                 Entry(self.slots[:, n:], None if e is None else e[:, n:], self.full))
 
-    def has_e(self, index: int) -> bool:
-        return self.erows is not None and bool((self.erows[index] > 0).all())
+    def has_e(self, index: int | None) -> bool:
+        """Holds the E cache of layer `index` for every token (None: none needed)."""
+        return index is None or (self.erows is not None and bool((self.erows[index] > 0).all()))
 
 
 class TreeNode:
@@ -127,10 +128,13 @@ class RadixCache(PrefixCache):
             if end > best_end:
                 best, best_end = sender, end
         if best is None:
-            return MatchResult(indices, last)
+            others = tuple(v for v in path[exact].entries if v != variant) if exact < len(path) else ()
+            return MatchResult(indices, last, None, others)
         nodes = path[exact:best_end]
-        cross = CrossHit(best, indices.shape[1], torch.cat([n.entries[best].slots for n in nodes], dim=1),
-                         torch.cat([n.entries[best].erows for n in nodes], dim=1))
+        erows = None
+        if senders[best] is not None:
+            erows = torch.cat([n.entries[best].erows for n in nodes], dim=1)
+        cross = CrossHit(best, indices.shape[1], torch.cat([n.entries[best].slots for n in nodes], dim=1), erows)
         return MatchResult(indices, nodes[-1], cross)
 
     def insert(self, key: list[int], variant: int, slots: torch.Tensor,

@@ -93,6 +93,7 @@ class Recompute:
     end: int
     layer_start: int
     layer_end: int
-    e_rows: torch.Tensor   # [end - start] the sender's E-cache rows at layer_start
+    e_rows: torch.Tensor | None  # [end - start] the sender's E-cache rows at layer_start
+    input_ids: torch.Tensor | None = None  # the tokens, for layer_start == 0 (own embeddings)
     model_id: int = 0
     lora_id: int | None = None

@@ -140,8 +140,12 @@ class ModelRunner:
                 lora_ids=[j.lora_id for j in group])
             if any(j.lora_id is not None for j in group):
                 sub.lora = LoRABatch.build(sub.lora_ids, sub.extend_lens, self.adapters)
-            hidden = torch.cat([self.e_pool.rows(start, j.e_rows) for j in group])
-            self.models[model_id].forward_layers(hidden, sub, start, end)
+            model = self.models[model_id]
+            if start == 0:  # from the receiver's own embeddings: no E cache needed
+                hidden = model.embed(torch.cat([j.input_ids for j in group]))
+            else:
+                hidden = torch.cat([self.e_pool.rows(start, j.e_rows) for j in group])
+            model.forward_layers(hidden, sub, start, end)
 
     def _forward_one(self, model, batch: ForwardBatch, extra_rows: torch.Tensor | None) -> LogitsOutput:
         if batch.lora_ids is not None and any(i is not None for i in batch.lora_ids):

@@ -16,6 +16,7 @@ class Sequence:
         self.runner = runner
         self.row = runner.req_to_token_pool.allocate()
         self.length = 0
+        self.ids: list[int] = []
         self._owned: list[tuple[torch.Tensor, range]] = []  # (slots, spaces) this sequence allocated
         self._erows: list[torch.Tensor] = []                # [E, n] E rows, in token order
 
@@ -42,6 +43,7 @@ class Sequence:
             self._erows.append(erows)
             batch.e_pool, batch.e_loc = runner.e_pool, erows
         self.length += n
+        self.ids.extend(ids)
         return runner.forward(batch, torch.arange(n)).extra_logits
 
     def e_rows(self, layer: int) -> torch.Tensor:
@@ -57,14 +59,16 @@ class Sequence:
         fresh slots. `group=None` (or an empty one) is wholesale reuse."""
         assert self.length == 0 and sender.length >= n
         self.table[:, :n] = sender.table[:, :n]
+        self.ids = list(sender.ids[:n])
         if group is not None and group[0] < group[1]:
             runner = self.runner
             spaces = runner.kv_pool.segments.covering(*group)
             slots = runner.allocator.allocate(n, spaces)
             self._owned.append((slots, spaces))
             self.table[spaces.start:spaces.stop, :n] = slots.to(torch.int32)
-            runner.recompute([Recompute(self.row, 0, n, group[0], group[1], sender.e_rows(group[0])[:n],
-                                        model_id, lora_id)])
+            e_rows = sender.e_rows(group[0])[:n] if group[0] > 0 else None
+            runner.recompute([Recompute(self.row, 0, n, group[0], group[1], e_rows,
+                                        torch.tensor(sender.ids[:n]), model_id, lora_id)])
         self.length = n
 
     def release(self) -> None:

@@ -70,14 +70,16 @@ class PrefillAdder:
         self._commit(req, take, reserve)
         return True
 
-    def add(self, req: Req) -> bool:
+    def add(self, req: Req, allow_cross: bool = True) -> bool:
         """Admit a new (or retracted) request; False stops filling the batch."""
         if not self.req_pool.can_allocate():
             return False
         req.recompute = None
-        senders = self.cross_policy.senders_for(req.cache_variant) if self.cross_policy else None
+        senders = self.cross_policy.senders_for(req.cache_variant) if self.cross_policy and allow_cross else None
         match = self.cache.match_prefix(req.cache_key[:req.max_prefix_len], req.cache_variant, senders)
         prefix_len = match.length + (match.cross.length if match.cross else 0)
+        if match.other_variants and self.cross_policy is not None:
+            self.cross_policy.note_missed(match.other_variants, req.cache_variant)
         extend = req.seq_len - prefix_len
         take = min(extend, self.rem_chunk, self.rem_tokens)
         if take < 1:
@@ -97,8 +99,12 @@ class PrefillAdder:
         row = self.req_pool.allocate()
         self.req_pool.table[:, row, :match.length] = match.indices.to(torch.int32)
         req.req_pool_idx, req.prefix_len, req.kv_len, req.last_node = row, prefix_len, prefix_len, match.last_node
-        if (match.cross is not None and not self._start_recompute(req, match)) \
-                or not self._allocate(req, take):
+        if match.cross is not None and not self._start_recompute(req, match):
+            # The recomputed layers do not fit beside the sender's locked entry:
+            # unlock it and admit the request as a plain miss (evicting may then help).
+            self.cache.release_req(req)
+            return self.add(req, allow_cross=False)
+        if not self._allocate(req, take):
             self.cache.release_req(req)
             return False
         if not req.admitted_once:
@@ -115,17 +121,21 @@ class PrefillAdder:
         hit = match.cross
         group = self.cross_policy.group(hit.sender, req.cache_variant, self.idle)
         spaces = self.cross_policy.segments.covering(*group)
-        if not self._make_room(hit.length):
+        if spaces and not self._make_room(hit.length):
             return False
         table, row = self.req_pool.table, req.req_pool_idx
-        span = slice(hit.start, hit.start + hit.length)
-        table[:, row, span] = hit.indices.to(torch.int32)
-        table[spaces.start:spaces.stop, row, span] = self.allocator.allocate(hit.length, spaces).to(torch.int32)
+        end = hit.start + hit.length
+        table[:, row, hit.start:end] = hit.indices.to(torch.int32)
         req.cross_start, req.cross_spaces = hit.start, spaces
-        e_index = self.cross_policy.e_index(group[0])
-        req.recompute = Recompute(row, hit.start, hit.start + hit.length, group[0], group[1],
-                                  hit.erows[e_index].clone(), req.model_id, req.lora_id)
-        self.budget -= hit.length
+        if spaces:
+            table[spaces.start:spaces.stop, row, hit.start:end] = \
+                self.allocator.allocate(hit.length, spaces).to(torch.int32)
+            e_index = self.cross_policy.e_index(group[0])
+            req.recompute = Recompute(row, hit.start, end, group[0], group[1],
+                                      None if e_index is None else hit.erows[e_index].clone(),
+                                      torch.tensor(req.fill_ids[hit.start:end], dtype=torch.int64),
+                                      req.model_id, req.lora_id)
+            self.budget -= hit.length
         self.cross_policy.record_hit(hit.sender, req.cache_variant, hit.length, group)
         return True
 
@@ -198,4 +208,4 @@ def stack_e_loc(e_locs: list[torch.Tensor | None], lens: list[int]) -> torch.Ten
         return None
     num_e = present[0].shape[0]
     return torch.cat([e if e is not None else torch.zeros((num_e, n), dtype=torch.int64)
-                      for e, n in zip(e_locs, lens)], dim=1), torch.tensor(extra_rows, dtype=torch.int64), extra_pos
+                      for e, n in zip(e_locs, lens)], dim=1)

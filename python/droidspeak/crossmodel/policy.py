@@ -1,0 +1,138 @@
+"""The runtime policy: for each request of a receiver whose prompt another family
+member (the sender) has cached, pick the recompute group from the pair's profile.
+
+Per pair it keeps two points of the profile's frontier: the *target*, the fewest
+recomputed layers within `quality` of the receiver's full prefill, and the *idle*
+point, the best group with the same start (so the same E cache), used when
+nothing else is queued and recomputing more costs no one latency. A pair without
+a usable profile is never reused: its requests prefill in full, and the log says
+how to profile it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from droidspeak.crossmodel.profile import GroupScore, Profile, ProfileError, profile_path
+from droidspeak.kvcache.pool import LayerSegments
+from droidspeak.runner.model_runner import KVLayout
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PairChoice:
+    target: GroupScore
+    idle: GroupScore
+
+
+@dataclass
+class PairStats:
+    hits: int = 0
+    tokens: int = 0             # prompt tokens reused from the sender
+    layers_recomputed: int = 0  # summed over hits
+    token_layers_recomputed: int = 0
+
+
+class CrossModelPolicy:
+    def __init__(self, profiles: list[Profile], quality: float, num_layers: int):
+        self.quality = quality
+        self.num_layers = num_layers
+        self.choices: dict[tuple[str, str], PairChoice] = {}
+        for p in profiles:
+            if p.num_layers != num_layers:
+                logger.warning("profile %s -> %s is for %d layers, the model has %d: ignored",
+                               p.sender, p.receiver, p.num_layers, num_layers)
+                continue
+            target = p.smallest_meeting(quality)
+            if target is None or (target.start == 0 and target.end == num_layers):
+                logger.warning("profile %s -> %s: no group is within %.1f%% of full prefill short of "
+                               "recomputing every layer; that pair prefills in full", p.sender, p.receiver,
+                               100 * quality)
+                continue
+            same_start = [g for g in p.groups if g.start == target.start and g.end >= target.end]
+            idle = min(same_start, key=lambda g: (g.ce, g.layers))
+            self.choices[(p.sender, p.receiver)] = PairChoice(target, idle)
+            logger.info("cross-model %s -> %s: recompute layers [%d, %d) (idle: [%d, %d)), "
+                        "cross-entropy %.4f vs %.4f full prefill", p.sender, p.receiver, target.start,
+                        target.end, idle.start, idle.end, target.ce, p.full.ce)
+        bounds = sorted({b for c in self.choices.values() for b in (c.target.start, c.target.end, c.idle.end)})
+        e_layers = sorted({c.target.start for c in self.choices.values() if c.target.start > 0})
+        self.segments = LayerSegments(num_layers, bounds)
+        self.layout = KVLayout(tuple(bounds), tuple(e_layers))
+        self.stats: dict[tuple[str, str], PairStats] = {}
+        self._names: dict[int, str] = {}
+        self._pairs: dict[tuple[int, int], PairChoice] = {}
+        self._senders: dict[int, dict[int, int | None]] = {}
+        self._missed_logged: set[tuple[int, int]] = set()
+
+    @classmethod
+    def from_directory(cls, directory: str | None, names: dict[str, str], quality: float,
+                       num_layers: int, fingerprints) -> "CrossModelPolicy":
+        """Profiles for every ordered pair of `names` (name -> path) found in
+        `directory`; `fingerprints(path)` checks each is still for those weights."""
+        profiles = []
+        for sender in names:
+            for receiver in names:
+                path = profile_path(directory, sender, receiver) if directory else None
+                if sender == receiver or path is None or not os.path.isfile(path):
+                    continue
+                try:
+                    p = Profile.load(path)
+                except ProfileError as e:
+                    logger.warning("%s; that pair prefills in full", e)
+                    continue
+                stale = [n for n, fp in ((sender, p.sender_fingerprint), (receiver, p.receiver_fingerprint))
+                         if fp != fingerprints(names[n])]
+                if stale or (p.sender, p.receiver) != (sender, receiver):
+                    logger.warning("profile %s was made for other weights of %s; re-run `droidspeak profile "
+                                   "--sender %s --receiver %s`; that pair prefills in full", path,
+                                   " and ".join(stale) or "the pair", sender, receiver)
+                    continue
+                profiles.append(p)
+        return cls(profiles, quality, num_layers)
+
+    def bind(self, variants: dict[str, int]) -> None:
+        """Map model names to prefix-cache variants (call again when adapters change)."""
+        self._names = {v: n for n, v in variants.items()}
+        self._pairs = {(variants[s], variants[r]): c for (s, r), c in self.choices.items()
+                       if s in variants and r in variants}
+        self._senders = {}
+        for (s, r), c in self._pairs.items():
+            self._senders.setdefault(r, {})[s] = self.e_index(c.target.start)
+
+    # ---- what the scheduler asks ---------------------------------------------
+    def senders_for(self, receiver: int) -> dict[int, int | None]:
+        """Senders whose KV `receiver` may reuse -> the E-cache index it needs (None: none)."""
+        return self._senders.get(receiver, {})
+
+    def is_sender(self, variant: int) -> bool:
+        return any(s == variant and c.target.start > 0 for (s, _), c in self._pairs.items())
+
+    def group(self, sender: int, receiver: int, idle: bool) -> tuple[int, int]:
+        c = self._pairs[(sender, receiver)]
+        g = c.idle if idle else c.target
+        return g.start, g.end
+
+    def e_index(self, layer: int) -> int | None:
+        return self.layout.e_layers.index(layer) if layer > 0 else None
+
+    def record_hit(self, sender: int, receiver: int, tokens: int, group: tuple[int, int]) -> None:
+        key = (self._names.get(sender, str(sender)), self._names.get(receiver, str(receiver)))
+        st = self.stats.setdefault(key, PairStats())
+        st.hits += 1
+        st.tokens += tokens
+        st.layers_recomputed += group[1] - group[0]
+        st.token_layers_recomputed += tokens * (group[1] - group[0])
+
+    def note_missed(self, senders: tuple[int, ...], receiver: int) -> None:
+        """Another member cached this prompt, but the pair has no profile: say so once."""
+        for s in senders:
+            if (s, receiver) in self._missed_logged or s not in self._names or receiver not in self._names:
+                continue
+            self._missed_logged.add((s, receiver))
+            logger.info("model %s's prompt continues a prefix that %s has cached, but the pair has no "
+                        "usable cross-model profile, so it prefills in full; profile it with "
+                        "`droidspeak profile --sender %s --receiver %s`", self._names[receiver],
+                        self._names[s], self._names[s], self._names[receiver])

@@ -1,0 +1,170 @@
+"""Profile files: what the profiler measured for one (sender, receiver) pair.
+
+A profile is JSON written by `droidspeak profile` and read back by every engine
+start, so reading validates every field (a profile may come from another machine
+or an older version) and a bad one is refused with a message naming the field.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+FORMAT = "droidspeak-profile"
+VERSION = 1
+FINGERPRINT_BYTES = 1 << 20  # of each weight file: enough to tell fine-tunes apart
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used."""
+
+
+@dataclass(frozen=True)
+class GroupScore:
+    """Quality of the receiver when it recomputes layers [start, end) over the
+    sender's KV (start == end: wholesale reuse), on the calibration set."""
+    start: int
+    end: int
+    ce: float                 # receiver's cross-entropy on the suffix tokens (nats/token)
+    kl: float                 # KL(own full prefill || this) of next-token distributions
+    agreement: float          # greedy-token agreement with its own full prefill
+    task: float | None = None  # share of calibration answers still produced greedily
+
+    @property
+    def layers(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Profile:
+    sender: str
+    receiver: str
+    num_layers: int
+    step: int
+    full: GroupScore                # the receiver's own full prefill (the reference)
+    groups: list[GroupScore]        # every swept group, wholesale reuse (start == end) included
+    sender_fingerprint: str = ""
+    receiver_fingerprint: str = ""
+    calibration: dict = field(default_factory=dict)
+
+    @property
+    def frontier(self) -> list[GroupScore]:
+        """Pareto frontier: fewest recomputed layers for each level of quality
+        (cross-entropy), from wholesale reuse up."""
+        best, out = math.inf, []
+        for g in sorted(self.groups, key=lambda g: (g.layers, g.ce)):
+            if g.ce < best:
+                out.append(g)
+                best = g.ce
+        return out
+
+    def meets(self, g: GroupScore, quality: float) -> bool:
+        """Within `quality` (relative) of the receiver's full prefill."""
+        return g.ce <= self.full.ce * (1 + quality)
+
+    def smallest_meeting(self, quality: float) -> GroupScore | None:
+        return next((g for g in self.frontier if self.meets(g, quality)), None)
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "sender": self.sender, "receiver": self.receiver,
+                "sender_fingerprint": self.sender_fingerprint,
+                "receiver_fingerprint": self.receiver_fingerprint,
+                "num_layers": self.num_layers, "step": self.step, "calibration": self.calibration,
+                "metric": "cross_entropy", "full_prefill": asdict(self.full),
+                "groups": [asdict(g) for g in self.groups],
+                "frontier": [[g.start, g.end] for g in self.frontier]}
+
+    def save(self, path: str) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_json(cls, data) -> "Profile":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ProfileError(f"not a droidspeak profile (format must be {FORMAT!r})")
+        if data.get("version") != VERSION:
+            raise ProfileError(f"profile version {data.get('version')!r} is not {VERSION}")
+        num_layers = _int(data, "num_layers", 1)
+        step = _int(data, "step", 1)
+        groups = data.get("groups")
+        if not isinstance(groups, list) or not groups:
+            raise ProfileError("groups must be a non-empty list")
+        for key in ("sender", "receiver", "sender_fingerprint", "receiver_fingerprint"):
+            if not isinstance(data.get(key, ""), str):
+                raise ProfileError(f"{key} must be a string")
+        calibration = data.get("calibration", {})
+        if not isinstance(calibration, dict):
+            raise ProfileError("calibration must be an object")
+        return cls(data["sender"], data["receiver"], num_layers, step,
+                   _score(data.get("full_prefill"), num_layers, "full_prefill"),
+                   [_score(g, num_layers, f"groups[{i}]") for i, g in enumerate(groups)],
+                   data.get("sender_fingerprint", ""), data.get("receiver_fingerprint", ""), calibration)
+
+    @classmethod
+    def load(cls, path: str) -> "Profile":
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ProfileError(f"{path}: cannot read: {e}") from None
+        try:
+            return cls.from_json(data)
+        except ProfileError as e:
+            raise ProfileError(f"{path}: {e}") from None
+
+
+def _int(data: dict, key: str, low: int) -> int:
+    v = data.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        raise ProfileError(f"{key} must be an integer >= {low}, got {v!r}")
+    return v
+
+
+def _score(d, num_layers: int, where: str) -> GroupScore:
+    if not isinstance(d, dict):
+        raise ProfileError(f"{where} must be an object")
+    start, end = d.get("start"), d.get("end")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)) \
+            or not 0 <= start <= end <= num_layers:
+        raise ProfileError(f"{where}: start/end must be integers with 0 <= start <= end <= {num_layers}")
+    values = {}
+    for key in ("ce", "kl", "agreement"):
+        v = d.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise ProfileError(f"{where}.{key} must be a finite number >= 0, got {v!r}")
+        values[key] = float(v)
+    task = d.get("task")
+    if task is not None and (not isinstance(task, (int, float)) or not 0 <= task <= 1):
+        raise ProfileError(f"{where}.task must be null or in [0, 1], got {task!r}")
+    return GroupScore(start, end, values["ce"], values["kl"], values["agreement"],
+                      None if task is None else float(task))
+
+
+def default_profile_dir(root_name: str) -> str:
+    from droidspeak.models.default_model import cache_dir
+    return os.path.join(cache_dir(), "profiles", root_name)
+
+
+def profile_path(directory: str, sender: str, receiver: str) -> str:
+    return os.path.join(directory, f"{sender}__{receiver}.json")
+
+
+def fingerprint(path: str) -> str:
+    """Identifies a model or adapter directory by its JSON files and the first MiB
+    of each weight file (a re-trained fine-tune gets a new fingerprint)."""
+    h = hashlib.sha256()
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        files = sorted(glob.glob(os.path.join(path, "*.json")) + glob.glob(os.path.join(path, "*.safetensors")))
+    for name in files:
+        h.update(os.path.basename(name).encode())
+        h.update(str(os.path.getsize(name)).encode())
+        with open(name, "rb") as f:
+            h.update(f.read(FINGERPRINT_BYTES))
+    return h.hexdigest()[:16]

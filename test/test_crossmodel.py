@@ -1,0 +1,256 @@
+"""Cross-model KV reuse (DroidSpeak) on a tiny family: selective recompute against
+its references, the E cache, shared slots, the policy and profile files."""
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from droidspeak import Engine
+from droidspeak.crossmodel.profile import GroupScore, Profile, ProfileError, fingerprint, profile_path
+from droidspeak.runner.sequence import Sequence
+from helpers import build_lora_adapter, build_tiny_model, derive_finetune
+from conftest import assert_no_leak
+
+NUM_LAYERS = 6
+CONTEXT = ("Radix trees share prefixes between requests, and a family of fine-tunes shares "
+           "one base model, so the context read by one model can be reused by another. ")
+QUESTIONS = ["What do radix trees share?", "Which models share a base?"]
+
+
+def write_profile(directory, paths, sender, receiver, target, wholesale_ok=False):
+    """A profile whose smallest group within 1% of full prefill is `target`."""
+    full = GroupScore(0, NUM_LAYERS, 1.0, 0.0, 1.0)
+    groups = [GroupScore(0, 0, 1.0 if wholesale_ok else 1.5, 0.1, 0.8), full,
+              GroupScore(target[0], target[1], 1.0, 0.01, 0.99)]
+    p = Profile(sender, receiver, NUM_LAYERS, 2, full, groups,
+                fingerprint(paths[sender]), fingerprint(paths[receiver]))
+    p.save(profile_path(directory, sender, receiver))
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("xfamily")
+    base = build_tiny_model(str(root / "base"), "llama", seed=0, num_layers=NUM_LAYERS)
+    paths = {"base": base,
+             "a": derive_finetune(base, str(root / "a"), seed=1, scale=0.2),
+             "b": derive_finetune(base, str(root / "b"), seed=2, scale=0.2),
+             "la": build_lora_adapter(base, str(root / "la"), seed=3)}
+    profiles = str(root / "profiles")
+    os.makedirs(profiles)
+    write_profile(profiles, paths, "a", "b", (2, 4))
+    write_profile(profiles, paths, "b", "a", (2, 2), wholesale_ok=True)
+    write_profile(profiles, paths, "a", "la", (0, 2))
+    return paths, profiles
+
+
+def make_engine(family, **kw):
+    paths, profiles = family
+    return Engine(paths["base"], dtype="float32", served_model_name="base",
+                  models=(f"a={paths['a']}", f"b={paths['b']}"), lora_paths=(f"la={paths['la']}",),
+                  cross_model_profiles=profiles, **{"max_total_tokens": 4096, **kw})
+
+
+@pytest.fixture(scope="module")
+def engine(family):
+    return make_engine(family)
+
+
+def ids_of(engine, text):
+    return engine.tokenizer.encode(text, add_special_tokens=False)
+
+
+def run(engine, model, ids, ctx_len, **kw):
+    """One request; input logprobs from the token after the context on."""
+    return engine.generate(input_ids=ids, model=model, return_logprob=True, logprob_start_len=ctx_len + 1,
+                           sampling_params={"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}, **kw)
+
+
+def reference_logprobs(engine, sender, receiver, ids, ctx_len, group):
+    """Receiver's input logprobs over ids[ctx_len + 1:] when it reuses the sender's
+    context KV with `group` recomputed (None: its own full prefill), on Sequences."""
+    runner = engine.runner
+    s, r = engine.resolve(sender), engine.resolve(receiver)
+    seqs = [Sequence(runner), Sequence(runner)]
+    try:
+        if group is None:
+            seqs[1].extend(ids[:ctx_len], r.model_id, r.lora_id)
+        else:
+            seqs[0].extend(ids[:ctx_len], s.model_id, s.lora_id, keep_e=True)
+            seqs[1].reuse(seqs[0], ctx_len, group, r.model_id, r.lora_id)
+        logits = seqs[1].extend(ids[ctx_len:], r.model_id, r.lora_id)[:-1]
+    finally:
+        for seq in seqs:
+            seq.release()
+    targets = torch.tensor(ids[ctx_len + 1:])
+    return torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+
+
+def engine_logprobs(out):
+    return torch.tensor([lp for lp, _ in out["meta_info"]["input_token_logprobs"]])
+
+
+def test_policy_layout_from_profiles(engine):
+    policy = engine.cross_policy
+    assert policy.layout.segment_bounds == (0, 2, 4)
+    assert policy.layout.e_layers == (2,)  # a -> b starts at 2; a -> la starts at 0 (own embeddings)
+    assert engine.runner.allocator.num_spaces == 3
+    assert policy.group(engine.resolve("a").cache_namespace, engine.resolve("b").cache_namespace, False) == (2, 4)
+
+
+def test_full_group_equals_own_prefill(engine):
+    ids = ids_of(engine, CONTEXT + QUESTIONS[0])
+    ctx = len(ids_of(engine, CONTEXT))
+    own = reference_logprobs(engine, "a", "b", ids, ctx, None)
+    recomputed = reference_logprobs(engine, "a", "b", ids, ctx, (0, NUM_LAYERS))
+    assert torch.equal(own, recomputed)
+
+
+def test_empty_group_equals_wholesale_reuse_through_engine(engine):
+    """b -> a's profile says wholesale reuse is good enough: the engine reuses b's
+    KV in every layer, exactly as a hand-made wholesale reuse does."""
+    engine.flush_cache()
+    ids = ids_of(engine, CONTEXT + QUESTIONS[0])
+    ctx = len(ids_of(engine, CONTEXT))
+    run(engine, "b", ids_of(engine, CONTEXT + QUESTIONS[1]), ctx)
+    out = run(engine, "a", ids, ctx)
+    assert out["meta_info"]["cross_model_cached_tokens"] == ctx
+    wholesale = reference_logprobs(engine, "b", "a", ids, ctx, (2, 2))
+    own = reference_logprobs(engine, "b", "a", ids, ctx, None)
+    assert torch.allclose(engine_logprobs(out), wholesale, atol=1e-5)
+    assert not torch.allclose(wholesale, own, atol=1e-3)  # reuse really changed something
+    assert_no_leak(engine)
+
+
+@pytest.mark.parametrize("sender,receiver,group", [("a", "b", (2, 4)), ("a", "la", (0, 2))])
+def test_cross_hit_recomputes_the_group(engine, sender, receiver, group):
+    engine.flush_cache()
+    ids = ids_of(engine, CONTEXT + QUESTIONS[0])
+    ctx = len(ids_of(engine, CONTEXT))
+    first = run(engine, sender, ids_of(engine, CONTEXT + QUESTIONS[1]), ctx)
+    assert first["meta_info"]["cached_tokens"] == 0
+    out = run(engine, receiver, ids, ctx)
+    assert out["meta_info"]["cached_tokens"] == ctx and out["meta_info"]["cross_model_cached_tokens"] == ctx
+    expected = reference_logprobs(engine, sender, receiver, ids, ctx, group)
+    assert torch.allclose(engine_logprobs(out), expected, atol=1e-5)
+    wholesale = reference_logprobs(engine, sender, receiver, ids, ctx, (group[0], group[0]))
+    assert not torch.allclose(expected, wholesale, atol=1e-3)
+    # The receiver's entry is now its own: its next request is an exact hit.
+    again = run(engine, receiver, ids, ctx)
+    assert again["meta_info"]["cached_tokens"] == ctx and again["meta_info"]["cross_model_cached_tokens"] == 0
+    assert torch.allclose(engine_logprobs(again), expected, atol=1e-5)
+    stats = engine.cross_policy.stats[(sender, receiver)]
+    assert stats.hits >= 1 and stats.layers_recomputed >= group[1] - group[0]
+    assert_no_leak(engine)
+
+
+def test_e_cache_equals_sender_hidden_state(engine):
+    engine.flush_cache()
+    ids = ids_of(engine, CONTEXT + QUESTIONS[0])
+    run(engine, "a", ids, 0)
+    node = engine.scheduler.cache.match_prefix(ids[:-1], engine.resolve("a").cache_namespace).last_node
+    chain = []
+    while node is not engine.scheduler.cache.root:
+        chain.append(node.entries[engine.resolve("a").cache_namespace])
+        node = node.parent
+    erows = torch.cat([e.erows for e in reversed(chain)], dim=1)[0]
+    stored = engine.runner.e_pool.rows(2, erows)
+    # The stream entering layer 2 of model a, computed independently.
+    model = engine.runner.models[engine.resolve("a").model_id]
+    captured = []
+    hook = model.layers[2].register_forward_pre_hook(lambda m, args: captured.append(args[0].clone()))
+    seq = Sequence(engine.runner)
+    try:
+        seq.extend(ids, engine.resolve("a").model_id)
+    finally:
+        hook.remove()
+        seq.release()
+    assert torch.equal(stored, captured[0][:stored.shape[0]])
+    assert stored.shape[0] >= len(ids) - 1
+
+
+def test_receiver_shares_sender_slots_outside_the_group(engine):
+    engine.flush_cache()
+    ids = ids_of(engine, CONTEXT + QUESTIONS[0])
+    ctx = len(ids_of(engine, CONTEXT))
+    run(engine, "a", ids_of(engine, CONTEXT + QUESTIONS[1]), ctx)
+    alloc = engine.runner.allocator
+    before = list(alloc._count)
+    run(engine, "b", ids, ctx)
+    cache, a, b = engine.scheduler.cache, engine.resolve("a").cache_namespace, engine.resolve("b").cache_namespace
+    node = cache.match_prefix(ids[:ctx], b).last_node
+    entry_a, entry_b = node.entries[a], node.entries[b]
+    assert torch.equal(entry_a.slots[0], entry_b.slots[0]) and torch.equal(entry_a.slots[2], entry_b.slots[2])
+    assert not torch.equal(entry_a.slots[1], entry_b.slots[1])  # segment [2, 4) was recomputed
+    assert int(alloc.refs[0, entry_a.slots[0]].min()) == 2
+    used = [x - y for x, y in zip(before, alloc._count)]
+    suffix = len(ids) - ctx + 4  # b's own question and output tokens take every segment
+    assert used[1] - used[0] >= ctx - 1 and used[0] <= suffix
+    assert_no_leak(engine)
+
+
+def test_pressure_eviction_with_shared_slots(family):
+    """A pool that holds two contexts: senders and receivers alternate over many
+    contexts, the tree evicts entries that share slots, nothing leaks."""
+    small = make_engine(family, max_total_tokens=300)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    for i, w in enumerate(words):
+        context = f"Context {i}: {w} " * 4
+        ctx = len(ids_of(small, context))
+        run(small, "a", ids_of(small, context + QUESTIONS[0]), ctx)
+        out = run(small, "b", ids_of(small, context + QUESTIONS[1]), ctx)
+        assert out["meta_info"]["cross_model_cached_tokens"] > 0
+        run(small, "la", ids_of(small, context + QUESTIONS[1]), ctx)
+        assert_no_leak(small)
+    small.scheduler.cache.evict(1 << 30)
+    assert small.runner.allocator.num_referenced == 0 and small.runner.e_allocator.num_referenced == 0
+    assert small.runner.allocator.available_size == 300
+
+
+def test_pair_without_profile_prefills_in_full(engine, caplog):
+    engine.flush_cache()
+    ids = ids_of(engine, CONTEXT + QUESTIONS[0])
+    ctx = len(ids_of(engine, CONTEXT))
+    run(engine, "base", ids_of(engine, CONTEXT + QUESTIONS[1]), ctx)
+    with caplog.at_level(logging.INFO, logger="droidspeak.crossmodel.policy"):
+        out = run(engine, "b", ids, ctx)
+    assert out["meta_info"]["cached_tokens"] == 0
+    assert torch.allclose(engine_logprobs(out), reference_logprobs(engine, "a", "b", ids, ctx, None), atol=1e-5)
+    assert "droidspeak profile --sender base --receiver b" in caplog.text
+
+
+def test_disable_cross_model(family):
+    eng = make_engine(family, disable_cross_model=True)
+    assert eng.runner.allocator.num_spaces == 1 and eng.runner.e_pool is None
+    ids = ids_of(eng, CONTEXT + QUESTIONS[0])
+    ctx = len(ids_of(eng, CONTEXT))
+    run(eng, "a", ids, ctx)
+    assert run(eng, "b", ids, ctx)["meta_info"]["cached_tokens"] == 0
+
+
+def test_profile_files_are_validated(tmp_path, family):
+    paths, profiles = family
+    good = json.load(open(profile_path(profiles, "a", "b")))
+    assert Profile.from_json(good).frontier[0].layers == 0
+    cases = {"format": "pickle", "version": 99, "num_layers": "30", "groups": []}
+    for key, value in cases.items():
+        with pytest.raises(ProfileError, match=key if key != "format" else "not a droidspeak profile"):
+            Profile.from_json(dict(good, **{key: value}))
+    bad_group = dict(good, groups=[dict(good["groups"][0], end=NUM_LAYERS + 1)])
+    with pytest.raises(ProfileError, match=r"groups\[0\]"):
+        Profile.from_json(bad_group)
+    nan = dict(good, groups=[dict(good["groups"][0], ce=float("nan"))])
+    with pytest.raises(ProfileError, match="ce"):
+        Profile.from_json(nan)
+    (tmp_path / "x.json").write_bytes(b"\x80not json")
+    with pytest.raises(ProfileError, match="cannot read"):
+        Profile.load(str(tmp_path / "x.json"))
+
+
+def test_stale_profile_is_ignored(tmp_path, family, caplog):
+    paths, _ = family
+    write_profile(str(tmp_path), {**paths, "a": paths["b"]}, "a", "b", (2, 4))  # made for other weights
+    with caplog.at_level(logging.WARNING, logger="droidspeak.crossmodel.policy"):
+        eng = make_engine((paths, str(tmp_path)))
+    assert eng.cross_policy.choices == {} and "other weights of a" in caplog.text
