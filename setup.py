@@ -39,6 +39,7 @@ setup(
         "tokenizers",
         "numpy",
         "tqdm",
+        "matplotlib",
         "psutil",
         "fastapi",
         "uvicorn",

@@ -20,72 +20,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import sys
-import sysconfig
 import time
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from droidspeak.crossmodel.calibration import CORPORA, split
+
 FULL_FINETUNES = ("code", "docs", "math")
 LORA_FINETUNES = {"code-lora": "code"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-HELD_OUT_EVERY = 10  # every 10th document of a corpus is held out
 
 
-# ---- corpora -------------------------------------------------------------------
-def code_docs(limit: int) -> list[str]:
-    root = sysconfig.get_paths()["stdlib"]
-    names = sorted(n for n in os.listdir(root) if n.endswith(".py"))
-    out = []
-    for n in names[:limit]:
-        with open(os.path.join(root, n), encoding="utf-8", errors="replace") as f:
-            out.append(f.read())
-    return out
-
-
-def docs_docs(limit: int) -> list[str]:
-    from pydoc_data.topics import topics
-    return [topics[k] for k in sorted(topics)][:limit]
-
-
-def math_docs(limit: int, seed: int = 1234) -> list[str]:
-    rng = random.Random(seed)
-    names = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goro", "Hana"]
-    things = ["apples", "books", "coins", "marbles", "pencils", "stamps", "cards", "shells"]
-    docs = []
-    for _ in range(limit):
-        lines = []
-        for _ in range(8):
-            who, what = rng.choice(names), rng.choice(things)
-            a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 9)
-            kind = rng.randrange(4)
-            if kind == 0:
-                q, work, ans = f"{who} has {a} {what} and gets {b} more. How many {what} does {who} have?", f"{a} + {b}", a + b
-            elif kind == 1:
-                a, b = max(a, b), min(a, b)
-                q, work, ans = f"{who} has {a} {what} and gives away {b}. How many {what} are left?", f"{a} - {b}", a - b
-            elif kind == 2:
-                q, work, ans = f"{who} buys {c} boxes with {a} {what} each. How many {what} is that?", f"{c} * {a}", c * a
-            else:
-                q, work, ans = f"{who} shares {a * c} {what} equally among {c} friends. How many does each get?", f"{a * c} / {c}", a
-            lines.append(f"Question: {q}\nAnswer: {work} = {ans}. The answer is {ans}.\n")
-        docs.append("\n".join(lines))
-    return docs
-
-
-CORPORA = {"code": code_docs, "docs": docs_docs, "math": math_docs}
-
-
-def split(docs: list[str]) -> tuple[list[str], list[str]]:
-    train = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
-    held = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
-    return train, held
-
-
+# ---- corpora (shared with the cross-model profiler's calibration sets) ----------
 def blocks(tokenizer, docs: list[str], seq_len: int) -> torch.Tensor:
     """Documents joined with EOS and cut into [N, seq_len] blocks."""
     ids: list[int] = []

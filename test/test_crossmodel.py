@@ -254,3 +254,59 @@ def test_stale_profile_is_ignored(tmp_path, family, caplog):
     with caplog.at_level(logging.WARNING, logger="droidspeak.crossmodel.policy"):
         eng = make_engine((paths, str(tmp_path)))
     assert eng.cross_policy.choices == {} and "other weights of a" in caplog.text
+
+
+def test_profiler_end_to_end_and_resume(tmp_path, family):
+    """`droidspeak profile` on the tiny family: writes a valid profile and plot per
+    pair, the full-prefill group scores perfectly, an interrupted run resumes,
+    and an engine picks the profiles up."""
+    from droidspeak.cli import main
+    from droidspeak.crossmodel.calibration import Item
+    from droidspeak.crossmodel.profiler import Profiler, grid_layout
+
+    paths, _ = family
+    out = tmp_path / "profiles"
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps(d) for d in [
+        {"context": CONTEXT, "question": QUESTIONS[0]},
+        {"context": CONTEXT * 2, "question": "Question: 2 + 3?\nAnswer:", "answer": " 5"}]))
+    rc = main(["profile", "--model-path", paths["base"], "--served-model-name", "base", "--model", f"a={paths['a']}",
+               "--model", f"b={paths['b']}", "--dtype", "float32", "--sender", "a", "--receiver", "b",
+               "--calibration", str(calib), "--context-tokens", "80", "--generate-tokens", "3", "--out", str(out)])
+    assert rc == 0
+    profile = Profile.load(str(out / "a__b.json"))
+    assert (out / "a__b.png").stat().st_size > 1000
+    full = next(g for g in profile.groups if (g.start, g.end) == (0, NUM_LAYERS))
+    assert full.kl == 0 and full.agreement == 1 and full.ce == profile.full.ce
+    wholesale = next(g for g in profile.groups if g.layers == 0)
+    assert wholesale.kl > 0 and len(profile.groups) == 1 + 6  # wholesale + the 6 groups of a 3-point grid
+    assert profile.calibration["items"] == 2 and full.task in (0.0, 1.0)
+
+    # Resume: a run that stopped after the first context does only the second.
+    engine = Engine(paths["base"], dtype="float32", served_model_name="base", models=(f"a={paths['a']}",),
+                    kv_layout=grid_layout(NUM_LAYERS, 2), disable_cross_model=True, max_total_tokens=2048)
+    items = [Item(CONTEXT, QUESTIONS[0]), Item(CONTEXT, QUESTIONS[1])]
+    profiler = Profiler(engine, items, step=2, context_tokens=60, generate_tokens=2)
+    calls = []
+    original = profiler._profile_item
+
+    def stop_after_one(*args):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return original(*args)
+    profiler._profile_item = stop_after_one
+    with pytest.raises(KeyboardInterrupt):
+        profiler.profile_pair("base", "a", str(tmp_path / "p2"), progress=False)
+    profiler._profile_item = lambda *args: calls.append(2) or original(*args)
+    resumed = profiler.profile_pair("base", "a", str(tmp_path / "p2"), progress=False)
+    assert calls == [1, 2]
+    fresh = Profiler(engine, items, step=2, context_tokens=60, generate_tokens=2).profile_pair(
+        "base", "a", str(tmp_path / "p3"), progress=False)
+    assert [g.ce for g in resumed.groups] == pytest.approx([g.ce for g in fresh.groups])
+
+    # The engine reads what the profiler wrote (fingerprints match).
+    eng = Engine(paths["base"], dtype="float32", served_model_name="base",
+                 models=(f"a={paths['a']}", f"b={paths['b']}"), cross_model_profiles=str(out), max_total_tokens=2048,
+                 cross_model_quality=0.5)
+    assert ("a", "b") in eng.cross_policy.choices

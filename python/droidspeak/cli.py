@@ -1,4 +1,4 @@
-"""`droidspeak` command line: prepare-model, generate, serve."""
+"""`droidspeak` command line: prepare-model, generate, profile, serve."""
 from __future__ import annotations
 
 import argparse
@@ -66,6 +66,61 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    import os
+
+    from droidspeak.crossmodel.calibration import build_items, load_jsonl
+    from droidspeak.crossmodel.profile import Profile, ProfileError, default_profile_dir, fingerprint, profile_path
+    from droidspeak.crossmodel.profiler import Profiler, grid_layout, plot_profile
+    from droidspeak.engine.engine import Engine
+    from droidspeak.models.config import ModelConfig
+    from droidspeak.models.default_model import resolve_model_path
+
+    if not args.family and not (args.sender and args.receiver):
+        print("droidspeak profile: give --sender and --receiver, or --family", file=sys.stderr)
+        return 2
+    kwargs = engine_kwargs(args)
+    kwargs["disable_cross_model"] = True
+    if kwargs["max_total_tokens"] is None:
+        kwargs["max_total_tokens"] = 4 * (args.context_tokens + 512)
+    num_layers = ModelConfig.from_dir(resolve_model_path(args.model_path)).num_layers
+    engine = Engine(kv_layout=grid_layout(num_layers, args.step), **kwargs)
+    names = engine.model_names
+    pairs = [(a, b) for a in names for b in names if a != b] if args.family else [(args.sender, args.receiver)]
+    unknown = sorted({n for pair in pairs for n in pair} - set(names))
+    if unknown:
+        print(f"droidspeak profile: unknown model(s) {unknown}; known: {names}", file=sys.stderr)
+        return 2
+    items = load_jsonl(args.calibration) if args.calibration else build_items("calibration", args.per_domain)
+    out = args.out or default_profile_dir(names[0])
+    profiler = Profiler(engine, items, args.step, args.context_tokens, args.generate_tokens)
+    paths = engine.model_paths
+    print(f"profiling {len(pairs)} pair(s) over {len(items)} contexts, {len(profiler.groups)} groups each, "
+          f"into {out}", flush=True)
+    for sender, receiver in pairs:
+        path = profile_path(out, sender, receiver)
+        try:
+            old = Profile.load(path) if os.path.isfile(path) else None
+        except ProfileError:
+            old = None
+        if old is not None and not args.overwrite and old.sender_fingerprint == fingerprint(paths[sender]) \
+                and old.receiver_fingerprint == fingerprint(paths[receiver]):
+            print(f"{sender} -> {receiver}: profiled already ({path}); --overwrite redoes it", flush=True)
+            continue
+        profile = profiler.profile_pair(sender, receiver, out)
+        if not args.no_plot:
+            plot_profile(profile, path[:-len(".json")] + ".png", args.cross_model_quality)
+        target = profile.smallest_meeting(args.cross_model_quality)
+        wholesale = next(g for g in profile.groups if g.layers == 0)
+        chosen = "none short of full prefill" if target is None else \
+            f"[{target.start}, {target.end}) ({target.layers} of {num_layers} layers)"
+        print(f"{sender} -> {receiver}: full prefill ce {profile.full.ce:.4f}; wholesale reuse ce "
+              f"{wholesale.ce:.4f} (+{100 * (wholesale.ce / profile.full.ce - 1):.2f}%), agreement "
+              f"{wholesale.agreement:.1%}; smallest group within {100 * args.cross_model_quality:g}%: {chosen}; "
+              f"wrote {path}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="droidspeak", description=__doc__)
     parser.add_argument("--log-level", default="info")
@@ -81,6 +136,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampling-params", help='JSON, e.g. {"max_new_tokens": 32}')
     p.add_argument("--stream", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("profile", help="measure cross-model reuse quality per layer group for model pairs")
+    add_engine_args(p)
+    p.add_argument("--sender", help="the model whose KV is reused")
+    p.add_argument("--receiver", help="the model that reuses it")
+    p.add_argument("--family", action="store_true", help="profile every ordered pair of hosted models")
+    p.add_argument("--step", type=int, default=2, help="group boundaries every STEP layers (default: 2)")
+    p.add_argument("--calibration", help="JSONL of {context, question, answer?} (default: built-in offline set)")
+    p.add_argument("--per-domain", type=int, default=3,
+                   help="built-in set: contexts per domain (code, docs, math) (default: 3)")
+    p.add_argument("--context-tokens", type=int, default=512, help="context length (default: 512)")
+    p.add_argument("--generate-tokens", type=int, default=16,
+                   help="tokens the receiver generates after a question without an answer (default: 16)")
+    p.add_argument("--out", help="profile directory (default: $DROIDSPEAK_CACHE/profiles/<root model>)")
+    p.add_argument("--overwrite", action="store_true", help="redo pairs that have a current profile")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    p.set_defaults(func=cmd_profile)
 
     try:
         from droidspeak.server.launch import add_serve_parser

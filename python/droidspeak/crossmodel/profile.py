@@ -62,8 +62,10 @@ class Profile:
         return out
 
     def meets(self, g: GroupScore, quality: float) -> bool:
-        """Within `quality` (relative) of the receiver's full prefill."""
-        return g.ce <= self.full.ce * (1 + quality)
+        """Cross-entropy within `quality` (relative) of the receiver's full prefill,
+        either way: a reuse that scores better than the receiver's own prefill on
+        the calibration set is noise or a different model, not a free gain."""
+        return abs(g.ce - self.full.ce) <= self.full.ce * quality
 
     def smallest_meeting(self, quality: float) -> GroupScore | None:
         return next((g for g in self.frontier if self.meets(g, quality)), None)

@@ -25,7 +25,7 @@ from droidspeak.lora.adapter import load_adapter
 from droidspeak.models.config import ModelConfig
 from droidspeak.models.default_model import resolve_model_path
 from droidspeak.models.lineage import DECLARED_BASE_KEY, LineageInfo, check_family
-from droidspeak.runner.model_runner import ModelRunner
+from droidspeak.runner.model_runner import KVLayout, ModelRunner
 from droidspeak.sampling.params import SamplingParams
 from droidspeak.scheduler.request import Req
 from droidspeak.scheduler.scheduler import Scheduler
@@ -45,7 +45,10 @@ class Target(NamedTuple):
 
 
 class Engine:
-    def __init__(self, model_path: str | None = None, dtype: str = "auto", **kwargs):
+    def __init__(self, model_path: str | None = None, dtype: str = "auto", kv_layout: KVLayout | None = None,
+                 **kwargs):
+        """`kwargs` are EngineConfig fields. `kv_layout` overrides the KV segments and
+        E-cache layers the cross-model profiles ask for (the profiler sweeps groups)."""
         self.config = EngineConfig(model_path=model_path, dtype=dtype, **kwargs)
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
@@ -58,8 +61,9 @@ class Engine:
             raise InvalidRequestError(f"model names must be unique, got {names}", "models")
         self.tokenizer = load_tokenizer(self.model_path)
         self.cross_policy = self._load_cross_policy(root_name, members)
-        self.runner = ModelRunner(self.config, [p for _, p in members], self.cross_policy.layout)
+        self.runner = ModelRunner(self.config, [p for _, p in members], kv_layout or self.cross_policy.layout)
         self._full_model_names = names
+        self._full_model_paths = [p for _, p in members]
         self.lineage = self._check_lineage(members)
         self._adapters: dict[str, int] = {}   # adapter name -> id in runner.adapters
         self._adapter_ids = itertools.count(1)
@@ -135,6 +139,11 @@ class Engine:
         if hasattr(self, "scheduler"):
             self.cross_policy.bind(self._variants())
         logger.info("loaded LoRA adapter %s (rank %d) from %s", name, adapter.rank, path)
+
+    @property
+    def model_paths(self) -> dict[str, str]:
+        """Every hosted model's weights: name -> directory (full models, then adapters)."""
+        return {**dict(zip(self._full_model_names, self._full_model_paths)), **self.lora_adapters}
 
     @property
     def lora_adapters(self) -> dict[str, str]:

@@ -1,0 +1,237 @@
+"""The offline profiler behind `droidspeak profile`.
+
+For a (sender, receiver) pair it prefills each calibration context with the
+sender (keeping its E cache at every candidate group start), then for every
+contiguous group [s, e) on a `step`-layer grid, and for wholesale reuse, lets the
+receiver reuse the sender's KV with that group recomputed and reads the question
+(and answer, or N tokens the receiver generates itself) over it. Each group is
+scored against the receiver's own full prefill of the same context: KL of the
+next-token distributions, greedy-token agreement, cross-entropy of the real text,
+and the share of answers still produced greedily. Runs on the real pools and
+kernels through `runner.sequence.Sequence`; resumable per context.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from droidspeak.crossmodel.calibration import Item
+from droidspeak.crossmodel.profile import GroupScore, Profile, fingerprint, profile_path
+from droidspeak.runner.model_runner import KVLayout
+from droidspeak.runner.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def sweep_groups(num_layers: int, step: int) -> list[tuple[int, int]]:
+    """Wholesale reuse (0, 0), then every contiguous group on the step grid (the
+    last, [0, num_layers), is the receiver's full prefill)."""
+    bounds = sorted(set(range(0, num_layers, step)) | {num_layers})
+    return [(0, 0)] + [(bounds[i], bounds[j]) for i in range(len(bounds)) for j in range(i + 1, len(bounds))]
+
+
+def grid_layout(num_layers: int, step: int) -> KVLayout:
+    """The KV layout the profiler needs: a segment per grid step, E cache at every grid start."""
+    bounds = tuple(sorted(set(range(0, num_layers, step)) | {num_layers}))
+    return KVLayout(bounds, tuple(b for b in bounds if 0 < b < num_layers))
+
+
+@dataclass
+class Totals:
+    """Running sums of one group's scores over the calibration items."""
+    nll: float = 0.0
+    text_tokens: int = 0
+    kl: float = 0.0
+    items: int = 0
+    agree: int = 0
+    positions: int = 0
+    correct: int = 0
+    answered: int = 0
+
+    def add(self, other: "Totals") -> None:
+        for k, v in asdict(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+    def score(self, start: int, end: int) -> GroupScore:
+        return GroupScore(start, end, self.nll / max(self.text_tokens, 1), self.kl / max(self.items, 1),
+                          self.agree / max(self.positions, 1),
+                          self.correct / self.answered if self.answered else None)
+
+
+@dataclass
+class Encoded:
+    context: list[int]
+    suffix: list[int]       # question, then the answer or the receiver's own N greedy tokens
+    text_rows: int          # rows of the suffix logits whose targets are real text
+    answer_rows: range      # rows predicting the answer's tokens (empty without an answer)
+
+
+class Profiler:
+    def __init__(self, engine, items: list[Item], step: int = 2, context_tokens: int = 512,
+                 generate_tokens: int = 16):
+        self.engine = engine
+        self.runner = engine.runner
+        self.items = items
+        self.step = step
+        self.context_tokens = context_tokens
+        self.generate_tokens = generate_tokens
+        self.num_layers = self.runner.model_config.num_layers
+        self.groups = sweep_groups(self.num_layers, step)
+        needed = set(grid_layout(self.num_layers, step).e_layers)
+        if not needed <= set(self.runner.layout.e_layers):
+            raise ValueError("the engine's KV layout must be grid_layout(num_layers, step)")
+
+    def settings_key(self, sender: str, receiver: str) -> str:
+        h = hashlib.sha256(json.dumps([sender, receiver, self.step, self.context_tokens, self.generate_tokens,
+                                       [asdict(i) for i in self.items]]).encode())
+        return h.hexdigest()[:16]
+
+    @torch.inference_mode()
+    def profile_pair(self, sender: str, receiver: str, out_dir: str, progress: bool = True) -> Profile:
+        os.makedirs(out_dir, exist_ok=True)
+        partial = os.path.join(out_dir, f".{sender}__{receiver}.partial.jsonl")
+        done = self._load_partial(partial, self.settings_key(sender, receiver))
+        totals = {g: Totals() for g in self.groups}
+        for per_item in done.values():
+            for g, t in per_item.items():
+                totals[g].add(t)
+        bar = tqdm(total=len(self.items) * len(self.groups), desc=f"profile {sender} -> {receiver}",
+                   disable=not progress, initial=len(done) * len(self.groups))
+        for index, item in enumerate(self.items):
+            if index in done:
+                continue
+            per_item = self._profile_item(sender, receiver, item, bar)
+            for g, t in per_item.items():
+                totals[g].add(t)
+            with open(partial, "a") as f:
+                f.write(json.dumps({"item": index, "totals": {f"{s}-{e}": asdict(t) for (s, e), t in
+                                                              per_item.items()}}) + "\n")
+        bar.close()
+        paths = self.engine.model_paths
+        profile = Profile(sender, receiver, self.num_layers, self.step,
+                          totals[(0, self.num_layers)].score(0, self.num_layers),
+                          [totals[g].score(*g) for g in self.groups],
+                          fingerprint(paths[sender]), fingerprint(paths[receiver]),
+                          {"items": len(self.items), "context_tokens": self.context_tokens,
+                           "generate_tokens": self.generate_tokens,
+                           "domains": sorted({i.domain for i in self.items if i.domain})})
+        profile.save(profile_path(out_dir, sender, receiver))
+        os.remove(partial)
+        return profile
+
+    def _load_partial(self, path: str, key: str) -> dict[int, dict[tuple[int, int], Totals]]:
+        """Items finished by an interrupted run with the same settings."""
+        if not os.path.isfile(path):
+            with open(path, "w") as f:
+                f.write(json.dumps({"settings": key}) + "\n")
+            return {}
+        with open(path) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        if not lines or lines[0].get("settings") != key:
+            logger.info("%s: settings changed, starting over", path)
+            os.remove(path)
+            return self._load_partial(path, key)
+        done = {}
+        for line in lines[1:]:
+            done[line["item"]] = {tuple(map(int, k.split("-"))): Totals(**v) for k, v in line["totals"].items()}
+        logger.info("resuming: %d of %d contexts already profiled", len(done), len(self.items))
+        return done
+
+    def _encode(self, item: Item, receiver) -> Encoded:
+        tok = self.engine.tokenizer
+        context = tok.encode(item.context, add_special_tokens=False)[:self.context_tokens]
+        question = tok.encode(item.question, add_special_tokens=False)
+        if item.answer is not None:
+            answer = tok.encode(item.answer, add_special_tokens=False)
+            suffix = question + answer
+            return Encoded(context, suffix, len(suffix) - 1, range(len(question) - 1, len(suffix) - 1))
+        # Text without an answer: the receiver's own greedy continuation follows.
+        seq = Sequence(self.runner)
+        try:
+            seq.extend(context, receiver.model_id, receiver.lora_id)
+            logits = seq.extend(question, receiver.model_id, receiver.lora_id)
+            generated = []
+            for _ in range(self.generate_tokens):
+                generated.append(int(logits[-1].argmax()))
+                logits = seq.extend(generated[-1:], receiver.model_id, receiver.lora_id)
+        finally:
+            seq.release()
+        return Encoded(context, question + generated, len(question) - 1, range(0))
+
+    def _profile_item(self, sender: str, receiver: str, item: Item, bar) -> dict[tuple[int, int], Totals]:
+        s, r = self.engine.resolve(sender), self.engine.resolve(receiver)
+        enc = self._encode(item, r)
+        sender_seq = Sequence(self.runner)
+        try:
+            sender_seq.extend(enc.context, s.model_id, s.lora_id, keep_e=True)
+            reference = self._suffix_logits(sender_seq, enc, (0, self.num_layers), r)
+            out = {}
+            for group in self.groups:
+                full = group == (0, self.num_layers)
+                logits = reference if full else self._suffix_logits(sender_seq, enc, group, r)
+                out[group] = self._score(logits, reference, enc)
+                bar.update(1)
+        finally:
+            sender_seq.release()
+        return out
+
+    def _suffix_logits(self, sender_seq: Sequence, enc: Encoded, group, receiver) -> torch.Tensor:
+        seq = Sequence(self.runner)
+        try:
+            seq.reuse(sender_seq, len(enc.context), group, receiver.model_id, receiver.lora_id)
+            return seq.extend(enc.suffix, receiver.model_id, receiver.lora_id)[:-1]
+        finally:
+            seq.release()
+
+    @staticmethod
+    def _score(logits: torch.Tensor, reference: torch.Tensor, enc: Encoded) -> Totals:
+        targets = torch.tensor(enc.suffix[1:])
+        lp, lp_ref = F.log_softmax(logits, -1), F.log_softmax(reference, -1)
+        nll = -lp[:enc.text_rows].gather(1, targets[:enc.text_rows, None]).sum().item()
+        kl = F.kl_div(lp, lp_ref, log_target=True, reduction="none").sum(-1).mean().item()
+        greedy = logits.argmax(-1)
+        t = Totals(nll=nll, text_tokens=enc.text_rows, kl=kl, items=1,
+                   agree=int((greedy == reference.argmax(-1)).sum()), positions=int(logits.shape[0]))
+        if len(enc.answer_rows):
+            rows = torch.tensor(list(enc.answer_rows))
+            t.correct, t.answered = int(bool((greedy[rows] == targets[rows]).all())), 1
+        return t
+
+
+def plot_profile(profile: Profile, path: str, quality: float) -> None:
+    """Quality against recomputed layers: every group, the frontier, the target."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = profile.full.ce
+    rel = lambda g: 100 * (g.ce / full - 1)  # noqa: E731
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.scatter([g.layers for g in profile.groups], [rel(g) for g in profile.groups], s=10, c="0.6",
+                label="contiguous groups")
+    front = profile.frontier
+    ax1.plot([g.layers for g in front], [rel(g) for g in front], "o-", c="C0", label="Pareto frontier")
+    ax1.axhline(100 * quality, ls="--", c="C3", label=f"target ({100 * quality:.0f}%)")
+    target = profile.smallest_meeting(quality)
+    if target is not None:
+        ax1.annotate(f"[{target.start}, {target.end})", (target.layers, rel(target)), textcoords="offset points",
+                     xytext=(5, 8))
+    ax1.set_xlabel("layers recomputed")
+    ax1.set_ylabel("extra cross-entropy vs full prefill (%)")
+    ax1.legend()
+    ax2.scatter([g.layers for g in profile.groups], [100 * g.agreement for g in profile.groups], s=10, c="0.6")
+    ax2.plot([g.layers for g in front], [100 * g.agreement for g in front], "o-", c="C0")
+    ax2.set_xlabel("layers recomputed")
+    ax2.set_ylabel("greedy agreement with full prefill (%)")
+    fig.suptitle(f"{profile.sender} -> {profile.receiver}: {profile.calibration.get('items', '?')} contexts, "
+                 f"{profile.num_layers} layers, step {profile.step}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
