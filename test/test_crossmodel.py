@@ -21,9 +21,9 @@ QUESTIONS = ["What do radix trees share?", "Which models share a base?"]
 
 def write_profile(directory, paths, sender, receiver, target, wholesale_ok=False):
     """A profile whose smallest group within 1% of full prefill is `target`."""
-    full = GroupScore(0, NUM_LAYERS, 1.0, 0.0, 1.0)
-    groups = [GroupScore(0, 0, 1.0 if wholesale_ok else 1.5, 0.1, 0.8), full,
-              GroupScore(target[0], target[1], 1.0, 0.01, 0.99)]
+    full = GroupScore(0, NUM_LAYERS, soft_ce=1.0, ce=1.0, kl=0.0, agreement=1.0)
+    groups = [GroupScore(0, 0, soft_ce=1.0 if wholesale_ok else 1.5, ce=1.2, kl=0.1, agreement=0.8), full,
+              GroupScore(target[0], target[1], soft_ce=1.005, ce=1.0, kl=0.005, agreement=0.99)]
     p = Profile(sender, receiver, NUM_LAYERS, 2, full, groups,
                 fingerprint(paths[sender]), fingerprint(paths[receiver]))
     p.save(profile_path(directory, sender, receiver))
@@ -93,10 +93,10 @@ def engine_logprobs(out):
 
 def test_policy_layout_from_profiles(engine):
     policy = engine.cross_policy
-    assert policy.layout.segment_bounds == (0, 2, 4)
+    assert engine.runner.kv_pool.segments.bounds == (0, 2, 4, 6)
     assert policy.layout.e_layers == (2,)  # a -> b starts at 2; a -> la starts at 0 (own embeddings)
     assert engine.runner.allocator.num_spaces == 3
-    assert policy.group(engine.resolve("a").cache_namespace, engine.resolve("b").cache_namespace, False) == (2, 4)
+    assert policy.group(engine.resolve("a").cache_namespace, engine.resolve("b").cache_namespace, False, 10) == (2, 4)
 
 
 def test_full_group_equals_own_prefill(engine):
@@ -278,6 +278,7 @@ def test_profiler_end_to_end_and_resume(tmp_path, family):
     assert (out / "a__b.png").stat().st_size > 1000
     full = next(g for g in profile.groups if (g.start, g.end) == (0, NUM_LAYERS))
     assert full.kl == 0 and full.agreement == 1 and full.ce == profile.full.ce
+    assert profile.excess(full) == 0 and profile.excess(next(g for g in profile.groups if g.layers == 0)) > 0
     wholesale = next(g for g in profile.groups if g.layers == 0)
     assert wholesale.kl > 0 and len(profile.groups) == 1 + 6  # wholesale + the 6 groups of a 3-point grid
     assert profile.calibration["items"] == 2 and full.task in (0.0, 1.0)
@@ -303,10 +304,56 @@ def test_profiler_end_to_end_and_resume(tmp_path, family):
     assert calls == [1, 2]
     fresh = Profiler(engine, items, step=2, context_tokens=60, generate_tokens=2).profile_pair(
         "base", "a", str(tmp_path / "p3"), progress=False)
-    assert [g.ce for g in resumed.groups] == pytest.approx([g.ce for g in fresh.groups])
+    assert [g.soft_ce for g in resumed.groups] == pytest.approx([g.soft_ce for g in fresh.groups])
 
     # The engine reads what the profiler wrote (fingerprints match).
     eng = Engine(paths["base"], dtype="float32", served_model_name="base",
                  models=(f"a={paths['a']}", f"b={paths['b']}"), cross_model_profiles=str(out), max_total_tokens=2048,
                  cross_model_quality=0.5)
     assert ("a", "b") in eng.cross_policy.choices
+
+
+def test_idle_engine_recomputes_more_within_its_ttft_budget(family):
+    """a -> la: target [0, 2); with nothing queued and a generous TTFT budget the
+    policy takes the best group with the same start, here all layers (exact)."""
+    eng = make_engine(family, cross_model_idle_ttft_ms=60_000)
+    a, la = eng.resolve("a").cache_namespace, eng.resolve("la").cache_namespace
+    assert eng.cross_policy.group(a, la, idle=True, tokens=50) == (0, 2)  # no cost measured yet
+    ids = ids_of(eng, CONTEXT + QUESTIONS[0])
+    ctx = len(ids_of(eng, CONTEXT))
+    run(eng, "a", ids_of(eng, CONTEXT + QUESTIONS[1]), ctx)
+    assert eng.cross_policy.group(a, la, idle=True, tokens=50) == (0, NUM_LAYERS)
+    assert eng.cross_policy.group(a, la, idle=False, tokens=50) == (0, 2)
+    out = run(eng, "la", ids, ctx)
+    assert out["meta_info"]["cross_model_cached_tokens"] == ctx
+    own = reference_logprobs(eng, "a", "la", ids, ctx, None)
+    assert torch.allclose(engine_logprobs(out), own, atol=1e-5)  # all layers recomputed: its own prefill
+    tight = make_engine(family, cross_model_idle_ttft_ms=1e-6)
+    run(tight, "a", ids_of(tight, CONTEXT + QUESTIONS[1]), ctx)
+    assert tight.cross_policy.group(a, la, idle=True, tokens=50) == (0, 2)
+
+
+def test_server_reports_cross_model_hits(family):
+    import signal
+
+    import httpx
+    from test_server import start_server
+
+    paths, profiles = family
+    proc, url = start_server(paths["base"], "--model", f"a={paths['a']}", "--model", f"b={paths['b']}",
+                             "--cross-model-profiles", profiles)
+    try:
+        params = {"temperature": 0, "max_new_tokens": 3}
+        httpx.post(url + "/generate", json={"text": CONTEXT + QUESTIONS[0], "model": "a",
+                                            "sampling_params": params}, timeout=60).raise_for_status()
+        out = httpx.post(url + "/v1/completions", json={"model": "b", "prompt": CONTEXT + QUESTIONS[1],
+                                                        "max_tokens": 3, "temperature": 0}, timeout=60).json()
+        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        metrics = httpx.get(url + "/metrics").text
+        assert 'droidspeak_cross_model_hits_total{receiver="b",sender="a"} 1.0' in metrics
+        info = httpx.get(url + "/server_info").json()
+        pair = next(p for p in info["cross_model_pairs"] if (p["sender"], p["receiver"]) == ("a", "b"))
+        assert pair["recompute_layers"] == [2, 4] and pair["hits"] == 1 and pair["reused_tokens"] > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

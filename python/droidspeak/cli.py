@@ -114,10 +114,9 @@ def cmd_profile(args) -> int:
         wholesale = next(g for g in profile.groups if g.layers == 0)
         chosen = "none short of full prefill" if target is None else \
             f"[{target.start}, {target.end}) ({target.layers} of {num_layers} layers)"
-        print(f"{sender} -> {receiver}: full prefill ce {profile.full.ce:.4f}; wholesale reuse ce "
-              f"{wholesale.ce:.4f} (+{100 * (wholesale.ce / profile.full.ce - 1):.2f}%), agreement "
-              f"{wholesale.agreement:.1%}; smallest group within {100 * args.cross_model_quality:g}%: {chosen}; "
-              f"wrote {path}", flush=True)
+        print(f"{sender} -> {receiver}: wholesale reuse +{100 * profile.excess(wholesale):.2f}% soft "
+              f"cross-entropy, KL {wholesale.kl:.4f}, agreement {wholesale.agreement:.1%}; smallest group within "
+              f"{100 * args.cross_model_quality:g}%: {chosen}; wrote {path}", flush=True)
     return 0
 
 

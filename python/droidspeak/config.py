@@ -67,6 +67,11 @@ class EngineConfig:
         default=0.01,
         metadata={"help": "Cross-model reuse must stay within this relative cross-entropy of full "
                           "prefill on the pair's profile (0.01 = 1%)."})
+    cross_model_idle_ttft_ms: float | None = field(
+        default=None,
+        metadata={"help": "When nothing else is queued, recompute the pair's best group with the same E "
+                          "cache instead if its estimated prefill time stays under this TTFT (ms); "
+                          "default: always the smallest group meeting the quality target."})
     disable_cross_model: bool = field(
         default=False,
         metadata={"help": "Never reuse another model's KV (every model prefills its own)."})

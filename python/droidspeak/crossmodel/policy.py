@@ -6,7 +6,9 @@ recomputed layers within `quality` of the receiver's full prefill, and the *idle
 point, the best group with the same start (so the same E cache), used when
 nothing else is queued and recomputing more costs no one latency. A pair without
 a usable profile is never reused: its requests prefill in full, and the log says
-how to profile it.
+how to profile it. The idle point is used only with a TTFT budget
+(`idle_ttft_ms`) that its estimated recompute time fits, from the measured cost
+of a token-layer of prefill.
 """
 from __future__ import annotations
 
@@ -36,8 +38,11 @@ class PairStats:
 
 
 class CrossModelPolicy:
-    def __init__(self, profiles: list[Profile], quality: float, num_layers: int):
+    def __init__(self, profiles: list[Profile], quality: float, num_layers: int,
+                 idle_ttft_ms: float | None = None):
         self.quality = quality
+        self.idle_ttft_ms = idle_ttft_ms
+        self.seconds_per_token_layer: float | None = None  # measured prefill cost (EMA)
         self.num_layers = num_layers
         self.choices: dict[tuple[str, str], PairChoice] = {}
         for p in profiles:
@@ -52,11 +57,11 @@ class CrossModelPolicy:
                                100 * quality)
                 continue
             same_start = [g for g in p.groups if g.start == target.start and g.end >= target.end]
-            idle = min(same_start, key=lambda g: (g.ce, g.layers))
+            idle = min(same_start, key=lambda g: (g.soft_ce, g.layers))
             self.choices[(p.sender, p.receiver)] = PairChoice(target, idle)
             logger.info("cross-model %s -> %s: recompute layers [%d, %d) (idle: [%d, %d)), "
-                        "cross-entropy %.4f vs %.4f full prefill", p.sender, p.receiver, target.start,
-                        target.end, idle.start, idle.end, target.ce, p.full.ce)
+                        "%.2f%% over full prefill's soft cross-entropy", p.sender, p.receiver, target.start,
+                        target.end, idle.start, idle.end, 100 * p.excess(target))
         bounds = sorted({b for c in self.choices.values() for b in (c.target.start, c.target.end, c.idle.end)})
         e_layers = sorted({c.target.start for c in self.choices.values() if c.target.start > 0})
         self.segments = LayerSegments(num_layers, bounds)
@@ -69,7 +74,7 @@ class CrossModelPolicy:
 
     @classmethod
     def from_directory(cls, directory: str | None, names: dict[str, str], quality: float,
-                       num_layers: int, fingerprints) -> "CrossModelPolicy":
+                       num_layers: int, fingerprints, idle_ttft_ms: float | None = None) -> "CrossModelPolicy":
         """Profiles for every ordered pair of `names` (name -> path) found in
         `directory`; `fingerprints(path)` checks each is still for those weights."""
         profiles = []
@@ -91,7 +96,7 @@ class CrossModelPolicy:
                                    " and ".join(stale) or "the pair", sender, receiver)
                     continue
                 profiles.append(p)
-        return cls(profiles, quality, num_layers)
+        return cls(profiles, quality, num_layers, idle_ttft_ms)
 
     def bind(self, variants: dict[str, int]) -> None:
         """Map model names to prefix-cache variants (call again when adapters change)."""
@@ -102,6 +107,16 @@ class CrossModelPolicy:
         for (s, r), c in self._pairs.items():
             self._senders.setdefault(r, {})[s] = self.e_index(c.target.start)
 
+    def describe(self) -> list[dict]:
+        """The profiled pairs, their groups and counters (for /server_info)."""
+        out = []
+        for (s, r), c in sorted(self.choices.items()):
+            st = self.stats.get((s, r), PairStats())
+            out.append({"sender": s, "receiver": r, "recompute_layers": [c.target.start, c.target.end],
+                        "idle_recompute_layers": [c.idle.start, c.idle.end], "hits": st.hits,
+                        "reused_tokens": st.tokens, "recomputed_layers": st.layers_recomputed})
+        return out
+
     # ---- what the scheduler asks ---------------------------------------------
     def senders_for(self, receiver: int) -> dict[int, int | None]:
         """Senders whose KV `receiver` may reuse -> the E-cache index it needs (None: none)."""
@@ -110,10 +125,22 @@ class CrossModelPolicy:
     def is_sender(self, variant: int) -> bool:
         return any(s == variant and c.target.start > 0 for (s, _), c in self._pairs.items())
 
-    def group(self, sender: int, receiver: int, idle: bool) -> tuple[int, int]:
+    def group(self, sender: int, receiver: int, idle: bool, tokens: int) -> tuple[int, int]:
+        """The group to recompute for a hit of `tokens` tokens."""
         c = self._pairs[(sender, receiver)]
-        g = c.idle if idle else c.target
+        g = c.target
+        if idle and c.idle is not c.target and self.idle_ttft_ms is not None \
+                and self.seconds_per_token_layer is not None \
+                and tokens * c.idle.layers * self.seconds_per_token_layer * 1000 <= self.idle_ttft_ms:
+            g = c.idle
         return g.start, g.end
+
+    def observe_prefill(self, seconds: float, token_layers: int) -> None:
+        """Feed the cost of one prefill forward (tokens times layers it ran)."""
+        if token_layers > 0:
+            rate = seconds / token_layers
+            prev = self.seconds_per_token_layer
+            self.seconds_per_token_layer = rate if prev is None else 0.8 * prev + 0.2 * rate
 
     def e_index(self, layer: int) -> int | None:
         return self.layout.e_layers.index(layer) if layer > 0 else None

@@ -1,5 +1,13 @@
 """Profile files: what the profiler measured for one (sender, receiver) pair.
 
+The quality metric is the receiver's *soft cross-entropy* against its own full
+prefill: the mean over positions of -sum_v p_full(v) log p_reuse(v), which is the
+entropy of the full-prefill distribution plus KL(p_full || p_reuse). It equals the
+full prefill's value exactly when reuse changes nothing and grows with any
+divergence, on any text, so "within 1% of full prefill" means KL at most 1% of
+the receiver's own predictive entropy. Cross-entropy of the real text and task
+accuracy are kept alongside (they also move with domain, not only with reuse).
+
 A profile is JSON written by `droidspeak profile` and read back by every engine
 start, so reading validates every field (a profile may come from another machine
 or an older version) and a bad one is refused with a message naming the field.
@@ -28,7 +36,8 @@ class GroupScore:
     sender's KV (start == end: wholesale reuse), on the calibration set."""
     start: int
     end: int
-    ce: float                 # receiver's cross-entropy on the suffix tokens (nats/token)
+    soft_ce: float            # the metric: soft cross-entropy against the full prefill (nats)
+    ce: float                 # receiver's cross-entropy on the real text of the suffix (nats/token)
     kl: float                 # KL(own full prefill || this) of next-token distributions
     agreement: float          # greedy-token agreement with its own full prefill
     task: float | None = None  # share of calibration answers still produced greedily
@@ -53,19 +62,21 @@ class Profile:
     @property
     def frontier(self) -> list[GroupScore]:
         """Pareto frontier: fewest recomputed layers for each level of quality
-        (cross-entropy), from wholesale reuse up."""
+        (soft cross-entropy), from wholesale reuse up."""
         best, out = math.inf, []
-        for g in sorted(self.groups, key=lambda g: (g.layers, g.ce)):
-            if g.ce < best:
+        for g in sorted(self.groups, key=lambda g: (g.layers, g.soft_ce)):
+            if g.soft_ce < best:
                 out.append(g)
-                best = g.ce
+                best = g.soft_ce
         return out
 
+    def excess(self, g: GroupScore) -> float:
+        """Relative extra soft cross-entropy over the full prefill (0.01 = 1%)."""
+        return g.soft_ce / self.full.soft_ce - 1 if self.full.soft_ce > 0 else math.inf
+
     def meets(self, g: GroupScore, quality: float) -> bool:
-        """Cross-entropy within `quality` (relative) of the receiver's full prefill,
-        either way: a reuse that scores better than the receiver's own prefill on
-        the calibration set is noise or a different model, not a free gain."""
-        return abs(g.ce - self.full.ce) <= self.full.ce * quality
+        """Within `quality` (relative) of the receiver's full prefill."""
+        return self.excess(g) <= quality
 
     def smallest_meeting(self, quality: float) -> GroupScore | None:
         return next((g for g in self.frontier if self.meets(g, quality)), None)
@@ -75,7 +86,7 @@ class Profile:
                 "sender_fingerprint": self.sender_fingerprint,
                 "receiver_fingerprint": self.receiver_fingerprint,
                 "num_layers": self.num_layers, "step": self.step, "calibration": self.calibration,
-                "metric": "cross_entropy", "full_prefill": asdict(self.full),
+                "metric": "soft_cross_entropy", "full_prefill": asdict(self.full),
                 "groups": [asdict(g) for g in self.groups],
                 "frontier": [[g.start, g.end] for g in self.frontier]}
 
@@ -135,7 +146,7 @@ def _score(d, num_layers: int, where: str) -> GroupScore:
             or not 0 <= start <= end <= num_layers:
         raise ProfileError(f"{where}: start/end must be integers with 0 <= start <= end <= {num_layers}")
     values = {}
-    for key in ("ce", "kl", "agreement"):
+    for key in ("soft_ce", "ce", "kl", "agreement"):
         v = d.get(key)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
             raise ProfileError(f"{where}.{key} must be a finite number >= 0, got {v!r}")
@@ -143,7 +154,7 @@ def _score(d, num_layers: int, where: str) -> GroupScore:
     task = d.get("task")
     if task is not None and (not isinstance(task, (int, float)) or not 0 <= task <= 1):
         raise ProfileError(f"{where}.task must be null or in [0, 1], got {task!r}")
-    return GroupScore(start, end, values["ce"], values["kl"], values["agreement"],
+    return GroupScore(start, end, values["soft_ce"], values["ce"], values["kl"], values["agreement"],
                       None if task is None else float(task))
 
 

@@ -48,6 +48,7 @@ class Totals:
     """Running sums of one group's scores over the calibration items."""
     nll: float = 0.0
     text_tokens: int = 0
+    soft_ce: float = 0.0
     kl: float = 0.0
     items: int = 0
     agree: int = 0
@@ -60,7 +61,8 @@ class Totals:
             setattr(self, k, getattr(self, k) + v)
 
     def score(self, start: int, end: int) -> GroupScore:
-        return GroupScore(start, end, self.nll / max(self.text_tokens, 1), self.kl / max(self.items, 1),
+        n = max(self.items, 1)
+        return GroupScore(start, end, self.soft_ce / n, self.nll / max(self.text_tokens, 1), self.kl / n,
                           self.agree / max(self.positions, 1),
                           self.correct / self.answered if self.answered else None)
 
@@ -84,9 +86,29 @@ class Profiler:
         self.generate_tokens = generate_tokens
         self.num_layers = self.runner.model_config.num_layers
         self.groups = sweep_groups(self.num_layers, step)
-        needed = set(grid_layout(self.num_layers, step).e_layers)
-        if not needed <= set(self.runner.layout.e_layers):
-            raise ValueError("the engine's KV layout must be grid_layout(num_layers, step)")
+
+    def _check_layout(self, groups) -> None:
+        starts = {s for s, e in groups if 0 < s < e}
+        missing = starts - set(self.runner.layout.e_layers)
+        bounds = self.runner.kv_pool.segments.bounds
+        unaligned = [g for g in groups if g[0] < g[1] and (g[0] not in bounds or g[1] not in bounds)]
+        if missing or unaligned:
+            raise ValueError(f"the engine's KV layout cannot run groups {sorted(groups)}: build it with "
+                             f"grid_layout(num_layers, step)")
+
+    @torch.inference_mode()
+    def score_groups(self, sender: str, receiver: str, groups: list[tuple[int, int]],
+                     progress: bool = False) -> dict[tuple[int, int], GroupScore]:
+        """Scores of `groups` (plus the full prefill) on the items; nothing written."""
+        groups = list(dict.fromkeys([*groups, (0, self.num_layers)]))
+        self._check_layout(groups)
+        totals = {g: Totals() for g in groups}
+        with tqdm(total=len(self.items) * len(groups), desc=f"score {sender} -> {receiver}",
+                  disable=not progress) as bar:
+            for item in self.items:
+                for g, t in self._profile_item(sender, receiver, item, groups, bar).items():
+                    totals[g].add(t)
+        return {g: t.score(*g) for g, t in totals.items()}
 
     def settings_key(self, sender: str, receiver: str) -> str:
         h = hashlib.sha256(json.dumps([sender, receiver, self.step, self.context_tokens, self.generate_tokens,
@@ -95,6 +117,7 @@ class Profiler:
 
     @torch.inference_mode()
     def profile_pair(self, sender: str, receiver: str, out_dir: str, progress: bool = True) -> Profile:
+        self._check_layout(self.groups)
         os.makedirs(out_dir, exist_ok=True)
         partial = os.path.join(out_dir, f".{sender}__{receiver}.partial.jsonl")
         done = self._load_partial(partial, self.settings_key(sender, receiver))
@@ -107,7 +130,7 @@ class Profiler:
         for index, item in enumerate(self.items):
             if index in done:
                 continue
-            per_item = self._profile_item(sender, receiver, item, bar)
+            per_item = self._profile_item(sender, receiver, item, self.groups, bar)
             for g, t in per_item.items():
                 totals[g].add(t)
             with open(partial, "a") as f:
@@ -165,7 +188,7 @@ class Profiler:
             seq.release()
         return Encoded(context, question + generated, len(question) - 1, range(0))
 
-    def _profile_item(self, sender: str, receiver: str, item: Item, bar) -> dict[tuple[int, int], Totals]:
+    def _profile_item(self, sender: str, receiver: str, item: Item, groups, bar) -> dict[tuple[int, int], Totals]:
         s, r = self.engine.resolve(sender), self.engine.resolve(receiver)
         enc = self._encode(item, r)
         sender_seq = Sequence(self.runner)
@@ -173,7 +196,7 @@ class Profiler:
             sender_seq.extend(enc.context, s.model_id, s.lora_id, keep_e=True)
             reference = self._suffix_logits(sender_seq, enc, (0, self.num_layers), r)
             out = {}
-            for group in self.groups:
+            for group in groups:
                 full = group == (0, self.num_layers)
                 logits = reference if full else self._suffix_logits(sender_seq, enc, group, r)
                 out[group] = self._score(logits, reference, enc)
@@ -196,8 +219,9 @@ class Profiler:
         lp, lp_ref = F.log_softmax(logits, -1), F.log_softmax(reference, -1)
         nll = -lp[:enc.text_rows].gather(1, targets[:enc.text_rows, None]).sum().item()
         kl = F.kl_div(lp, lp_ref, log_target=True, reduction="none").sum(-1).mean().item()
+        soft_ce = -(lp_ref.exp() * lp).sum(-1).mean().item()
         greedy = logits.argmax(-1)
-        t = Totals(nll=nll, text_tokens=enc.text_rows, kl=kl, items=1,
+        t = Totals(nll=nll, text_tokens=enc.text_rows, soft_ce=soft_ce, kl=kl, items=1,
                    agree=int((greedy == reference.argmax(-1)).sum()), positions=int(logits.shape[0]))
         if len(enc.answer_rows):
             rows = torch.tensor(list(enc.answer_rows))
@@ -211,8 +235,7 @@ def plot_profile(profile: Profile, path: str, quality: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    full = profile.full.ce
-    rel = lambda g: 100 * (g.ce / full - 1)  # noqa: E731
+    rel = lambda g: 100 * profile.excess(g)  # noqa: E731
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.scatter([g.layers for g in profile.groups], [rel(g) for g in profile.groups], s=10, c="0.6",
                 label="contiguous groups")
@@ -224,7 +247,7 @@ def plot_profile(profile: Profile, path: str, quality: float) -> None:
         ax1.annotate(f"[{target.start}, {target.end})", (target.layers, rel(target)), textcoords="offset points",
                      xytext=(5, 8))
     ax1.set_xlabel("layers recomputed")
-    ax1.set_ylabel("extra cross-entropy vs full prefill (%)")
+    ax1.set_ylabel("extra soft cross-entropy vs full prefill (%)")
     ax1.legend()
     ax2.scatter([g.layers for g in profile.groups], [100 * g.agreement for g in profile.groups], s=10, c="0.6")
     ax2.plot([g.layers for g in front], [100 * g.agreement for g in front], "o-", c="C0")

@@ -84,7 +84,7 @@ class Engine:
         paths = dict(members)
         paths.update(parse_model_entries(self.config.lora_paths))
         return CrossModelPolicy.from_directory(directory, paths, self.config.cross_model_quality,
-                                               num_layers, fingerprint)
+                                               num_layers, fingerprint, self.config.cross_model_idle_ttft_ms)
 
     def _variants(self) -> dict[str, int]:
         return {name: self.resolve(name).cache_namespace for name in self.model_names}

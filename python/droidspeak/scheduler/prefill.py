@@ -119,7 +119,7 @@ class PrefillAdder:
         """Point the row at the sender's KV for the cross-model hit, with fresh
         slots for the recompute group's segments, and queue the recompute."""
         hit = match.cross
-        group = self.cross_policy.group(hit.sender, req.cache_variant, self.idle)
+        group = self.cross_policy.group(hit.sender, req.cache_variant, self.idle, hit.length)
         spaces = self.cross_policy.segments.covering(*group)
         if spaces and not self._make_room(hit.length):
             return False

@@ -4,6 +4,7 @@ batching style. Single-threaded: one caller drives `step()`."""
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -155,7 +156,12 @@ class Scheduler:
 
     def _run_prefill(self, entries, outputs: list[RequestOutput]) -> None:
         batch, extra_rows, extra_pos = build_prefill_batch(entries, self.runner)
+        start = time.perf_counter()
         logits = self.runner.forward(batch, extra_rows)
+        if self.cross_policy is not None:
+            token_layers = batch.num_tokens * self.runner.model_config.num_layers + sum(
+                (j.end - j.start) * (j.layer_end - j.layer_start) for j in batch.recompute)
+            self.cross_policy.observe_prefill(time.perf_counter() - start, token_layers)
         to_sample, sample_rows = [], []
         extra_offset = 0
         for i, entry in enumerate(entries):

@@ -5,6 +5,7 @@ import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from droidspeak.scheduler.request import Req
 
@@ -45,6 +46,8 @@ class ServerMetrics:
             lambda: 1 - scheduler.allocator.available_size / runner.max_total_tokens)
         Gauge("droidspeak_kv_pool_tokens", "KV pool size in tokens", ["model_name"], registry=r).labels(
             **labels).set(runner.max_total_tokens)
+        if getattr(scheduler, "cross_policy", None) is not None:
+            r.register(CrossModelCollector(scheduler.cross_policy))
 
     def observe_finished(self, req: Req) -> None:
         reason = req.finish_reason.kind if req.finish_reason else "unknown"
@@ -63,3 +66,27 @@ class ServerMetrics:
             logger.info("model=%s rid=%s prompt=%d cached=%d output=%d finish=%s e2e=%.3fs", model, req.rid,
                         len(req.origin_input_ids), req.cached_tokens, len(req.output_ids), reason,
                         end - req.created_time)
+
+
+class CrossModelCollector:
+    """Per (sender, receiver) pair: cross-model hits, prompt tokens reused, layers
+    recomputed (read from the policy's counters at scrape time)."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def collect(self):
+        families = [
+            (CounterMetricFamily("droidspeak_cross_model_hits", "Requests that reused another model's KV",
+                                 labels=["sender", "receiver"]), "hits"),
+            (CounterMetricFamily("droidspeak_cross_model_reused_tokens", "Prompt tokens reused from another model",
+                                 labels=["sender", "receiver"]), "tokens"),
+            (CounterMetricFamily("droidspeak_cross_model_recomputed_layers",
+                                 "Layers recomputed over reused prompts, summed over hits",
+                                 labels=["sender", "receiver"]), "layers_recomputed"),
+        ]
+        stats = list(self.policy.stats.items())
+        for family, attr in families:
+            for (sender, receiver), st in stats:
+                family.add_metric([sender, receiver], getattr(st, attr))
+            yield family

@@ -109,7 +109,8 @@ async def server_info(request: Request, model_name: str | None = None):
                 served_model_name=model_name or _state(request).model_name, dtype=engine.config.resolved_dtype,
                 max_total_num_tokens=engine.runner.max_total_tokens,
                 context_length=engine.runner.context_length,
-                version=__import__("droidspeak").__version__, dp_size=1, tp_size=1)
+                version=__import__("droidspeak").__version__, dp_size=1, tp_size=1,
+                cross_model_pairs=engine.cross_policy.describe())
     return info
 
 

@@ -1,0 +1,222 @@
+"""Agent hand-off over one context: the sender (the default instruct model) reads a
+long context and answers; two fine-tunes (math, code; or any --receivers) then
+answer other questions on the same context. Three engines in one run, same
+models and prompts:
+
+  full        every model prefills the context itself (what engines do today)
+  wholesale   receivers reuse the sender's KV in every layer
+  droidspeak  receivers reuse it and recompute the profiled layer group
+
+Reports receiver TTFT (one request at a time) and prefill speedup, throughput of
+all hand-offs submitted at once, and quality on held-out contexts (not the
+profiler's calibration set): KL and greedy agreement against the receiver's own
+full prefill, and task accuracy of the math fine-tune's generated answers.
+Profiles missing for a pair are made first (droidspeak profile, resumable).
+
+    python scripts/make_finetunes.py     # once
+    python benchmark/bench_cross_model.py [--contexts 6] [--context-tokens 1024]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import re
+import shutil
+import sys
+import time
+
+import torch
+
+from common import RESULTS_DIR, machine, percentile, print_table, write_json
+
+CODE_QUESTIONS = ["\n\n# Q: Which names does the code above define?\n# A:",
+                  "\n\n# Q: What would you test first in the code above?\n# A:",
+                  "\n\n# Q: Summarize the code above in one line.\n# A:"]
+
+
+def build_handoffs(tokenizer, n: int, context_tokens: int, seed: int) -> list[dict]:
+    """Held-out contexts (the evaluation half; profiles use the other half), half
+    worked math problems and half Python source, each with three questions."""
+    from droidspeak.crossmodel.calibration import build_items, math_problem
+    chars = context_tokens * 5
+    items = build_items("evaluation", per_domain=n, context_chars=chars)
+    rng = random.Random(seed)
+    out = []
+    for domain in ("math", "code"):
+        for item in [i for i in items if i.domain == domain][:(n + 1) // 2 if domain == "math" else n // 2]:
+            ids = tokenizer.encode(item.context, add_special_tokens=False)[:context_tokens]
+            context = tokenizer.decode(ids)
+            if domain == "math":
+                context = context[:context.rindex("\n\n") + 2]
+                problems = [math_problem(rng) for _ in range(3)]
+                questions = [f"Question: {q}\nAnswer:" for q, _ in problems]
+                answers = [int(re.search(r"The answer is (-?\d+)", a).group(1)) for _, a in problems]
+            else:
+                questions, answers = list(CODE_QUESTIONS), [None] * 3
+            out.append({"domain": domain, "context": context, "questions": questions, "answers": answers})
+    return out
+
+
+def ensure_profiles(args, names: dict[str, str], root: str) -> str:
+    from droidspeak.cli import main as cli
+    out = args.profiles or os.path.join(os.environ.get("DROIDSPEAK_CACHE", os.path.expanduser("~/.cache/droidspeak")),
+                                        "profiles", root)
+    for receiver in args.receivers:
+        rc = cli(["profile", "--sender", root, "--receiver", receiver, "--out", out, "--per-domain",
+                  str(args.profile_per_domain), *model_flags(names)])
+        if rc:
+            raise SystemExit(f"profiling {root} -> {receiver} failed")
+    return out
+
+
+def model_flags(names: dict[str, str]) -> list[str]:
+    flags = []
+    for name, path in names.items():
+        kind = "--lora-paths" if os.path.isfile(os.path.join(path, "adapter_config.json")) else "--model"
+        flags += [kind, f"{name}={path}"]
+    return flags
+
+
+def make_engine(mode: str, names: dict[str, str], profiles: str, max_total_tokens: int):
+    from droidspeak import Engine
+    full = tuple(f"{n}={p}" for n, p in names.items() if not os.path.isfile(os.path.join(p, "adapter_config.json")))
+    lora = tuple(f"{n}={p}" for n, p in names.items() if os.path.isfile(os.path.join(p, "adapter_config.json")))
+    extra = {"full": {"disable_cross_model": True},
+             "wholesale": {"cross_model_quality": 0.99},  # the frontier's first point: no layer recomputed
+             "droidspeak": {}}[mode]
+    return Engine(None, models=full, lora_paths=lora, cross_model_profiles=profiles,
+                  max_total_tokens=max_total_tokens, **extra)
+
+
+def greedy(n: int) -> dict:
+    return {"temperature": 0, "max_new_tokens": n, "ignore_eos": True}
+
+
+def run_mode(engine, handoffs, root: str, receivers: list[str], new_tokens: int) -> dict:
+    """Sequential hand-offs (receiver TTFT), then every hand-off at once (load)."""
+    ttft, correct, answered = {r: [] for r in receivers}, 0, 0
+    outputs = {}
+    for i, h in enumerate(handoffs):
+        engine.generate(h["context"] + h["questions"][0], greedy(new_tokens), model=root)
+        for j, receiver in enumerate(receivers, 1):
+            reqs, _ = engine.make_requests(h["context"] + h["questions"][j], greedy(new_tokens), model=receiver)
+            for _ in engine._drive(reqs):
+                pass
+            ttft[receiver].append(reqs[0].first_token_time - reqs[0].created_time)
+            text = engine.tokenizer.decode(reqs[0].output_ids)
+            outputs[(i, receiver)] = text
+            if h["answers"][j] is not None and receiver == "math":
+                m = re.search(r"The answer is (-?\d+)", text)
+                correct += int(m is not None and int(m.group(1)) == h["answers"][j])
+                answered += 1
+    engine.flush_cache()
+    # Load: all senders first (their prefill is common to every mode), then all receivers at once.
+    engine.generate([h["context"] + h["questions"][0] for h in handoffs], greedy(new_tokens), model=root)
+    reqs = []
+    for h in handoffs:
+        for j, receiver in enumerate(receivers, 1):
+            reqs.extend(engine.make_requests(h["context"] + h["questions"][j], greedy(new_tokens), model=receiver)[0])
+    start = time.perf_counter()
+    for _ in engine._drive(reqs):
+        pass
+    wall = time.perf_counter() - start
+    load_ttft = [r.first_token_time - r.created_time for r in reqs]
+    engine.flush_cache()
+    return {"ttft_ms": {r: 1000 * sum(v) / len(v) for r, v in ttft.items()},
+            "ttft_p50_ms": 1000 * percentile([x for v in ttft.values() for x in v], 50),
+            "math_task_accuracy": correct / answered if answered else None, "math_answered": answered,
+            "load_wall_s": wall, "load_requests_per_s": len(reqs) / wall,
+            "load_output_tok_per_s": sum(len(r.output_ids) for r in reqs) / wall,
+            "load_ttft_p50_ms": 1000 * percentile(load_ttft, 50), "load_ttft_p99_ms": 1000 * percentile(load_ttft, 99),
+            "cross_model": engine.cross_policy.describe()}, outputs
+
+
+def quality(engine, handoffs, root: str, receivers: list[str], mode: str, tokens: int) -> dict:
+    """KL / agreement / text cross-entropy of each receiver on the hand-off prompts
+    against its own full prefill, with the group this engine's policy uses."""
+    from droidspeak.crossmodel.calibration import Item
+    from droidspeak.crossmodel.profiler import Profiler
+    out = {}
+    for j, receiver in enumerate(receivers, 1):
+        items = [Item(h["context"], h["questions"][j], None, h["domain"]) for h in handoffs]
+        profiler = Profiler(engine, items, context_tokens=1 << 30, generate_tokens=tokens)
+        variants = engine._variants()
+        s, r = variants[root], variants[receiver]
+        if mode == "full" or (s, r) not in engine.cross_policy._pairs:
+            group = (0, engine.runner.model_config.num_layers)
+        else:
+            group = engine.cross_policy.group(s, r, idle=False, tokens=1)
+        scores = profiler.score_groups(root, receiver, [group])
+        g, full = scores[group], scores[(0, engine.runner.model_config.num_layers)]
+        out[receiver] = {"group": list(group), "kl": g.kl, "agreement": g.agreement,
+                         "soft_ce_excess": g.soft_ce / full.soft_ce - 1, "text_ce": g.ce, "text_ce_full": full.ce}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--finetunes", default=None, help="default: $DROIDSPEAK_CACHE/finetunes")
+    parser.add_argument("--receivers", nargs="+", default=["math", "code"])
+    parser.add_argument("--contexts", type=int, default=6)
+    parser.add_argument("--context-tokens", type=int, default=1024)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--quality-tokens", type=int, default=16, help="generated tokens scored per prompt")
+    parser.add_argument("--profiles", default=None)
+    parser.add_argument("--profile-per-domain", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from droidspeak.models.default_model import cache_dir, resolve_model_path
+    from droidspeak.tokenizer.tokenizer import load_tokenizer
+    root_path = resolve_model_path(None)
+    root = os.path.basename(os.path.normpath(root_path))
+    ft = args.finetunes or os.path.join(cache_dir(), "finetunes")
+    names = {n: os.path.join(ft, n) for n in args.receivers}
+    missing = [p for p in names.values() if not os.path.isdir(p)]
+    if missing:
+        print(f"missing fine-tunes {missing}: run python scripts/make_finetunes.py first", file=sys.stderr)
+        return 1
+    profiles = ensure_profiles(args, names, root)
+    for png in os.listdir(profiles):
+        if png.endswith(".png") and png.startswith(root + "__"):
+            shutil.copy(os.path.join(profiles, png), os.path.join(RESULTS_DIR, "profile_" + png))
+    handoffs = build_handoffs(load_tokenizer(root_path), args.contexts, args.context_tokens, args.seed)
+    pool = (len(handoffs) + 2) * (args.context_tokens + 256) * (len(args.receivers) + 1)
+    results, texts = {}, {}
+    for mode in ("full", "wholesale", "droidspeak"):
+        engine = make_engine(mode, names, profiles, pool)
+        engine.generate("warm up", greedy(2), model=args.receivers[0])
+        print(f"[{mode}] hand-offs ...", flush=True)
+        results[mode], texts[mode] = run_mode(engine, handoffs, root, args.receivers, args.new_tokens)
+        print(f"[{mode}] quality ...", flush=True)
+        results[mode]["quality"] = quality(engine, handoffs, root, args.receivers, mode, args.quality_tokens)
+        del engine
+        gc.collect()
+    for mode in ("wholesale", "droidspeak"):
+        same = sum(texts[mode][k] == texts["full"][k] for k in texts["full"])
+        results[mode]["same_output_as_full"] = same / len(texts["full"])
+        results[mode]["prefill_speedup"] = {r: results["full"]["ttft_ms"][r] / results[mode]["ttft_ms"][r]
+                                            for r in args.receivers}
+    rows = []
+    for mode in ("full", "wholesale", "droidspeak"):
+        res = results[mode]
+        for r in args.receivers:
+            q = res["quality"][r]
+            rows.append({"mode": mode, "receiver": r, "group": f"[{q['group'][0]}, {q['group'][1]})",
+                         "TTFT ms": res["ttft_ms"][r],
+                         "speedup": res.get("prefill_speedup", {}).get(r, 1.0),
+                         "KL": q["kl"], "agree": q["agreement"], "softCE+%": 100 * q["soft_ce_excess"],
+                         "load req/s": res["load_requests_per_s"], "math acc": res["math_task_accuracy"]})
+    print_table(rows, ["mode", "receiver", "group", "TTFT ms", "speedup", "KL", "agree", "softCE+%",
+                       "load req/s", "math acc"])
+    path = write_json("cross_model", {"machine": machine(), "args": vars(args), "sender": root,
+                                      "handoffs": len(handoffs), "results": results})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    sys.exit(main())
