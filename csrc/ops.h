@@ -7,6 +7,12 @@ void rope_and_store(at::Tensor q, at::Tensor k, const at::Tensor& v, const at::T
                     const at::Tensor& cos_sin_cache, at::Tensor k_cache, at::Tensor v_cache,
                     const at::Tensor& out_loc);
 
+at::Tensor extend_attention(at::Tensor q, at::Tensor k, const at::Tensor& v, const at::Tensor& positions,
+                            const at::Tensor& cos_sin_cache, at::Tensor k_cache, at::Tensor v_cache,
+                            const at::Tensor& out_loc, const at::Tensor& req_to_token,
+                            const at::Tensor& req_pool_indices, const std::vector<int64_t>& prefix_lens,
+                            const std::vector<int64_t>& extend_lens, double scale);
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& req_to_token, const at::Tensor& req_pool_indices,
                             const at::Tensor& seq_lens, double scale);

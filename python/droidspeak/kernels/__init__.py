@@ -45,6 +45,18 @@ def rope_and_store(q, k, v, positions, cos_sin_cache, k_cache, v_cache, out_loc)
         reference.rope_and_store(q, k, v, positions, cos_sin_cache, k_cache, v_cache, out_loc)
 
 
+def extend_attention(q, k, v, positions, cos_sin_cache, k_cache, v_cache, out_loc, req_to_token,
+                     req_pool_indices, prefix_lens, extend_lens, scale):
+    """See `reference.extend_attention`."""
+    if _supported(q, k_cache):
+        return _native.extend_attention(q, k, v, positions, cos_sin_cache, k_cache, v_cache, out_loc,
+                                        req_to_token, req_pool_indices, list(prefix_lens), list(extend_lens),
+                                        float(scale))
+    _warn_once()
+    return reference.extend_attention(q, k, v, positions, cos_sin_cache, k_cache, v_cache, out_loc,
+                                      req_to_token, req_pool_indices, prefix_lens, extend_lens, scale)
+
+
 def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale):
     """See `reference.decode_attention`."""
     if _supported(q, k_cache):

@@ -47,3 +47,31 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out[b] = F.scaled_dot_product_attention(
             qb, k, v, scale=scale, enable_gqa=num_heads != num_kv).squeeze(1)
     return out
+
+
+def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     out_loc: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                     prefix_lens: list[int], extend_lens: list[int], scale: float) -> torch.Tensor:
+    """Prefill attention of a ragged batch over the slot pool, after RoPE and the KV
+    store (`rope_and_store`). Request b's queries are rows [sum(extend_lens[:b]),
+    + extend_lens[b]) at positions prefix_lens[b] + j; query j sees keys 0 ..
+    prefix_lens[b] + j of its sequence, read through
+    `req_to_token[req_pool_indices[b]]` [context] int32. Returns [T, Hq, D]."""
+    rope_and_store(q, k, v, positions, cos_sin_cache, k_cache, v_cache, out_loc)
+    out = torch.empty_like(q)
+    gqa = q.shape[1] != k.shape[1]
+    start = 0
+    for b, (p, n) in enumerate(zip(prefix_lens, extend_lens)):
+        if p == 0:
+            ki, vi, mask = k[start:start + n], v[start:start + n], None
+        else:
+            slots = req_to_token[req_pool_indices[b], :p + n].long()
+            ki, vi = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
+            mask = torch.arange(p + n)[None, :] <= (p + torch.arange(n))[:, None]
+        oi = F.scaled_dot_product_attention(
+            q[None, start:start + n].transpose(1, 2), ki[None].transpose(1, 2), vi[None].transpose(1, 2),
+            attn_mask=mask, is_causal=p == 0, scale=scale, enable_gqa=gqa)
+        out[start:start + n] = oi[0].transpose(0, 1)
+        start += n
+    return out

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from droidspeak import kernels
@@ -35,39 +34,18 @@ class Attention(nn.Module):
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = batch.kv_pool.layer(self.layer_id)
         segment = batch.kv_pool.segments.segment_of[self.layer_id]
-        kernels.rope_and_store(q, k, v, batch.positions, cos_sin, k_cache, v_cache,
-                               batch.out_cache_loc[segment])
         table = batch.req_to_token[segment]
         if batch.mode.value == "decode":
+            kernels.rope_and_store(q, k, v, batch.positions, cos_sin, k_cache, v_cache,
+                                   batch.out_cache_loc[segment])
             out = kernels.decode_attention(q, k_cache, v_cache, table,
                                            batch.req_pool_indices, batch.seq_lens, self.scale)
         else:
-            out = self._extend(q, k, v, k_cache, v_cache, table, batch)
+            out = kernels.extend_attention(q, k, v, batch.positions, cos_sin, k_cache, v_cache,
+                                           batch.out_cache_loc[segment], table, batch.req_pool_indices,
+                                           batch.prefix_lens, batch.extend_lens, self.scale)
         out = out.reshape(T, self.q_size)
         o = self.o_proj(out)
         if batch.lora is not None:
             batch.lora.apply(o, out, self.layer_id, "o")
         return o
-
-    def _extend(self, q, k, v, k_cache, v_cache, table, batch: "ForwardBatch") -> torch.Tensor:
-        out = torch.empty_like(q)
-        gqa = self.num_heads != self.num_kv_heads
-        for i, (start, n, p) in enumerate(zip(batch.extend_start, batch.extend_lens, batch.prefix_lens)):
-            if p == 0:
-                # The whole sequence is in this forward: attend to the fresh K/V.
-                ki, vi = k[start:start + n], v[start:start + n]
-                mask, causal = None, True
-            else:
-                slots = table[batch.req_pool_indices[i], :p + n].long()
-                ki, vi = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
-                # Query j sits at position p + j and sees keys 0..p + j.
-                mask = torch.arange(p + n)[None, :] <= (p + torch.arange(n))[:, None]
-                causal = False
-            # 4-D [1, H, n, D] inputs: CPU SDPA takes its flash kernel only for 4-D
-            # (3-D falls back to the math path, which materialises n x n scores).
-            oi = F.scaled_dot_product_attention(
-                q[None, start:start + n].transpose(1, 2), ki[None].transpose(1, 2),
-                vi[None].transpose(1, 2), attn_mask=mask, is_causal=causal, scale=self.scale,
-                enable_gqa=gqa)
-            out[start:start + n] = oi[0].transpose(0, 1)
-        return out
