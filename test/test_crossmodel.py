@@ -386,3 +386,30 @@ def test_span_recompute_native_equals_reference(engine, monkeypatch):
     ref_kv, ref_logits = recompute()
     torch.testing.assert_close(native_kv, ref_kv, atol=1e-5, rtol=0)
     torch.testing.assert_close(native_logits, ref_logits, atol=1e-4, rtol=0)
+
+
+def test_drift_guard_flags_and_retargets(family, caplog):
+    """The fake profile promises [2, 4) loses 0.5%; on live hits it loses more,
+    so after a window of checks the guard re-scores the frontier and moves the
+    pair to the smallest runnable group within budget (here all layers)."""
+    eng = make_engine(family, cross_model_drift_check_s=1e-6)
+    eng.drift_guard.sample_every = 1
+    a, b = eng.resolve("a").cache_namespace, eng.resolve("b").cache_namespace
+    excesses = []
+    with caplog.at_level(logging.WARNING, logger="droidspeak.crossmodel.drift"):
+        for i in range(4):
+            context = f"Context {i}: " + CONTEXT
+            ctx = len(ids_of(eng, context))
+            run(eng, "a", ids_of(eng, context + QUESTIONS[0]), ctx)
+            run(eng, "b", ids_of(eng, context + QUESTIONS[1]), ctx)
+            assert eng.drift_guard.due()
+            before = eng.drift_guard.num_checks
+            eng.idle_tick()
+            assert eng.drift_guard.num_checks == before + 1
+            excesses.append(eng.drift_guard.pairs[(a, b)].observed[-1] if eng.drift_guard.pairs[(a, b)].observed
+                            else None)
+    assert excesses[0] > 0.02  # live loss is well above the profiled 0.5%
+    assert eng.drift_guard.pairs[(a, b)].flagged and "drifted" in caplog.text
+    assert eng.cross_policy.group(a, b, False, 10) == (0, NUM_LAYERS)
+    assert eng.drift_guard.measure(eng.drift_guard.pairs[(a, b)].samples[-1], (0, NUM_LAYERS)) == 0
+    assert_no_leak(eng)

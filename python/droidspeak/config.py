@@ -72,6 +72,10 @@ class EngineConfig:
         metadata={"help": "When nothing else is queued, recompute the pair's best group with the same E "
                           "cache instead if its estimated prefill time stays under this TTFT (ms); "
                           "default: always the smallest group meeting the quality target."})
+    cross_model_drift_check_s: float = field(
+        default=30.0,
+        metadata={"help": "When idle, replay a sampled recent cross-model hit against full prefill at most "
+                          "this often (seconds) and re-target drifted pairs; 0 disables."})
     disable_cross_model: bool = field(
         default=False,
         metadata={"help": "Never reuse another model's KV (every model prefills its own)."})

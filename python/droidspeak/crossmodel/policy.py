@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 class PairChoice:
     target: GroupScore
     idle: GroupScore
+    profile: Profile
 
 
 @dataclass
@@ -58,7 +59,7 @@ class CrossModelPolicy:
                 continue
             same_start = [g for g in p.groups if g.start == target.start and g.end >= target.end]
             idle = min(same_start, key=lambda g: (g.soft_ce, g.layers))
-            self.choices[(p.sender, p.receiver)] = PairChoice(target, idle)
+            self.choices[(p.sender, p.receiver)] = PairChoice(target, idle, p)
             logger.info("cross-model %s -> %s: recompute layers [%d, %d) (idle: [%d, %d)), "
                         "%.2f%% over full prefill's soft cross-entropy", p.sender, p.receiver, target.start,
                         target.end, idle.start, idle.end, 100 * p.excess(target))
@@ -71,6 +72,8 @@ class CrossModelPolicy:
         self._pairs: dict[tuple[int, int], PairChoice] = {}
         self._senders: dict[int, dict[int, int | None]] = {}
         self._missed_logged: set[tuple[int, int]] = set()
+        # Called as hit_listener(sender, receiver, prompt_ids, span_end, group) on each hit.
+        self.hit_listener = None
 
     @classmethod
     def from_directory(cls, directory: str | None, names: dict[str, str], quality: float,
@@ -106,6 +109,31 @@ class CrossModelPolicy:
         self._senders = {}
         for (s, r), c in self._pairs.items():
             self._senders.setdefault(r, {})[s] = self.e_index(c.target.start)
+
+    # ---- what the drift guard asks and changes ------------------------------------
+    def choice_for(self, sender: int, receiver: int) -> PairChoice | None:
+        return self._pairs.get((sender, receiver))
+
+    def names_of(self, *variants: int) -> tuple[str, ...]:
+        return tuple(self._names.get(v, str(v)) for v in variants)
+
+    def can_run(self, group: tuple[int, int]) -> bool:
+        """Whether this engine's KV layout (segments, E-cache layers) can run `group`."""
+        start, end = group
+        return start in self.segments.bounds and end in self.segments.bounds and \
+            (start == 0 or start in self.layout.e_layers)
+
+    def retarget(self, sender: int, receiver: int, group: GroupScore) -> None:
+        c = self._pairs[(sender, receiver)]
+        c.target = group
+        if c.idle.layers < group.layers or c.idle.start != group.start:
+            c.idle = group
+        self._senders.setdefault(receiver, {})[sender] = self.e_index(group.start)
+
+    def disable(self, sender: int, receiver: int) -> None:
+        self._pairs.pop((sender, receiver), None)
+        self._senders.get(receiver, {}).pop(sender, None)
+        self.choices.pop(self.names_of(sender, receiver), None)
 
     def describe(self) -> list[dict]:
         """The profiled pairs, their groups and counters (for /server_info)."""
@@ -145,13 +173,16 @@ class CrossModelPolicy:
     def e_index(self, layer: int) -> int | None:
         return self.layout.e_layers.index(layer) if layer > 0 else None
 
-    def record_hit(self, sender: int, receiver: int, tokens: int, group: tuple[int, int]) -> None:
+    def record_hit(self, sender: int, receiver: int, tokens: int, group: tuple[int, int],
+                   prompt_ids: list[int] | None = None, span_end: int = 0) -> None:
         key = (self._names.get(sender, str(sender)), self._names.get(receiver, str(receiver)))
         st = self.stats.setdefault(key, PairStats())
         st.hits += 1
         st.tokens += tokens
         st.layers_recomputed += group[1] - group[0]
         st.token_layers_recomputed += tokens * (group[1] - group[0])
+        if self.hit_listener is not None and prompt_ids is not None:
+            self.hit_listener(sender, receiver, prompt_ids, span_end, group)
 
     def note_missed(self, senders: tuple[int, ...], receiver: int) -> None:
         """Another member cached this prompt, but the pair has no profile: say so once."""

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from droidspeak.config import EngineConfig, parse_model_entries
+from droidspeak.crossmodel.drift import MAX_TAIL_TOKENS, DriftGuard, HitSample
 from droidspeak.crossmodel.policy import CrossModelPolicy
 from droidspeak.crossmodel.profile import default_profile_dir, fingerprint
 from droidspeak.errors import InvalidRequestError, ModelNotFoundError
@@ -72,6 +73,8 @@ class Engine:
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.runner.model_config.eos_token_ids)
         self.cross_policy.bind(self._variants())
         self.scheduler = Scheduler(self.config, self.runner, self.eos_token_ids, self.cross_policy)
+        self.drift_guard = DriftGuard(self.cross_policy, self.runner, self.config.cross_model_drift_check_s)
+        self.cross_policy.hit_listener = self._sample_hit
         self._seed_rng = random.Random(self.config.random_seed)
         logger.info("engine ready: %s, dtype=%s, threads=%d, native ops=%s", self.model_path,
                     self.config.resolved_dtype, torch.get_num_threads(), native_available())
@@ -85,6 +88,20 @@ class Engine:
         paths.update(parse_model_entries(self.config.lora_paths))
         return CrossModelPolicy.from_directory(directory, paths, self.config.cross_model_quality,
                                                num_layers, fingerprint, self.config.cross_model_idle_ttft_ms)
+
+    def _sample_hit(self, sender: int, receiver: int, prompt_ids: list[int], span_end: int, group) -> None:
+        targets = {t.cache_namespace: t for t in map(self.resolve, self.model_names)}
+        if sender not in targets or receiver not in targets or span_end >= len(prompt_ids):
+            return
+        s, r = targets[sender], targets[receiver]
+        self.drift_guard.record(HitSample(sender, receiver, list(prompt_ids[:span_end + MAX_TAIL_TOKENS]), span_end,
+                                          group, (s.model_id, s.lora_id), (r.model_id, r.lora_id)))
+
+    def idle_tick(self) -> None:
+        """Background work for an idle engine (the server calls it when nothing is
+        queued): the cross-model drift check, when one is due."""
+        if self.scheduler.is_idle and self.drift_guard.due():
+            self.drift_guard.check_one(make_room=self.scheduler.cache.evict)
 
     def _variants(self) -> dict[str, int]:
         return {name: self.resolve(name).cache_namespace for name in self.model_names}

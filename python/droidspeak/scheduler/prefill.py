@@ -136,7 +136,7 @@ class PrefillAdder:
                                       torch.tensor(req.fill_ids[hit.start:end], dtype=torch.int64),
                                       req.model_id, req.lora_id)
             self.budget -= hit.length
-        self.cross_policy.record_hit(hit.sender, req.cache_variant, hit.length, group)
+        self.cross_policy.record_hit(hit.sender, req.cache_variant, hit.length, group, req.origin_input_ids, end)
         return True
 
     def _make_room(self, n: int) -> bool:

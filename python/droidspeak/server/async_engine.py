@@ -80,6 +80,10 @@ class AsyncEngine:
         while not self._stop.is_set():
             self._drain_inbox(block=not self.scheduler.has_work)
             if not self.scheduler.has_work:
+                try:
+                    self.engine.idle_tick()
+                except Exception:  # pragma: no cover - background work must not stop serving
+                    logger.exception("idle work failed")
                 continue
             try:
                 outputs = self.scheduler.step()
