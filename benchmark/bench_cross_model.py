@@ -36,14 +36,23 @@ CODE_QUESTIONS = ["\n\n# Q: Which names does the code above define?\n# A:",
                   "\n\n# Q: Summarize the code above in one line.\n# A:"]
 
 
-def build_handoffs(tokenizer, n: int, context_tokens: int, seed: int) -> list[dict]:
+def answer_of(text: str) -> int | None:
+    """The number a worked answer arrives at ("... = 14. The answer is 14.")."""
+    m = re.search(r"= (-?\d+)", text) or re.search(r"answer is (-?\d+)", text)
+    return int(m.group(1)) if m else None
+
+
+def build_handoffs(tokenizer, n: int, context_tokens: int, seed: int, task_questions: int) -> list[dict]:
     """Held-out contexts (the evaluation half; profiles use the other half), half
-    worked math problems and half Python source, each with three questions."""
+    worked math problems and half Python source, each with three questions (one
+    per model); math contexts also carry `task_questions` extra problems for the
+    math fine-tune's task accuracy."""
     from droidspeak.crossmodel.calibration import build_items, math_problem
     chars = context_tokens * 5
     items = build_items("evaluation", per_domain=n, context_chars=chars)
     rng = random.Random(seed)
     out = []
+    task_rng = random.Random(seed + 1)
     for domain in ("math", "code"):
         for item in [i for i in items if i.domain == domain][:(n + 1) // 2 if domain == "math" else n // 2]:
             ids = tokenizer.encode(item.context, add_special_tokens=False)[:context_tokens]
@@ -52,10 +61,13 @@ def build_handoffs(tokenizer, n: int, context_tokens: int, seed: int) -> list[di
                 context = context[:context.rindex("\n\n") + 2]
                 problems = [math_problem(rng) for _ in range(3)]
                 questions = [f"Question: {q}\nAnswer:" for q, _ in problems]
-                answers = [int(re.search(r"The answer is (-?\d+)", a).group(1)) for _, a in problems]
+                answers = [answer_of(a) for _, a in problems]
+                task = [math_problem(task_rng) for _ in range(task_questions)]
+                tasks = [(f"Question: {q}\nAnswer:", answer_of(a)) for q, a in task]
             else:
-                questions, answers = list(CODE_QUESTIONS), [None] * 3
-            out.append({"domain": domain, "context": context, "questions": questions, "answers": answers})
+                questions, answers, tasks = list(CODE_QUESTIONS), [None] * 3, []
+            out.append({"domain": domain, "context": context, "questions": questions, "answers": answers,
+                        "tasks": tasks})
     return out
 
 
@@ -105,11 +117,11 @@ def run_mode(engine, handoffs, root: str, receivers: list[str], new_tokens: int)
             for _ in engine._drive(reqs):
                 pass
             ttft[receiver].append(reqs[0].first_token_time - reqs[0].created_time)
-            text = engine.tokenizer.decode(reqs[0].output_ids)
-            outputs[(i, receiver)] = text
-            if h["answers"][j] is not None and receiver == "math":
-                m = re.search(r"The answer is (-?\d+)", text)
-                correct += int(m is not None and int(m.group(1)) == h["answers"][j])
+            outputs[(i, receiver)] = engine.tokenizer.decode(reqs[0].output_ids)
+        if h["tasks"] and "math" in receivers:
+            outs = engine.generate([h["context"] + q for q, _ in h["tasks"]], greedy(new_tokens), model="math")
+            for (_, gold), out in zip(h["tasks"], outs):
+                correct += int(answer_of(out["text"]) == gold)
                 answered += 1
     engine.flush_cache()
     # Load: all senders first (their prefill is common to every mode), then all receivers at once.
@@ -125,11 +137,11 @@ def run_mode(engine, handoffs, root: str, receivers: list[str], new_tokens: int)
     load_ttft = [r.first_token_time - r.created_time for r in reqs]
     engine.flush_cache()
     return {"ttft_ms": {r: 1000 * sum(v) / len(v) for r, v in ttft.items()},
-            "ttft_p50_ms": 1000 * percentile([x for v in ttft.values() for x in v], 50),
+            "ttft_p50_ms": 1000 * percentile([x for v in ttft.values() for x in v], 0.5),
             "math_task_accuracy": correct / answered if answered else None, "math_answered": answered,
             "load_wall_s": wall, "load_requests_per_s": len(reqs) / wall,
             "load_output_tok_per_s": sum(len(r.output_ids) for r in reqs) / wall,
-            "load_ttft_p50_ms": 1000 * percentile(load_ttft, 50), "load_ttft_p99_ms": 1000 * percentile(load_ttft, 99),
+            "load_ttft_p50_ms": 1000 * percentile(load_ttft, 0.5), "load_ttft_p99_ms": 1000 * percentile(load_ttft, 0.99),
             "cross_model": engine.cross_policy.describe()}, outputs
 
 
@@ -161,7 +173,8 @@ def main() -> int:
     parser.add_argument("--receivers", nargs="+", default=["math", "code"])
     parser.add_argument("--contexts", type=int, default=6)
     parser.add_argument("--context-tokens", type=int, default=1024)
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--task-questions", type=int, default=8, help="extra math problems per math context")
     parser.add_argument("--quality-tokens", type=int, default=16, help="generated tokens scored per prompt")
     parser.add_argument("--profiles", default=None)
     parser.add_argument("--profile-per-domain", type=int, default=2)
@@ -182,7 +195,8 @@ def main() -> int:
     for png in os.listdir(profiles):
         if png.endswith(".png") and png.startswith(root + "__"):
             shutil.copy(os.path.join(profiles, png), os.path.join(RESULTS_DIR, "profile_" + png))
-    handoffs = build_handoffs(load_tokenizer(root_path), args.contexts, args.context_tokens, args.seed)
+    handoffs = build_handoffs(load_tokenizer(root_path), args.contexts, args.context_tokens, args.seed,
+                              args.task_questions)
     pool = (len(handoffs) + 2) * (args.context_tokens + 256) * (len(args.receivers) + 1)
     results, texts = {}, {}
     for mode in ("full", "wholesale", "droidspeak"):
@@ -211,7 +225,7 @@ def main() -> int:
                          "load req/s": res["load_requests_per_s"], "math acc": res["math_task_accuracy"]})
     print_table(rows, ["mode", "receiver", "group", "TTFT ms", "speedup", "KL", "agree", "softCE+%",
                        "load req/s", "math acc"])
-    path = write_json("cross_model", {"machine": machine(), "args": vars(args), "sender": root,
+    path = write_json("bench_cross_model", {"machine": machine(), "args": vars(args), "sender": root,
                                       "handoffs": len(handoffs), "results": results})
     print(f"wrote {path}")
     return 0

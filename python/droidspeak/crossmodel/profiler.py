@@ -193,7 +193,7 @@ class Profiler:
         enc = self._encode(item, r)
         sender_seq = Sequence(self.runner)
         try:
-            sender_seq.extend(enc.context, s.model_id, s.lora_id, keep_e=True)
+            sender_seq.extend(enc.context, s.model_id, s.lora_id, keep_e=bool(self.runner.layout.e_layers))
             reference = self._suffix_logits(sender_seq, enc, (0, self.num_layers), r)
             out = {}
             for group in groups:

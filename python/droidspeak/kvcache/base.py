@@ -147,9 +147,12 @@ class PrefixCache(abc.ABC):
     def _insert_req(self, req: CachedRequest) -> None:
         slots = self._row(req)
         erows = None
-        if req.erows:
+        own = torch.cat(req.erows, dim=1) if req.erows else None
+        # A variant that became a sender mid-request (an adapter loaded) has E rows
+        # for only part of its tokens: keep none rather than a partial E cache.
+        if own is not None and own.shape[1] == req.kv_len - req.prefix_len:
             erows = torch.zeros((self.num_e_layers, req.kv_len), dtype=torch.int64)
-            erows[:, req.prefix_len:] = torch.cat(req.erows, dim=1)
+            erows[:, req.prefix_len:] = own
         self.insert(req.cache_key[:req.kv_len], req.cache_variant, slots, erows)
 
     def _drop_owned(self, req: CachedRequest) -> None:
