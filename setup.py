@@ -40,6 +40,7 @@ setup(
         "numpy",
         "tqdm",
         "matplotlib",
+        "constriction",
         "psutil",
         "fastapi",
         "uvicorn",

@@ -1,0 +1,86 @@
+"""The CacheGen KV codec: round trips within each level's bound, the lossless
+level exact, and bad bytes refused with a clear error."""
+import struct
+
+import pytest
+import torch
+
+from droidspeak.cachegen.codec import CodecError, decode, encode, error_bound
+
+
+def kv_like(L=6, T=57, C=48, dtype=torch.bfloat16, seed=0):
+    """Smooth along tokens (as real KV is), different scale per layer and channel."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(L, 1, C, generator=g) * torch.rand(L, 1, C, generator=g) * 4
+    walk = torch.randn(L, T, C, generator=g).cumsum(1) * 0.05
+    return (base + walk + torch.randn(L, T, C, generator=g) * 0.02).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_lossless_is_exact(dtype):
+    x = kv_like(L=4, T=256, C=128, dtype=dtype)
+    buf = encode(x, "lossless")
+    y = decode(buf)
+    assert y.dtype == dtype and torch.equal(y.view(torch.uint8) if dtype != torch.bfloat16 else y.view(torch.int16),
+                                            x.view(torch.uint8) if dtype != torch.bfloat16 else x.view(torch.int16))
+    assert len(buf) < x.numel() * x.element_size()
+    assert not error_bound(buf).any()
+
+
+@pytest.mark.parametrize("level", ["high", "medium", "low"])
+@pytest.mark.parametrize("group", [1, 10, 64])
+def test_lossy_round_trip_within_bound(level, group):
+    x = kv_like(dtype=torch.float32)
+    buf = encode(x, level, group=group)
+    y = decode(buf)
+    bound = error_bound(buf)
+    err = (y - x).abs().amax(dim=1)
+    assert (err <= bound * (1 + 1e-5) + 1e-6).all()
+    assert bound.max() > 0
+
+
+def test_levels_trade_size_for_error():
+    x = kv_like(L=8, T=128, C=64)
+    sizes = {lv: len(encode(x, lv)) for lv in ("lossless", "high", "medium", "low")}
+    assert sizes["low"] < sizes["medium"] < sizes["high"] < sizes["lossless"] < x.numel() * 2
+    errs = {lv: (decode(encode(x, lv)).float() - x.float()).abs().mean() for lv in ("high", "medium", "low")}
+    assert errs["high"] < errs["medium"] < errs["low"]
+
+
+def test_early_layers_get_finer_steps():
+    x = torch.randn(6, 40, 16)
+    x = (x / x.std(dim=1, keepdim=True)).contiguous()  # every channel has std 1
+    bound = error_bound(encode(x, "medium"))
+    assert bound[0].max() < bound[3].min() and bound[3].max() < bound[5].min()
+
+
+def test_corrupt_truncated_and_foreign_bytes_are_refused():
+    buf = encode(kv_like(), "medium")
+    flipped = bytearray(buf)
+    flipped[len(buf) // 2] ^= 0x40
+    with pytest.raises(CodecError, match="checksum"):
+        decode(bytes(flipped))
+    with pytest.raises(CodecError, match="truncated"):
+        decode(buf[:-3])
+    with pytest.raises(CodecError, match="truncated"):
+        decode(buf[:10])
+    with pytest.raises(CodecError, match="not a droidspeak KV chunk"):
+        decode(b"\x80\x04\x95" + buf[3:])  # a pickle's opening bytes
+    wrong_version = bytearray(buf)
+    struct.pack_into("<H", wrong_version, 4, 99)
+    with pytest.raises(CodecError, match="version 99"):
+        decode(bytes(wrong_version))
+    with pytest.raises(CodecError, match="expected bytes"):
+        decode("DSKV")
+
+
+def test_header_fields_are_checked_even_with_a_matching_checksum():
+    """A peer could send a well-formed checksum over nonsense: shape and level are
+    still validated, and a lying shape cannot make decode read out of bounds."""
+    import zlib
+    buf = bytearray(encode(kv_like(), "high"))
+    struct.pack_into("<I", buf, 14, 10_000)  # tokens
+    body = bytes(buf[:28])
+    struct.pack_into("<I", buf, 28, zlib.crc32(bytes(buf[32:]), zlib.crc32(body)))
+    with pytest.raises(CodecError):
+        decode(bytes(buf))
