@@ -46,6 +46,31 @@ class Sequence:
         self.ids.extend(ids)
         return runner.forward(batch, torch.arange(n)).extra_logits
 
+    def kv(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of K and V of the first `n` tokens, [layers, n, H_kv, D]."""
+        n = self.length if n is None else n
+        pool, segs = self.runner.kv_pool, self.runner.kv_pool.segments
+        k = torch.stack([pool.k[layer, self.table[segs.segment_of[layer], :n].long()]
+                         for layer in range(pool.num_layers)])
+        v = torch.stack([pool.v[layer, self.table[segs.segment_of[layer], :n].long()]
+                         for layer in range(pool.num_layers)])
+        return k, v
+
+    def load(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Start the sequence from given K and V ([layers, n, H_kv, D]) instead of
+        computing them, as a cache tier restoring a prefix does."""
+        assert self.length == 0
+        runner, n = self.runner, k.shape[1]
+        slots = runner.allocator.allocate(n)
+        self._owned.append((slots, range(runner.allocator.num_spaces)))
+        self.table[:, :n] = slots.to(torch.int32)
+        segs = runner.kv_pool.segments
+        for layer in range(runner.kv_pool.num_layers):
+            s = slots[segs.segment_of[layer]]
+            runner.kv_pool.k[layer, s] = k[layer].to(runner.kv_pool.dtype)
+            runner.kv_pool.v[layer, s] = v[layer].to(runner.kv_pool.dtype)
+        self.length = n
+
     def e_rows(self, layer: int) -> torch.Tensor:
         """This sequence's E-cache rows at `layer`, for every position it kept them."""
         return torch.cat(self._erows, dim=1)[self.runner.e_pool.index[layer]]
