@@ -41,6 +41,8 @@ setup(
         "tqdm",
         "matplotlib",
         "constriction",
+        "pyyaml",
+        "tomli; python_version < '3.11'",
         "psutil",
         "fastapi",
         "uvicorn",

@@ -83,7 +83,9 @@ def cmd_profile(args) -> int:
     kwargs["disable_cross_model"] = True
     if kwargs["max_total_tokens"] is None:
         kwargs["max_total_tokens"] = 4 * (args.context_tokens + 512)
-    num_layers = ModelConfig.from_dir(resolve_model_path(args.model_path)).num_layers
+    from droidspeak.engine.engine import _with_models_file
+    root_path = _with_models_file(EngineConfig(**kwargs)).model_path
+    num_layers = ModelConfig.from_dir(resolve_model_path(root_path)).num_layers
     engine = Engine(kv_layout=grid_layout(num_layers, args.step), **kwargs)
     names = engine.model_names
     pairs = [(a, b) for a in names for b in names if a != b] if args.family else [(args.sender, args.receiver)]

@@ -28,6 +28,9 @@ class EngineConfig:
     models: tuple[str, ...] = field(
         default=(),
         metadata={"help": "More models of the same family, NAME=PATH each (repeatable: --model a=/p/a --model b=/p/b)."})
+    models_file: str | None = field(
+        default=None,
+        metadata={"help": "TOML or YAML file naming the family: [base], [models], [lora] (see README)."})
     lora_paths: tuple[str, ...] = field(
         default=(),
         metadata={"help": "LoRA adapters (PEFT format) on the root model, NAME=PATH each."})

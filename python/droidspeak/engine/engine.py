@@ -24,6 +24,7 @@ from droidspeak.engine.io import format_output, normalize_inputs, per_prompt
 from droidspeak.kernels import native_available
 from droidspeak.lora.adapter import load_adapter
 from droidspeak.models.config import ModelConfig
+from droidspeak.models_file import load_models_file
 from droidspeak.models.default_model import resolve_model_path
 from droidspeak.models.lineage import DECLARED_BASE_KEY, LineageInfo, check_family
 from droidspeak.runner.model_runner import KVLayout, ModelRunner
@@ -45,12 +46,23 @@ class Target(NamedTuple):
     cache_namespace: int
 
 
+def _with_models_file(config: EngineConfig) -> EngineConfig:
+    """Merge `config.models_file` in: flags win for the base, the file's members come first."""
+    if not config.models_file:
+        return config
+    family = load_models_file(config.models_file)
+    return config.replace(model_path=config.model_path or family.base_path,
+                          served_model_name=config.served_model_name or family.base_name,
+                          models=family.models + config.models, lora_paths=family.lora + config.lora_paths)
+
+
 class Engine:
     def __init__(self, model_path: str | None = None, dtype: str = "auto", kv_layout: KVLayout | None = None,
                  **kwargs):
         """`kwargs` are EngineConfig fields. `kv_layout` overrides the KV segments and
         E-cache layers the cross-model profiles ask for (the profiler sweeps groups)."""
-        self.config = EngineConfig(model_path=model_path, dtype=dtype, **kwargs)
+        self.config = _with_models_file(EngineConfig(model_path=model_path, dtype=dtype, **kwargs))
+        model_path = self.config.model_path
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         self.model_path = resolve_model_path(model_path)
