@@ -81,3 +81,16 @@ def test_per_prompt_logprob_arguments(tiny_engine):
         tiny_engine.generate(["a", "b"], P, return_logprob=True, logprob_start_len=[0])
     assert err.value.field == "logprob_start_len"
     assert_no_leak(tiny_engine)
+
+
+@pytest.mark.parametrize("command", ["generate", "profile", "serve", "prepare-model"])
+def test_cli_help_lists_every_engine_flag(command, capsys):
+    """--help renders (a stray % in a help text breaks argparse) and shows the flags."""
+    from droidspeak.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    if command != "prepare-model":
+        for flag in ("--models-file", "--cross-model-quality", "--disable-cross-model", "--max-total-tokens"):
+            assert flag in out

@@ -69,7 +69,7 @@ class EngineConfig:
     cross_model_quality: float = field(
         default=0.01,
         metadata={"help": "Cross-model reuse must stay within this relative cross-entropy of full "
-                          "prefill on the pair's profile (0.01 = 1%)."})
+                          "prefill on the pair's profile (0.01: one percent)."})
     cross_model_idle_ttft_ms: float | None = field(
         default=None,
         metadata={"help": "When nothing else is queued, recompute the pair's best group with the same E "
