@@ -156,13 +156,15 @@ def quality(engine, handoffs, root: str, receivers: list[str], mode: str, tokens
         profiler = Profiler(engine, items, context_tokens=1 << 30, generate_tokens=tokens)
         variants = engine._variants()
         s, r = variants[root], variants[receiver]
+        full_config = (0, engine.runner.model_config.num_layers, 1.0)
         if mode == "full" or (s, r) not in engine.cross_policy._pairs:
-            group = (0, engine.runner.model_config.num_layers)
+            config = full_config
         else:
-            group = engine.cross_policy.group(s, r, idle=False, tokens=1)
-        scores = profiler.score_groups(root, receiver, [group])
-        g, full = scores[group], scores[(0, engine.runner.model_config.num_layers)]
-        out[receiver] = {"group": list(group), "kl": g.kl, "agreement": g.agreement,
+            c = engine.cross_policy.choose(s, r, idle=False, tokens=1)
+            config = (c.start, c.end, c.tail)
+        scores = profiler.score_groups(root, receiver, [config])
+        g, full = scores[config], scores[full_config]
+        out[receiver] = {"group": list(config[:2]), "tail": config[2], "kl": g.kl, "agreement": g.agreement,
                          "soft_ce_excess": g.soft_ce / full.soft_ce - 1, "text_ce": g.ce, "text_ce_full": full.ce}
     return out
 
@@ -218,7 +220,8 @@ def main() -> int:
         res = results[mode]
         for r in args.receivers:
             q = res["quality"][r]
-            rows.append({"mode": mode, "receiver": r, "group": f"[{q['group'][0]}, {q['group'][1]})",
+            tail = f" last {q['tail']:.0%}" if q["tail"] < 1 else ""
+            rows.append({"mode": mode, "receiver": r, "group": f"[{q['group'][0]}, {q['group'][1]}){tail}",
                          "TTFT ms": res["ttft_ms"][r],
                          "speedup": res.get("prefill_speedup", {}).get(r, 1.0),
                          "KL": q["kl"], "agree": q["agreement"], "softCE+%": 100 * q["soft_ce_excess"],

@@ -19,11 +19,12 @@ CONTEXT = ("Radix trees share prefixes between requests, and a family of fine-tu
 QUESTIONS = ["What do radix trees share?", "Which models share a base?"]
 
 
-def write_profile(directory, paths, sender, receiver, target, wholesale_ok=False):
-    """A profile whose smallest group within 1% of full prefill is `target`."""
+def write_profile(directory, paths, sender, receiver, target, wholesale_ok=False, tail=1.0):
+    """A profile whose smallest group within 1% of full prefill is `target`
+    (recomputed over the last `tail` share of the reused span)."""
     full = GroupScore(0, NUM_LAYERS, soft_ce=1.0, ce=1.0, kl=0.0, agreement=1.0)
     groups = [GroupScore(0, 0, soft_ce=1.0 if wholesale_ok else 1.5, ce=1.2, kl=0.1, agreement=0.8), full,
-              GroupScore(target[0], target[1], soft_ce=1.005, ce=1.0, kl=0.005, agreement=0.99)]
+              GroupScore(target[0], target[1], soft_ce=1.005, ce=1.0, kl=0.005, agreement=0.99, tail=tail)]
     p = Profile(sender, receiver, NUM_LAYERS, 2, full, groups,
                 fingerprint(paths[sender]), fingerprint(paths[receiver]))
     p.save(profile_path(directory, sender, receiver))
@@ -42,6 +43,7 @@ def family(tmp_path_factory):
     write_profile(profiles, paths, "a", "b", (2, 4))
     write_profile(profiles, paths, "b", "a", (2, 2), wholesale_ok=True)
     write_profile(profiles, paths, "a", "la", (0, 2))
+    write_profile(profiles, paths, "b", "la", (0, NUM_LAYERS), tail=0.5)
     return paths, profiles
 
 
@@ -67,7 +69,7 @@ def run(engine, model, ids, ctx_len, **kw):
                            sampling_params={"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}, **kw)
 
 
-def reference_logprobs(engine, sender, receiver, ids, ctx_len, group):
+def reference_logprobs(engine, sender, receiver, ids, ctx_len, group, tail=1.0):
     """Receiver's input logprobs over ids[ctx_len + 1:] when it reuses the sender's
     context KV with `group` recomputed (None: its own full prefill), on Sequences."""
     runner = engine.runner
@@ -78,7 +80,7 @@ def reference_logprobs(engine, sender, receiver, ids, ctx_len, group):
             seqs[1].extend(ids[:ctx_len], r.model_id, r.lora_id)
         else:
             seqs[0].extend(ids[:ctx_len], s.model_id, s.lora_id, keep_e=True)
-            seqs[1].reuse(seqs[0], ctx_len, group, r.model_id, r.lora_id)
+            seqs[1].reuse(seqs[0], ctx_len, group, r.model_id, r.lora_id, tail=tail)
         logits = seqs[1].extend(ids[ctx_len:], r.model_id, r.lora_id)[:-1]
     finally:
         for seq in seqs:
@@ -123,8 +125,9 @@ def test_empty_group_equals_wholesale_reuse_through_engine(engine):
     assert_no_leak(engine)
 
 
-@pytest.mark.parametrize("sender,receiver,group", [("a", "b", (2, 4)), ("a", "la", (0, 2))])
-def test_cross_hit_recomputes_the_group(engine, sender, receiver, group):
+@pytest.mark.parametrize("sender,receiver,group,tail", [("a", "b", (2, 4), 1.0), ("a", "la", (0, 2), 1.0),
+                                                       ("b", "la", (0, NUM_LAYERS), 0.5)])
+def test_cross_hit_recomputes_the_group(engine, sender, receiver, group, tail):
     engine.flush_cache()
     ids = ids_of(engine, CONTEXT + QUESTIONS[0])
     ctx = len(ids_of(engine, CONTEXT))
@@ -132,10 +135,13 @@ def test_cross_hit_recomputes_the_group(engine, sender, receiver, group):
     assert first["meta_info"]["cached_tokens"] == 0
     out = run(engine, receiver, ids, ctx)
     assert out["meta_info"]["cached_tokens"] == ctx and out["meta_info"]["cross_model_cached_tokens"] == ctx
-    expected = reference_logprobs(engine, sender, receiver, ids, ctx, group)
+    expected = reference_logprobs(engine, sender, receiver, ids, ctx, group, tail)
     assert torch.allclose(engine_logprobs(out), expected, atol=1e-5)
     wholesale = reference_logprobs(engine, sender, receiver, ids, ctx, (group[0], group[0]))
     assert not torch.allclose(expected, wholesale, atol=1e-3)
+    if tail < 1:  # recomputing only the last half is not the receiver's own prefill either
+        own = reference_logprobs(engine, sender, receiver, ids, ctx, None)
+        assert not torch.allclose(expected, own, atol=1e-3)
     # The receiver's entry is now its own: its next request is an exact hit.
     again = run(engine, receiver, ids, ctx)
     assert again["meta_info"]["cached_tokens"] == ctx and again["meta_info"]["cross_model_cached_tokens"] == 0
@@ -280,7 +286,7 @@ def test_profiler_end_to_end_and_resume(tmp_path, family):
     assert full.kl == 0 and full.agreement == 1 and full.ce == profile.full.ce
     assert profile.excess(full) == 0 and profile.excess(next(g for g in profile.groups if g.layers == 0)) > 0
     wholesale = next(g for g in profile.groups if g.layers == 0)
-    assert wholesale.kl > 0 and len(profile.groups) == 1 + 6  # wholesale + the 6 groups of a 3-point grid
+    assert wholesale.kl > 0 and len(profile.groups) == 1 + 6 + 5  # wholesale, 6 groups of a 3-point grid, 5 tails
     assert profile.calibration["items"] == 2 and full.task in (0.0, 1.0)
 
     # Resume: a run that stopped after the first context does only the second.

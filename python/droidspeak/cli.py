@@ -95,7 +95,8 @@ def cmd_profile(args) -> int:
         return 2
     items = load_jsonl(args.calibration) if args.calibration else build_items("calibration", args.per_domain)
     out = args.out or default_profile_dir(names[0])
-    profiler = Profiler(engine, items, args.step, args.context_tokens, args.generate_tokens)
+    tails = tuple(float(t) for t in args.tails.split(",") if t.strip())
+    profiler = Profiler(engine, items, args.step, args.context_tokens, args.generate_tokens, tails)
     paths = engine.model_paths
     print(f"profiling {len(pairs)} pair(s) over {len(items)} contexts, {len(profiler.groups)} groups each, "
           f"into {out}", flush=True)
@@ -115,7 +116,8 @@ def cmd_profile(args) -> int:
         target = profile.smallest_meeting(args.cross_model_quality)
         wholesale = next(g for g in profile.groups if g.layers == 0)
         chosen = "none short of full prefill" if target is None else \
-            f"[{target.start}, {target.end}) ({target.layers} of {num_layers} layers)"
+            f"layers [{target.start}, {target.end}) over the last {target.tail:.0%} of the context " \
+            f"({target.cost / num_layers:.0%} of a prefill)"
         print(f"{sender} -> {receiver}: wholesale reuse +{100 * profile.excess(wholesale):.2f}% soft "
               f"cross-entropy, KL {wholesale.kl:.4f}, agreement {wholesale.agreement:.1%}; smallest group within "
               f"{100 * args.cross_model_quality:g}%: {chosen}; wrote {path}", flush=True)
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--receiver", help="the model that reuses it")
     p.add_argument("--family", action="store_true", help="profile every ordered pair of hosted models")
     p.add_argument("--step", type=int, default=2, help="group boundaries every STEP layers (default: 2)")
+    p.add_argument("--tails", default="0.125,0.25,0.375,0.5,0.75",
+                   help="shares of the context (from its end) over which every layer is also tried; '' for none")
     p.add_argument("--calibration", help="JSONL of {context, question, answer?} (default: built-in offline set)")
     p.add_argument("--per-domain", type=int, default=3,
                    help="built-in set: contexts per domain (code, docs, math) (default: 3)")

@@ -34,6 +34,7 @@ class HitSample:
     group: tuple[int, int]
     sender_ids: tuple[int, int | None]    # (model_id, lora_id)
     receiver_ids: tuple[int, int | None]
+    tail: float = 1.0                     # share of the span that was recomputed
 
 
 @dataclass
@@ -86,24 +87,25 @@ class DriftGuard:
             return None
         self._last_check = time.monotonic()
         self.num_checks += 1
-        excess = self.measure(sample, sample.group)
+        excess = self.measure(sample, sample.group, sample.tail)
         pair = self.pairs.setdefault((sample.sender, sample.receiver), PairDrift())
         pair.observed.append(excess)
         pair.samples.append(sample)
         self._judge(sample, pair)
         return excess
 
-    def measure(self, sample: HitSample, group: tuple[int, int]) -> float:
-        """Relative soft cross-entropy excess of reuse with `group` over the
-        receiver's own prefill, on the tokens after the span."""
-        reused = self._tail_logits(sample, group)
+    def measure(self, sample: HitSample, group: tuple[int, int], tail: float = 1.0) -> float:
+        """Relative soft cross-entropy excess of reuse with `group` (over the last
+        `tail` of the span) against the receiver's own prefill, on the tokens after
+        the span."""
+        reused = self._tail_logits(sample, group, tail)
         own = self._tail_logits(sample, None)
         lp, lp_own = F.log_softmax(reused, -1), F.log_softmax(own, -1)
         soft = -(lp_own.exp() * lp).sum(-1).mean()
         entropy = -(lp_own.exp() * lp_own).sum(-1).mean()
         return float(soft / entropy - 1) if entropy > 0 else 0.0
 
-    def _tail_logits(self, sample: HitSample, group) -> torch.Tensor:
+    def _tail_logits(self, sample: HitSample, group, tail: float = 1.0) -> torch.Tensor:
         seqs = []
         try:
             receiver = Sequence(self.runner)
@@ -114,7 +116,7 @@ class DriftGuard:
                 sender = Sequence(self.runner)
                 seqs.append(sender)
                 sender.extend(sample.ids[:sample.span], *sample.sender_ids, keep_e=group[0] > 0)
-                receiver.reuse(sender, sample.span, group, *sample.receiver_ids)
+                receiver.reuse(sender, sample.span, group, *sample.receiver_ids, tail=tail)
             return receiver.extend(sample.ids[sample.span:], *sample.receiver_ids)
         finally:
             for seq in seqs:
@@ -140,9 +142,9 @@ class DriftGuard:
         choice = self.policy.choice_for(sender, receiver)
         names = self.policy.names_of(sender, receiver)
         for g in choice.profile.frontier:
-            if g.layers <= choice.target.layers or not self.policy.can_run((g.start, g.end)):
+            if g.cost <= choice.target.cost or not self.policy.can_run((g.start, g.end)):
                 continue
-            scores = [self.measure(s, (g.start, g.end)) for s in pair.samples]
+            scores = [self.measure(s, (g.start, g.end), g.tail) for s in pair.samples]
             if sum(scores) / len(scores) <= self.policy.quality:
                 self.policy.retarget(sender, receiver, g)
                 pair.observed.clear()

@@ -52,17 +52,19 @@ class CrossModelPolicy:
                                p.sender, p.receiver, p.num_layers, num_layers)
                 continue
             target = p.smallest_meeting(quality)
-            if target is None or (target.start == 0 and target.end == num_layers):
+            if target is None or (target.start == 0 and target.end == num_layers and target.tail == 1):
                 logger.warning("profile %s -> %s: no group is within %.1f%% of full prefill short of "
                                "recomputing every layer; that pair prefills in full", p.sender, p.receiver,
                                100 * quality)
                 continue
-            same_start = [g for g in p.groups if g.start == target.start and g.end >= target.end]
-            idle = min(same_start, key=lambda g: (g.soft_ce, g.layers))
+            same_start = [g for g in p.groups if g.start == target.start and g.end >= target.end
+                          and g.tail >= target.tail]
+            idle = min(same_start, key=lambda g: (g.soft_ce, g.cost))
             self.choices[(p.sender, p.receiver)] = PairChoice(target, idle, p)
-            logger.info("cross-model %s -> %s: recompute layers [%d, %d) (idle: [%d, %d)), "
-                        "%.2f%% over full prefill's soft cross-entropy", p.sender, p.receiver, target.start,
-                        target.end, idle.start, idle.end, 100 * p.excess(target))
+            logger.info("cross-model %s -> %s: recompute layers [%d, %d) over the last %.0f%% of the reused "
+                        "span (idle: [%d, %d), %.0f%%), %.2f%% over full prefill's soft cross-entropy",
+                        p.sender, p.receiver, target.start, target.end, 100 * target.tail, idle.start, idle.end,
+                        100 * idle.tail, 100 * p.excess(target))
         bounds = sorted({b for c in self.choices.values() for b in (c.target.start, c.target.end, c.idle.end)})
         e_layers = sorted({c.target.start for c in self.choices.values() if c.target.start > 0})
         self.segments = LayerSegments(num_layers, bounds)
@@ -126,7 +128,7 @@ class CrossModelPolicy:
     def retarget(self, sender: int, receiver: int, group: GroupScore) -> None:
         c = self._pairs[(sender, receiver)]
         c.target = group
-        if c.idle.layers < group.layers or c.idle.start != group.start:
+        if c.idle.cost < group.cost or c.idle.start != group.start:
             c.idle = group
         self._senders.setdefault(receiver, {})[sender] = self.e_index(group.start)
 
@@ -141,7 +143,8 @@ class CrossModelPolicy:
         for (s, r), c in sorted(self.choices.items()):
             st = self.stats.get((s, r), PairStats())
             out.append({"sender": s, "receiver": r, "recompute_layers": [c.target.start, c.target.end],
-                        "idle_recompute_layers": [c.idle.start, c.idle.end], "hits": st.hits,
+                        "recompute_tail": c.target.tail, "idle_recompute_layers": [c.idle.start, c.idle.end],
+                        "idle_recompute_tail": c.idle.tail, "hits": st.hits,
                         "reused_tokens": st.tokens, "recomputed_layers": st.layers_recomputed})
         return out
 
@@ -153,14 +156,18 @@ class CrossModelPolicy:
     def is_sender(self, variant: int) -> bool:
         return any(s == variant and c.target.start > 0 for (s, _), c in self._pairs.items())
 
-    def group(self, sender: int, receiver: int, idle: bool, tokens: int) -> tuple[int, int]:
-        """The group to recompute for a hit of `tokens` tokens."""
+    def choose(self, sender: int, receiver: int, idle: bool, tokens: int) -> GroupScore:
+        """The group (and tail share) to recompute for a hit of `tokens` tokens."""
         c = self._pairs[(sender, receiver)]
         g = c.target
         if idle and c.idle is not c.target and self.idle_ttft_ms is not None \
                 and self.seconds_per_token_layer is not None \
-                and tokens * c.idle.layers * self.seconds_per_token_layer * 1000 <= self.idle_ttft_ms:
+                and tokens * c.idle.cost * self.seconds_per_token_layer * 1000 <= self.idle_ttft_ms:
             g = c.idle
+        return g
+
+    def group(self, sender: int, receiver: int, idle: bool, tokens: int) -> tuple[int, int]:
+        g = self.choose(sender, receiver, idle, tokens)
         return g.start, g.end
 
     def observe_prefill(self, seconds: float, token_layers: int) -> None:
@@ -174,15 +181,15 @@ class CrossModelPolicy:
         return self.layout.e_layers.index(layer) if layer > 0 else None
 
     def record_hit(self, sender: int, receiver: int, tokens: int, group: tuple[int, int],
-                   prompt_ids: list[int] | None = None, span_end: int = 0) -> None:
+                   prompt_ids: list[int] | None = None, span_end: int = 0, tail: float = 1.0) -> None:
         key = (self._names.get(sender, str(sender)), self._names.get(receiver, str(receiver)))
         st = self.stats.setdefault(key, PairStats())
         st.hits += 1
         st.tokens += tokens
         st.layers_recomputed += group[1] - group[0]
-        st.token_layers_recomputed += tokens * (group[1] - group[0])
+        st.token_layers_recomputed += round(tokens * tail) * (group[1] - group[0])
         if self.hit_listener is not None and prompt_ids is not None:
-            self.hit_listener(sender, receiver, prompt_ids, span_end, group)
+            self.hit_listener(sender, receiver, prompt_ids, span_end, group, tail)
 
     def note_missed(self, senders: tuple[int, ...], receiver: int) -> None:
         """Another member cached this prompt, but the pair has no profile: say so once."""

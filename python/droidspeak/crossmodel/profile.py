@@ -41,10 +41,16 @@ class GroupScore:
     kl: float                 # KL(own full prefill || this) of next-token distributions
     agreement: float          # greedy-token agreement with its own full prefill
     task: float | None = None  # share of calibration answers still produced greedily
+    tail: float = 1.0         # share of the reused span recomputed, counted from its end
 
     @property
     def layers(self) -> int:
         return self.end - self.start
+
+    @property
+    def cost(self) -> float:
+        """Recompute work in layers' worth of the span (layers x tail)."""
+        return self.layers * self.tail
 
 
 @dataclass
@@ -61,10 +67,10 @@ class Profile:
 
     @property
     def frontier(self) -> list[GroupScore]:
-        """Pareto frontier: fewest recomputed layers for each level of quality
-        (soft cross-entropy), from wholesale reuse up."""
+        """Pareto frontier: least recompute work (layers x tail) for each level of
+        quality (soft cross-entropy), from wholesale reuse up."""
         best, out = math.inf, []
-        for g in sorted(self.groups, key=lambda g: (g.layers, g.soft_ce)):
+        for g in sorted(self.groups, key=lambda g: (g.cost, g.soft_ce)):
             if g.soft_ce < best:
                 out.append(g)
                 best = g.soft_ce
@@ -88,7 +94,7 @@ class Profile:
                 "num_layers": self.num_layers, "step": self.step, "calibration": self.calibration,
                 "metric": "soft_cross_entropy", "full_prefill": asdict(self.full),
                 "groups": [asdict(g) for g in self.groups],
-                "frontier": [[g.start, g.end] for g in self.frontier]}
+                "frontier": [[g.start, g.end, g.tail] for g in self.frontier]}
 
     def save(self, path: str) -> None:
         tmp = path + ".tmp"
@@ -154,8 +160,11 @@ def _score(d, num_layers: int, where: str) -> GroupScore:
     task = d.get("task")
     if task is not None and (not isinstance(task, (int, float)) or not 0 <= task <= 1):
         raise ProfileError(f"{where}.task must be null or in [0, 1], got {task!r}")
+    tail = d.get("tail", 1.0)
+    if not isinstance(tail, (int, float)) or isinstance(tail, bool) or not 0 < tail <= 1:
+        raise ProfileError(f"{where}.tail must be in (0, 1], got {tail!r}")
     return GroupScore(start, end, values["soft_ce"], values["ce"], values["kl"], values["agreement"],
-                      None if task is None else float(task))
+                      None if task is None else float(task), float(tail))
 
 
 def default_profile_dir(root_name: str) -> str:

@@ -2,8 +2,10 @@
 
 For a (sender, receiver) pair it prefills each calibration context with the
 sender (keeping its E cache at every candidate group start), then for every
-contiguous group [s, e) on a `step`-layer grid, and for wholesale reuse, lets the
-receiver reuse the sender's KV with that group recomputed and reads the question
+contiguous group [s, e) on a `step`-layer grid, for wholesale reuse, and for
+recomputing every layer over only the last part of the context (a *tail*: the
+question attends most to the tokens just before it), lets the receiver reuse the
+sender's KV with that group recomputed and reads the question
 (and answer, or N tokens the receiver generates itself) over it. Each group is
 scored against the receiver's own full prefill of the same context: KL of the
 next-token distributions, greedy-token agreement, cross-entropy of the real text,
@@ -30,11 +32,19 @@ from droidspeak.runner.sequence import Sequence
 logger = logging.getLogger(__name__)
 
 
-def sweep_groups(num_layers: int, step: int) -> list[tuple[int, int]]:
-    """Wholesale reuse (0, 0), then every contiguous group on the step grid (the
-    last, [0, num_layers), is the receiver's full prefill)."""
+DEFAULT_TAILS = (0.125, 0.25, 0.375, 0.5, 0.75)
+
+Config = tuple[int, int, float]  # (layer start, layer end, tail share of the span)
+
+
+def sweep_groups(num_layers: int, step: int, tails=DEFAULT_TAILS) -> list[Config]:
+    """Wholesale reuse, every contiguous group on the step grid over the whole
+    span (the last, [0, num_layers), is the receiver's full prefill), and every
+    layer over each tail share of the span."""
     bounds = sorted(set(range(0, num_layers, step)) | {num_layers})
-    return [(0, 0)] + [(bounds[i], bounds[j]) for i in range(len(bounds)) for j in range(i + 1, len(bounds))]
+    return ([(0, 0, 1.0)] + [(bounds[i], bounds[j], 1.0) for i in range(len(bounds))
+                             for j in range(i + 1, len(bounds))]
+            + [(0, num_layers, float(t)) for t in tails if 0 < t < 1])
 
 
 def grid_layout(num_layers: int, step: int) -> KVLayout:
@@ -60,11 +70,11 @@ class Totals:
         for k, v in asdict(other).items():
             setattr(self, k, getattr(self, k) + v)
 
-    def score(self, start: int, end: int) -> GroupScore:
+    def score(self, start: int, end: int, tail: float = 1.0) -> GroupScore:
         n = max(self.items, 1)
         return GroupScore(start, end, self.soft_ce / n, self.nll / max(self.text_tokens, 1), self.kl / n,
                           self.agree / max(self.positions, 1),
-                          self.correct / self.answered if self.answered else None)
+                          self.correct / self.answered if self.answered else None, tail)
 
 
 @dataclass
@@ -77,7 +87,7 @@ class Encoded:
 
 class Profiler:
     def __init__(self, engine, items: list[Item], step: int = 2, context_tokens: int = 512,
-                 generate_tokens: int = 16):
+                 generate_tokens: int = 16, tails=DEFAULT_TAILS):
         self.engine = engine
         self.runner = engine.runner
         self.items = items
@@ -85,10 +95,11 @@ class Profiler:
         self.context_tokens = context_tokens
         self.generate_tokens = generate_tokens
         self.num_layers = self.runner.model_config.num_layers
-        self.groups = sweep_groups(self.num_layers, step)
+        self.full = (0, self.num_layers, 1.0)
+        self.groups = sweep_groups(self.num_layers, step, tails)
 
     def _check_layout(self, groups) -> None:
-        starts = {s for s, e in groups if 0 < s < e}
+        starts = {g[0] for g in groups if 0 < g[0] < g[1]}
         missing = starts - set(self.runner.layout.e_layers)
         bounds = self.runner.kv_pool.segments.bounds
         unaligned = [g for g in groups if g[0] < g[1] and (g[0] not in bounds or g[1] not in bounds)]
@@ -97,10 +108,10 @@ class Profiler:
                              f"grid_layout(num_layers, step)")
 
     @torch.inference_mode()
-    def score_groups(self, sender: str, receiver: str, groups: list[tuple[int, int]],
-                     progress: bool = False) -> dict[tuple[int, int], GroupScore]:
+    def score_groups(self, sender: str, receiver: str, groups: list[Config],
+                     progress: bool = False) -> dict[Config, GroupScore]:
         """Scores of `groups` (plus the full prefill) on the items; nothing written."""
-        groups = list(dict.fromkeys([*groups, (0, self.num_layers)]))
+        groups = list(dict.fromkeys([*groups, self.full]))
         self._check_layout(groups)
         totals = {g: Totals() for g in groups}
         with tqdm(total=len(self.items) * len(groups), desc=f"score {sender} -> {receiver}",
@@ -112,7 +123,7 @@ class Profiler:
 
     def settings_key(self, sender: str, receiver: str) -> str:
         h = hashlib.sha256(json.dumps([sender, receiver, self.step, self.context_tokens, self.generate_tokens,
-                                       [asdict(i) for i in self.items]]).encode())
+                                       self.groups, [asdict(i) for i in self.items]]).encode())
         return h.hexdigest()[:16]
 
     @torch.inference_mode()
@@ -134,12 +145,12 @@ class Profiler:
             for g, t in per_item.items():
                 totals[g].add(t)
             with open(partial, "a") as f:
-                f.write(json.dumps({"item": index, "totals": {f"{s}-{e}": asdict(t) for (s, e), t in
-                                                              per_item.items()}}) + "\n")
+                f.write(json.dumps({"item": index, "totals": [[list(g), asdict(t)] for g, t in
+                                                              per_item.items()]}) + "\n")
         bar.close()
         paths = self.engine.model_paths
         profile = Profile(sender, receiver, self.num_layers, self.step,
-                          totals[(0, self.num_layers)].score(0, self.num_layers),
+                          totals[self.full].score(*self.full),
                           [totals[g].score(*g) for g in self.groups],
                           fingerprint(paths[sender]), fingerprint(paths[receiver]),
                           {"items": len(self.items), "context_tokens": self.context_tokens,
@@ -163,7 +174,7 @@ class Profiler:
             return self._load_partial(path, key)
         done = {}
         for line in lines[1:]:
-            done[line["item"]] = {tuple(map(int, k.split("-"))): Totals(**v) for k, v in line["totals"].items()}
+            done[line["item"]] = {(int(g[0]), int(g[1]), float(g[2])): Totals(**v) for g, v in line["totals"]}
         logger.info("resuming: %d of %d contexts already profiled", len(done), len(self.items))
         return done
 
@@ -188,16 +199,16 @@ class Profiler:
             seq.release()
         return Encoded(context, question + generated, len(question) - 1, range(0))
 
-    def _profile_item(self, sender: str, receiver: str, item: Item, groups, bar) -> dict[tuple[int, int], Totals]:
+    def _profile_item(self, sender: str, receiver: str, item: Item, groups, bar) -> dict[Config, Totals]:
         s, r = self.engine.resolve(sender), self.engine.resolve(receiver)
         enc = self._encode(item, r)
         sender_seq = Sequence(self.runner)
         try:
             sender_seq.extend(enc.context, s.model_id, s.lora_id, keep_e=bool(self.runner.layout.e_layers))
-            reference = self._suffix_logits(sender_seq, enc, (0, self.num_layers), r)
+            reference = self._suffix_logits(sender_seq, enc, self.full, r)
             out = {}
             for group in groups:
-                full = group == (0, self.num_layers)
+                full = group == self.full
                 logits = reference if full else self._suffix_logits(sender_seq, enc, group, r)
                 out[group] = self._score(logits, reference, enc)
                 bar.update(1)
@@ -208,7 +219,7 @@ class Profiler:
     def _suffix_logits(self, sender_seq: Sequence, enc: Encoded, group, receiver) -> torch.Tensor:
         seq = Sequence(self.runner)
         try:
-            seq.reuse(sender_seq, len(enc.context), group, receiver.model_id, receiver.lora_id)
+            seq.reuse(sender_seq, len(enc.context), group[:2], receiver.model_id, receiver.lora_id, tail=group[2])
             return seq.extend(enc.suffix, receiver.model_id, receiver.lora_id)[:-1]
         finally:
             seq.release()
@@ -237,21 +248,25 @@ def plot_profile(profile: Profile, path: str, quality: float) -> None:
 
     rel = lambda g: 100 * profile.excess(g)  # noqa: E731
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.scatter([g.layers for g in profile.groups], [rel(g) for g in profile.groups], s=10, c="0.6",
-                label="contiguous groups")
+    whole = [g for g in profile.groups if g.tail == 1]
+    tails = [g for g in profile.groups if g.tail < 1]
+    ax1.scatter([g.cost for g in whole], [rel(g) for g in whole], s=10, c="0.6", label="contiguous groups")
+    if tails:
+        ax1.scatter([g.cost for g in tails], [rel(g) for g in tails], s=18, c="C1", marker="^",
+                    label="all layers, last part of the context")
     front = profile.frontier
-    ax1.plot([g.layers for g in front], [rel(g) for g in front], "o-", c="C0", label="Pareto frontier")
+    ax1.plot([g.cost for g in front], [rel(g) for g in front], "o-", c="C0", label="Pareto frontier")
     ax1.axhline(100 * quality, ls="--", c="C3", label=f"target ({100 * quality:.0f}%)")
     target = profile.smallest_meeting(quality)
     if target is not None:
-        ax1.annotate(f"[{target.start}, {target.end})", (target.layers, rel(target)), textcoords="offset points",
-                     xytext=(5, 8))
-    ax1.set_xlabel("layers recomputed")
+        label = f"[{target.start}, {target.end})" + (f" last {target.tail:.0%}" if target.tail < 1 else "")
+        ax1.annotate(label, (target.cost, rel(target)), textcoords="offset points", xytext=(5, 8))
+    ax1.set_xlabel("recompute work (layers x share of the context)")
     ax1.set_ylabel("extra soft cross-entropy vs full prefill (%)")
     ax1.legend()
-    ax2.scatter([g.layers for g in profile.groups], [100 * g.agreement for g in profile.groups], s=10, c="0.6")
-    ax2.plot([g.layers for g in front], [100 * g.agreement for g in front], "o-", c="C0")
-    ax2.set_xlabel("layers recomputed")
+    ax2.scatter([g.cost for g in profile.groups], [100 * g.agreement for g in profile.groups], s=10, c="0.6")
+    ax2.plot([g.cost for g in front], [100 * g.agreement for g in front], "o-", c="C0")
+    ax2.set_xlabel("recompute work (layers x share of the context)")
     ax2.set_ylabel("greedy agreement with full prefill (%)")
     fig.suptitle(f"{profile.sender} -> {profile.receiver}: {profile.calibration.get('items', '?')} contexts, "
                  f"{profile.num_layers} layers, step {profile.step}")

@@ -101,13 +101,14 @@ class Engine:
         return CrossModelPolicy.from_directory(directory, paths, self.config.cross_model_quality,
                                                num_layers, fingerprint, self.config.cross_model_idle_ttft_ms)
 
-    def _sample_hit(self, sender: int, receiver: int, prompt_ids: list[int], span_end: int, group) -> None:
+    def _sample_hit(self, sender: int, receiver: int, prompt_ids: list[int], span_end: int, group,
+                    tail: float = 1.0) -> None:
         targets = {t.cache_namespace: t for t in map(self.resolve, self.model_names)}
         if sender not in targets or receiver not in targets or span_end >= len(prompt_ids):
             return
         s, r = targets[sender], targets[receiver]
         self.drift_guard.record(HitSample(sender, receiver, list(prompt_ids[:span_end + MAX_TAIL_TOKENS]), span_end,
-                                          group, (s.model_id, s.lora_id), (r.model_id, r.lora_id)))
+                                          group, (s.model_id, s.lora_id), (r.model_id, r.lora_id), tail))
 
     def idle_tick(self) -> None:
         """Background work for an idle engine (the server calls it when nothing is

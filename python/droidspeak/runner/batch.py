@@ -83,6 +83,11 @@ class ForwardBatch:
         return sub, rows
 
 
+def recompute_start(start: int, end: int, tail: float) -> int:
+    """First token recomputed when the last `tail` share of [start, end) is (at least one)."""
+    return min(end - 1, start + int((end - start) * (1 - tail)))
+
+
 @dataclass
 class Recompute:
     """A cross-model hit's recompute: the receiver's layers [layer_start, layer_end)

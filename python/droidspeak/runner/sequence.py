@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from droidspeak.runner.batch import ForwardBatch, ForwardMode, Recompute
+from droidspeak.runner.batch import ForwardBatch, ForwardMode, Recompute, recompute_start
 
 
 class Sequence:
@@ -77,23 +77,25 @@ class Sequence:
 
     @torch.inference_mode()
     def reuse(self, sender: "Sequence", n: int, group: tuple[int, int] | None,
-              model_id: int = 0, lora_id: int | None = None) -> None:
+              model_id: int = 0, lora_id: int | None = None, tail: float = 1.0) -> None:
         """Take the sender's first `n` tokens of KV, as a cross-model hit does:
         every layer is the sender's except `group` = [start, end), which this
         sequence's model recomputes from the sender's E cache at `start` into
-        fresh slots. `group=None` (or an empty one) is wholesale reuse."""
+        fresh slots, for the last `tail` share of the tokens (`recompute_start`).
+        `group=None` (or an empty one) is wholesale reuse."""
         assert self.length == 0 and sender.length >= n
         self.table[:, :n] = sender.table[:, :n]
         self.ids = list(sender.ids[:n])
         if group is not None and group[0] < group[1]:
             runner = self.runner
+            m = recompute_start(0, n, tail)
             spaces = runner.kv_pool.segments.covering(*group)
-            slots = runner.allocator.allocate(n, spaces)
+            slots = runner.allocator.allocate(n - m, spaces)
             self._owned.append((slots, spaces))
-            self.table[spaces.start:spaces.stop, :n] = slots.to(torch.int32)
-            e_rows = sender.e_rows(group[0])[:n] if group[0] > 0 else None
-            runner.recompute([Recompute(self.row, 0, n, group[0], group[1], e_rows,
-                                        torch.tensor(sender.ids[:n]), model_id, lora_id)])
+            self.table[spaces.start:spaces.stop, m:n] = slots.to(torch.int32)
+            e_rows = sender.e_rows(group[0])[m:n] if group[0] > 0 else None
+            runner.recompute([Recompute(self.row, m, n, group[0], group[1], e_rows,
+                                        torch.tensor(sender.ids[m:n]), model_id, lora_id)])
         self.length = n
 
     def release(self) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from droidspeak.kvcache.base import PrefixCache
 from droidspeak.kvcache.pool import ReqToTokenPool, SlotAllocator
-from droidspeak.runner.batch import ForwardBatch, ForwardMode, Recompute
+from droidspeak.runner.batch import ForwardBatch, ForwardMode, Recompute, recompute_start
 from droidspeak.scheduler.request import Req
 
 # Decode tokens reserved per running request are capped here: a request asking for
@@ -119,24 +119,29 @@ class PrefillAdder:
         """Point the row at the sender's KV for the cross-model hit, with fresh
         slots for the recompute group's segments, and queue the recompute."""
         hit = match.cross
-        group = self.cross_policy.group(hit.sender, req.cache_variant, self.idle, hit.length)
+        choice = self.cross_policy.choose(hit.sender, req.cache_variant, self.idle, hit.length)
+        group = (choice.start, choice.end)
         spaces = self.cross_policy.segments.covering(*group)
-        if spaces and not self._make_room(hit.length):
+        end = hit.start + hit.length
+        # Only the last `tail` share of the span is recomputed; before it the
+        # sender's KV serves every layer.
+        first = recompute_start(hit.start, end, choice.tail)
+        if spaces and not self._make_room(end - first):
             return False
         table, row = self.req_pool.table, req.req_pool_idx
-        end = hit.start + hit.length
         table[:, row, hit.start:end] = hit.indices.to(torch.int32)
-        req.cross_start, req.cross_spaces = hit.start, spaces
+        req.cross_start, req.cross_spaces = first, spaces  # what the request owns: spaces over [first, end)
         if spaces:
-            table[spaces.start:spaces.stop, row, hit.start:end] = \
-                self.allocator.allocate(hit.length, spaces).to(torch.int32)
+            table[spaces.start:spaces.stop, row, first:end] = \
+                self.allocator.allocate(end - first, spaces).to(torch.int32)
             e_index = self.cross_policy.e_index(group[0])
-            req.recompute = Recompute(row, hit.start, end, group[0], group[1],
-                                      None if e_index is None else hit.erows[e_index].clone(),
-                                      torch.tensor(req.fill_ids[hit.start:end], dtype=torch.int64),
+            req.recompute = Recompute(row, first, end, group[0], group[1],
+                                      None if e_index is None else hit.erows[e_index, first - hit.start:].clone(),
+                                      torch.tensor(req.fill_ids[first:end], dtype=torch.int64),
                                       req.model_id, req.lora_id)
-            self.budget -= hit.length
-        self.cross_policy.record_hit(hit.sender, req.cache_variant, hit.length, group, req.origin_input_ids, end)
+            self.budget -= end - first
+        self.cross_policy.record_hit(hit.sender, req.cache_variant, hit.length, group, req.origin_input_ids, end,
+                                     choice.tail)
         return True
 
     def _make_room(self, n: int) -> bool:
