@@ -347,7 +347,7 @@ def test_server_reports_cross_model_hits(family):
 
     paths, profiles = family
     proc, url = start_server(paths["base"], "--model", f"a={paths['a']}", "--model", f"b={paths['b']}",
-                             "--cross-model-profiles", profiles)
+                             "--lora-paths", f"la={paths['la']}", "--cross-model-profiles", profiles)
     try:
         params = {"temperature": 0, "max_new_tokens": 3}
         httpx.post(url + "/generate", json={"text": CONTEXT + QUESTIONS[0], "model": "a",
@@ -355,8 +355,13 @@ def test_server_reports_cross_model_hits(family):
         out = httpx.post(url + "/v1/completions", json={"model": "b", "prompt": CONTEXT + QUESTIONS[1],
                                                         "max_tokens": 3, "temperature": 0}, timeout=60).json()
         assert out["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        httpx.post(url + "/generate", json={"text": "unrelated prompt", "model": "la", "sampling_params": params},
+                   timeout=60).raise_for_status()
         metrics = httpx.get(url + "/metrics").text
         assert 'droidspeak_cross_model_hits_total{receiver="b",sender="a"} 1.0' in metrics
+        # per-model series are labelled with the model or adapter that served the request
+        for name in ("a", "b", "la"):
+            assert f'droidspeak_requests_total{{finish_reason="length",model_name="{name}"}} 1.0' in metrics
         info = httpx.get(url + "/server_info").json()
         pair = next(p for p in info["cross_model_pairs"] if (p["sender"], p["receiver"]) == ("a", "b"))
         assert pair["recompute_layers"] == [2, 4] and pair["hits"] == 1 and pair["reused_tokens"] > 0

@@ -116,6 +116,12 @@ class Engine:
         if self.scheduler.is_idle and self.drift_guard.due():
             self.drift_guard.check_one(make_room=self.scheduler.cache.evict)
 
+    def model_name_of(self, req: Req) -> str:
+        """The name of the model or adapter a request ran on (adapter ids are never
+        reused, so an unloaded adapter's late requests keep a stable label)."""
+        names = {v: n for n, v in self._variants().items()}
+        return names.get(req.cache_namespace, f"unloaded-adapter-{req.lora_id}")
+
     def _variants(self) -> dict[str, int]:
         return {name: self.resolve(name).cache_namespace for name in self.model_names}
 

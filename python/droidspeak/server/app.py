@@ -79,7 +79,8 @@ def create_app(state: ServerState) -> FastAPI:
     from fastapi.responses import Response
 
     from droidspeak.server.metrics import ServerMetrics
-    metrics = ServerMetrics(state.engine.scheduler, state.model_names, state.log_requests)
+    metrics = ServerMetrics(state.engine.scheduler, state.model_names, state.log_requests,
+                            name_of=state.engine.engine.model_name_of)
     state.engine.on_finished = metrics.observe_finished
 
     @app.get("/metrics")

@@ -16,9 +16,11 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1
 
 
 class ServerMetrics:
-    def __init__(self, scheduler, model_names: list[str], log_requests: bool = False):
+    def __init__(self, scheduler, model_names: list[str], log_requests: bool = False, name_of=None):
+        """`name_of(req)` names the model (or adapter) that served a request."""
         model_name = model_names[0]
         self.model_names = model_names
+        self.name_of = name_of or (lambda req: self.model_names[req.model_id])
         self.registry = CollectorRegistry()
         self.log_requests = log_requests
         labels = {"model_name": model_name}
@@ -51,7 +53,7 @@ class ServerMetrics:
 
     def observe_finished(self, req: Req) -> None:
         reason = req.finish_reason.kind if req.finish_reason else "unknown"
-        model = self.model_names[req.model_id]
+        model = self.name_of(req)
         self.requests.labels(model_name=model, finish_reason=reason).inc()
         self.prompt_tokens.labels(model_name=model).inc(len(req.origin_input_ids))
         self.generation_tokens.labels(model_name=model).inc(len(req.output_ids))
