@@ -424,3 +424,24 @@ def test_drift_guard_flags_and_retargets(family, caplog):
     assert eng.cross_policy.group(a, b, False, 10) == (0, NUM_LAYERS)
     assert eng.drift_guard.measure(eng.drift_guard.pairs[(a, b)].samples[-1], (0, NUM_LAYERS)) == 0
     assert_no_leak(eng)
+
+
+def test_abort_during_cross_hit_frees_everything(engine):
+    """A receiver request aborted right after its cross-model prefill (a dropped
+    client) gives back its recomputed slots; the sender's entry is intact."""
+    engine.flush_cache()
+    ids = ids_of(engine, CONTEXT + QUESTIONS[0])
+    ctx = len(ids_of(engine, CONTEXT))
+    run(engine, "a", ids_of(engine, CONTEXT + QUESTIONS[1]), ctx)
+    held = engine.runner.allocator.num_referenced
+    reqs, _ = engine.make_requests(input_ids=ids, sampling_params={"max_new_tokens": 50, "ignore_eos": True},
+                                   model="b")
+    engine.scheduler.add_request(reqs[0])
+    engine.scheduler.step()  # the prefill with the recompute of layers [2, 4)
+    assert reqs[0].cross_model_tokens >= ctx and not reqs[0].finished
+    engine.scheduler.step()  # one decode step
+    assert engine.scheduler.abort_request(reqs[0].rid) is not None
+    assert_no_leak(engine)
+    assert engine.runner.allocator.num_referenced >= held  # a's entry (b's may be cached too)
+    again = run(engine, "b", ids, ctx)
+    assert again["meta_info"]["cached_tokens"] == ctx
