@@ -29,13 +29,11 @@ def quantize_8bit(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def score(logits: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> dict:
-    lp, lp_ref = F.log_softmax(logits, -1), F.log_softmax(ref, -1)
-    soft = -(lp_ref.exp() * lp).sum(-1).mean().item()
-    entropy = -(lp_ref.exp() * lp_ref).sum(-1).mean().item()
-    return {"kl": F.kl_div(lp, lp_ref, log_target=True, reduction="none").sum(-1).mean().item(),
-            "agreement": (logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
-            "soft_ce_excess": soft / entropy - 1,
-            "nll": -lp.gather(1, targets[:, None]).mean().item()}
+    from droidspeak.crossmodel.quality import divergence
+    lp = F.log_softmax(logits, -1)
+    d = divergence(lp, F.log_softmax(ref, -1))
+    return {"kl": d.kl, "agreement": (logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+            "soft_ce_excess": d.excess, "nll": -lp.gather(1, targets[:, None]).mean().item()}
 
 
 def main() -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from droidspeak.crossmodel.quality import divergence
 from droidspeak.runner.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -100,10 +101,7 @@ class DriftGuard:
         the span."""
         reused = self._tail_logits(sample, group, tail)
         own = self._tail_logits(sample, None)
-        lp, lp_own = F.log_softmax(reused, -1), F.log_softmax(own, -1)
-        soft = -(lp_own.exp() * lp).sum(-1).mean()
-        entropy = -(lp_own.exp() * lp_own).sum(-1).mean()
-        return float(soft / entropy - 1) if entropy > 0 else 0.0
+        return divergence(F.log_softmax(reused, -1), F.log_softmax(own, -1)).excess
 
     def _tail_logits(self, sample: HitSample, group, tail: float = 1.0) -> torch.Tensor:
         seqs = []
@@ -142,7 +140,7 @@ class DriftGuard:
         choice = self.policy.choice_for(sender, receiver)
         names = self.policy.names_of(sender, receiver)
         for g in choice.profile.frontier:
-            if g.cost <= choice.target.cost or not self.policy.can_run((g.start, g.end)):
+            if g.cost <= choice.target.cost or not self.runner.supports_group(g.start, g.end):
                 continue
             scores = [self.measure(s, (g.start, g.end), g.tail) for s in pair.samples]
             if sum(scores) / len(scores) <= self.policy.quality:

@@ -73,6 +73,7 @@ class CrossModelPolicy:
         self._names: dict[int, str] = {}
         self._pairs: dict[tuple[int, int], PairChoice] = {}
         self._senders: dict[int, dict[int, int | None]] = {}
+        self._e_senders: set[int] = set()
         self._missed_logged: set[tuple[int, int]] = set()
         # Called as hit_listener(sender, receiver, prompt_ids, span_end, group) on each hit.
         self.hit_listener = None
@@ -108,9 +109,14 @@ class CrossModelPolicy:
         self._names = {v: n for n, v in variants.items()}
         self._pairs = {(variants[s], variants[r]): c for (s, r), c in self.choices.items()
                        if s in variants and r in variants}
+        self._reindex()
+
+    def _reindex(self) -> None:
+        """Derive the per-request lookups from `_pairs` (after any change to it)."""
         self._senders = {}
         for (s, r), c in self._pairs.items():
             self._senders.setdefault(r, {})[s] = self.e_index(c.target.start)
+        self._e_senders = {s for (s, _), c in self._pairs.items() if c.target.start > 0}
 
     # ---- what the drift guard asks and changes ------------------------------------
     def choice_for(self, sender: int, receiver: int) -> PairChoice | None:
@@ -119,23 +125,17 @@ class CrossModelPolicy:
     def names_of(self, *variants: int) -> tuple[str, ...]:
         return tuple(self._names.get(v, str(v)) for v in variants)
 
-    def can_run(self, group: tuple[int, int]) -> bool:
-        """Whether this engine's KV layout (segments, E-cache layers) can run `group`."""
-        start, end = group
-        return start in self.segments.bounds and end in self.segments.bounds and \
-            (start == 0 or start in self.layout.e_layers)
-
     def retarget(self, sender: int, receiver: int, group: GroupScore) -> None:
         c = self._pairs[(sender, receiver)]
         c.target = group
         if c.idle.cost < group.cost or c.idle.start != group.start:
             c.idle = group
-        self._senders.setdefault(receiver, {})[sender] = self.e_index(group.start)
+        self._reindex()
 
     def disable(self, sender: int, receiver: int) -> None:
         self._pairs.pop((sender, receiver), None)
-        self._senders.get(receiver, {}).pop(sender, None)
         self.choices.pop(self.names_of(sender, receiver), None)
+        self._reindex()
 
     def describe(self) -> list[dict]:
         """The profiled pairs, their groups and counters (for /server_info)."""
@@ -154,7 +154,8 @@ class CrossModelPolicy:
         return self._senders.get(receiver, {})
 
     def is_sender(self, variant: int) -> bool:
-        return any(s == variant and c.target.start > 0 for (s, _), c in self._pairs.items())
+        """Whether `variant` keeps an E cache (a sender of a group starting above layer 0)."""
+        return variant in self._e_senders
 
     def choose(self, sender: int, receiver: int, idle: bool, tokens: int) -> GroupScore:
         """The group (and tail share) to recompute for a hit of `tokens` tokens."""

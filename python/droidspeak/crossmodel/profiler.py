@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from droidspeak.crossmodel.calibration import Item
 from droidspeak.crossmodel.profile import GroupScore, Profile, fingerprint, profile_path
+from droidspeak.crossmodel.quality import divergence
 from droidspeak.runner.model_runner import KVLayout
 from droidspeak.runner.sequence import Sequence
 
@@ -99,11 +100,7 @@ class Profiler:
         self.groups = sweep_groups(self.num_layers, step, tails)
 
     def _check_layout(self, groups) -> None:
-        starts = {g[0] for g in groups if 0 < g[0] < g[1]}
-        missing = starts - set(self.runner.layout.e_layers)
-        bounds = self.runner.kv_pool.segments.bounds
-        unaligned = [g for g in groups if g[0] < g[1] and (g[0] not in bounds or g[1] not in bounds)]
-        if missing or unaligned:
+        if not all(self.runner.supports_group(g[0], g[1]) for g in groups):
             raise ValueError(f"the engine's KV layout cannot run groups {sorted(groups)}: build it with "
                              f"grid_layout(num_layers, step)")
 
@@ -227,12 +224,11 @@ class Profiler:
     @staticmethod
     def _score(logits: torch.Tensor, reference: torch.Tensor, enc: Encoded) -> Totals:
         targets = torch.tensor(enc.suffix[1:])
-        lp, lp_ref = F.log_softmax(logits, -1), F.log_softmax(reference, -1)
+        lp = F.log_softmax(logits, -1)
         nll = -lp[:enc.text_rows].gather(1, targets[:enc.text_rows, None]).sum().item()
-        kl = F.kl_div(lp, lp_ref, log_target=True, reduction="none").sum(-1).mean().item()
-        soft_ce = -(lp_ref.exp() * lp).sum(-1).mean().item()
+        d = divergence(lp, F.log_softmax(reference, -1))
         greedy = logits.argmax(-1)
-        t = Totals(nll=nll, text_tokens=enc.text_rows, soft_ce=soft_ce, kl=kl, items=1,
+        t = Totals(nll=nll, text_tokens=enc.text_rows, soft_ce=d.soft_ce, kl=d.kl, items=1,
                    agree=int((greedy == reference.argmax(-1)).sum()), positions=int(logits.shape[0]))
         if len(enc.answer_rows):
             rows = torch.tensor(list(enc.answer_rows))

@@ -83,7 +83,7 @@ class Engine:
         for name, path in parse_model_entries(self.config.lora_paths):
             self.load_lora_adapter(name, path)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.runner.model_config.eos_token_ids)
-        self.cross_policy.bind(self._variants())
+        self._rebind()
         self.scheduler = Scheduler(self.config, self.runner, self.eos_token_ids, self.cross_policy)
         self.drift_guard = DriftGuard(self.cross_policy, self.runner, self.config.cross_model_drift_check_s)
         self.cross_policy.hit_listener = self._sample_hit
@@ -103,10 +103,9 @@ class Engine:
 
     def _sample_hit(self, sender: int, receiver: int, prompt_ids: list[int], span_end: int, group,
                     tail: float = 1.0) -> None:
-        targets = {t.cache_namespace: t for t in map(self.resolve, self.model_names)}
-        if sender not in targets or receiver not in targets or span_end >= len(prompt_ids):
+        if sender not in self._by_variant or receiver not in self._by_variant or span_end >= len(prompt_ids):
             return
-        s, r = targets[sender], targets[receiver]
+        s, r = self._by_variant[sender][1], self._by_variant[receiver][1]
         self.drift_guard.record(HitSample(sender, receiver, list(prompt_ids[:span_end + MAX_TAIL_TOKENS]), span_end,
                                           group, (s.model_id, s.lora_id), (r.model_id, r.lora_id), tail))
 
@@ -119,11 +118,20 @@ class Engine:
     def model_name_of(self, req: Req) -> str:
         """The name of the model or adapter a request ran on (adapter ids are never
         reused, so an unloaded adapter's late requests keep a stable label)."""
-        names = {v: n for n, v in self._variants().items()}
-        return names.get(req.cache_namespace, f"unloaded-adapter-{req.lora_id}")
+        entry = self._by_variant.get(req.cache_namespace)
+        return entry[0] if entry else f"unloaded-adapter-{req.lora_id}"
 
     def _variants(self) -> dict[str, int]:
-        return {name: self.resolve(name).cache_namespace for name in self.model_names}
+        return {name: variant for variant, (name, _) in self._by_variant.items()}
+
+    def _rebind(self) -> None:
+        """Refresh the variant -> (name, Target) map and the policy's view of it
+        (at start and whenever adapters come or go)."""
+        self._by_variant = {}
+        for name in self.model_names:
+            target = self.resolve(name)
+            self._by_variant[target.cache_namespace] = (name, target)
+        self.cross_policy.bind(self._variants())
 
     def _check_lineage(self, members: list[tuple[str, str]]) -> dict[str, LineageInfo]:
         root_name, _ = members[0]
@@ -172,8 +180,7 @@ class Engine:
         self._adapters[name] = lora_id
         root = self._full_model_names[0]
         self.lineage[name] = LineageInfo(root, root, f"LoRA adapter, rank {adapter.rank}")
-        if hasattr(self, "scheduler"):
-            self.cross_policy.bind(self._variants())
+        self._rebind()
         logger.info("loaded LoRA adapter %s (rank %d) from %s", name, adapter.rank, path)
 
     @property
@@ -200,7 +207,7 @@ class Engine:
         del self._adapters[name]
         del self.runner.adapters[lora_id]
         del self.lineage[name]
-        self.cross_policy.bind(self._variants())
+        self._rebind()
 
     # ---- request construction ---------------------------------------------
     def make_requests(self, prompt=None, sampling_params=None, input_ids=None, *,

@@ -72,6 +72,13 @@ class ModelRunner:
         return (KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
                 + HiddenPool.bytes_per_token(len(self.layout.e_layers), mc.hidden_size, self.dtype))
 
+    def supports_group(self, start: int, end: int) -> bool:
+        """Whether this KV layout can recompute layers [start, end): both bounds on
+        segment boundaries, and an E cache at `start` unless it is 0 (embeddings)."""
+        bounds = self.kv_pool.segments.bounds
+        return start >= end or (start in bounds and end in bounds
+                                and (start == 0 or start in self.layout.e_layers))
+
     @property
     def kv_bytes(self) -> int:
         return self.max_total_tokens * self.kv_bytes_per_token
