@@ -7,8 +7,8 @@ deltas from the dequantized anchor (neighbouring tokens' KV are close, so deltas
 are small). Quantization steps are per (layer, channel), a multiple of that
 channel's spread, finer for early layers (their errors propagate through every
 later layer) and finer for anchors. The integer symbols are entropy coded with
-`constriction`'s range coder, one quantized-Laplace distribution per (layer,
-channel). Every element is reconstructed within half its step (`error_bound`).
+`constriction`'s range coder, one Laplace table per (layer, channel), its
+scale rounded to a fixed grid so that rows sharing a scale share one table. Every element is reconstructed within half its step (`error_bound`).
 The lossless level codes the raw bytes plane by plane with one categorical
 distribution per (layer, byte plane), or stores a plane raw where coding would not
 make it smaller (low mantissa bytes are close to uniform).
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 MAGIC = b"DSKV"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<4sHBBHIIIII")  # magic, version, level, dtype, group, L, T, C, payload, crc
 DEFAULT_GROUP = 10
 MAX_ELEMENTS = 1 << 31
@@ -147,36 +147,66 @@ def _steps(std: np.ndarray, level: Level) -> tuple[np.ndarray, np.ndarray]:
     return (level.anchor_step * std).astype(np.float32), delta.astype(np.float32)
 
 
+# Laplace scales (mean |symbol|) are rounded to this geometric grid; all (layer,
+# channel) rows with one scale share one categorical table, so the coder runs a
+# fixed model over long runs of symbols instead of a per-symbol parametric one.
+SCALE_GRID = np.geomspace(0.05, 512.0, 64).astype(np.float32)
+NO_SYMBOLS = 0xFF
+
+
 def _read_stats(payload: bytes, L: int, C: int) -> np.ndarray:
-    """[4, L, C] float32: mean, std, anchor scale, delta scale (stored as fp16)."""
-    return _Reader(payload).take("<f2", 4 * L * C).astype(np.float32).reshape(4, L, C)
+    """[2, L, C] float32: mean and std (stored as fp16)."""
+    return _Reader(payload).take("<f2", 2 * L * C).astype(np.float32).reshape(2, L, C)
 
 
-def _laplace_code(symbols: np.ndarray, scales: np.ndarray) -> bytes:
-    """symbols [L, n, C] int, scales [L, C]: range-coded with one Laplace per (layer, channel)."""
-    lo, hi = int(symbols.min(initial=0)), int(symbols.max(initial=0))
-    model = constriction.stream.model.QuantizedLaplace(lo, hi + 1)
+def _bucket(symbols: np.ndarray) -> np.ndarray:
+    """[rows] grid index of each row's Laplace scale; symbols [rows, n]."""
+    scale = np.maximum(np.abs(symbols).mean(axis=1), SCALE_GRID[0])
+    return np.clip(np.searchsorted(SCALE_GRID, scale), 0, SCALE_GRID.size - 1).astype(np.uint8)
+
+
+def _table(bucket: int, lo: int, hi: int) -> "constriction.stream.model.Categorical":
+    x = np.arange(lo, max(hi, lo + 1) + 1, dtype=np.float64)  # the coder needs two symbols at least
+    logp = -np.abs(x) / float(SCALE_GRID[bucket])
+    p = np.exp(logp - logp.max())  # symbols far from 0 (an offset row) must not underflow
+    return constriction.stream.model.Categorical(p / p.sum(), perfect=False)
+
+
+def _rows_code(rows: np.ndarray) -> bytes:
+    """rows [R, n] int symbols (one row per (layer, channel)): each row's scale
+    bucket, then per bucket its symbol range, then one range-coded stream."""
+    buckets = _bucket(rows) if rows.shape[1] else np.full(rows.shape[0], NO_SYMBOLS, np.uint8)
     enc = constriction.stream.queue.RangeEncoder()
-    if symbols.size:
-        s = np.broadcast_to(scales[:, None, :], symbols.shape).astype(np.float64).ravel()
-        enc.encode(symbols.astype(np.int32).ravel(), model, np.zeros_like(s), s)
-    return struct.pack("<ii", lo, hi) + _words(enc.get_compressed())
+    ranges = []
+    for b in np.unique(buckets) if rows.shape[1] else ():
+        sym = rows[buckets == b].ravel()
+        lo, hi = int(sym.min()), int(sym.max())
+        ranges.append(struct.pack("<Bii", int(b), lo, hi))
+        enc.encode((sym - lo).astype(np.int32), _table(int(b), lo, hi))
+    return (buckets.tobytes() + struct.pack("<H", len(ranges)) + b"".join(ranges)
+            + _words(enc.get_compressed()))
 
 
-def _laplace_decode(reader: _Reader, shape: tuple[int, int, int], scales: np.ndarray) -> np.ndarray:
-    lo, hi = (int(v) for v in reader.take("<i4", 2))
+def _rows_decode(reader: _Reader, num_rows: int, n: int) -> np.ndarray:
+    buckets = reader.take("<u1", num_rows)
+    (count,) = reader.take("<u2", 1)
+    specs = [(int(b), int(lo), int(hi)) for b, lo, hi in
+             (struct.unpack("<Bii", reader.take("<u1", 9).tobytes()) for _ in range(int(count)))]
     words = reader.words()
-    if lo > hi:
-        raise CodecError("bad symbol range")
-    if not np.prod(shape):
-        return np.zeros(shape, dtype=np.int64)
-    s = np.broadcast_to(scales[:, None, :], shape).astype(np.float64).ravel()
+    out = np.zeros((num_rows, n), dtype=np.int64)
+    if n == 0:
+        return out
+    present = np.unique(buckets)
+    if [b for b, _, _ in specs] != present.tolist() or any(lo > hi or b >= SCALE_GRID.size for b, lo, hi in specs):
+        raise CodecError("symbol tables do not match the rows")
+    dec = constriction.stream.queue.RangeDecoder(words)
     try:
-        out = constriction.stream.queue.RangeDecoder(words).decode(
-            constriction.stream.model.QuantizedLaplace(lo, hi + 1), np.zeros_like(s), s)
+        for b, lo, hi in specs:
+            mask = buckets == b
+            out[mask] = dec.decode(_table(b, lo, hi), int(mask.sum()) * n).reshape(-1, n) + lo
     except Exception as e:  # the coder rejects streams it cannot decode
         raise CodecError(f"entropy-coded data is invalid: {e}") from None
-    return out.reshape(shape).astype(np.int64)
+    return out
 
 
 def _encode_lossy(x: torch.Tensor, level: Level, group: int) -> bytes:
@@ -191,32 +221,30 @@ def _encode_lossy(x: torch.Tensor, level: Level, group: int) -> bytes:
     owner = np.repeat(a_hat, group, axis=1)[:, :T]                 # each token's anchor, dequantized
     mask = np.arange(T) % group != 0
     d_sym = np.rint((v[:, mask] - owner[:, mask]) / delta_step[:, None]).astype(np.int64)
-    a_scale = np.maximum(np.abs(a_sym).mean(axis=1), 0.05).astype(np.float16)
-    d_scale = (np.maximum(np.abs(d_sym).mean(axis=1), 0.05) if d_sym.size else np.full((L, C), 0.05)
-               ).astype(np.float16)
-    stats = np.stack([mean.astype(np.float16), std.astype(np.float16), a_scale, d_scale]).astype("<f2")
-    return (stats.tobytes() + _laplace_code(a_sym, a_scale.astype(np.float32))
-            + _laplace_code(d_sym, d_scale.astype(np.float32)))
+    stats = np.stack([mean, std]).astype("<f2")
+    rows = lambda s: s.transpose(0, 2, 1).reshape(L * C, -1)       # noqa: E731  [(layer, channel), tokens]
+    return stats.tobytes() + _rows_code(rows(a_sym)) + _rows_code(rows(d_sym))
 
 
 def _decode_lossy(payload: bytes, dtype: torch.dtype, shape, level: Level, group: int) -> torch.Tensor:
     L, T, C = shape
     reader = _Reader(payload)
-    mean, std, a_scale, d_scale = reader.take("<f2", 4 * L * C).astype(np.float32).reshape(4, L, C)
-    if not (np.isfinite(std).all() and (std > 0).all() and np.isfinite(mean).all()
-            and (a_scale > 0).all() and (d_scale > 0).all()):
+    mean, std = reader.take("<f2", 2 * L * C).astype(np.float32).reshape(2, L, C)
+    if not (np.isfinite(std).all() and (std > 0).all() and np.isfinite(mean).all()):
         raise CodecError("bad quantization statistics")
     anchor_step, delta_step = _steps(std, level)
     n_anchor = (T + group - 1) // group
-    a_sym = _laplace_decode(reader, (L, n_anchor, C), a_scale)
     mask = np.arange(T) % group != 0
-    d_sym = _laplace_decode(reader, (L, int(mask.sum()), C), d_scale)
+    n_delta = int(mask.sum())
+    cols = lambda r, n: r.reshape(L, C, n).transpose(0, 2, 1)      # noqa: E731
+    a_sym = cols(_rows_decode(reader, L * C, n_anchor), n_anchor)
+    d_sym = cols(_rows_decode(reader, L * C, n_delta), n_delta)
     if reader.pos != len(payload):
         raise CodecError("payload has trailing bytes")
     a_hat = mean[:, None] + a_sym * anchor_step[:, None]
-    out = np.repeat(a_hat, group, axis=1)[:, :T].copy()
+    out = np.repeat(a_hat, group, axis=1)[:, :T].astype(np.float32)
     out[:, mask] += d_sym * delta_step[:, None]
-    return torch.from_numpy(out.astype(np.float32)).to(dtype)
+    return torch.from_numpy(out).to(dtype)
 
 
 # ---- lossless -------------------------------------------------------------------
