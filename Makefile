@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 SGLANG_FRONTEND := sglang==0.5.10
 SGLANG_FRONTEND_DEPS := numpy tqdm pybase64 requests ipython pydantic aiohttp
 
-.PHONY: install model serve test bench clean
+.PHONY: install model redis serve test bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -33,10 +33,17 @@ install: $(STAMP)
 model: install
 	$(VENV)/bin/droidspeak prepare-model
 
+# The KV store's Redis-tier tests start a real redis-server (Debian's package).
+redis:
+	@command -v redis-server >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }; }
+
 serve: model
 	$(VENV)/bin/droidspeak serve --host $(HOST) --port $(PORT)
 
-test: model
+test: model redis
 	$(PY) -m pytest test -q $(PYTEST_ARGS)
 
 bench: model

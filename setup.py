@@ -41,6 +41,7 @@ setup(
         "tqdm",
         "matplotlib",
         "constriction",
+        "redis>=5",
         "pyyaml",
         "tomli; python_version < '3.11'",
         "psutil",

@@ -82,6 +82,36 @@ class EngineConfig:
     disable_cross_model: bool = field(
         default=False,
         metadata={"help": "Never reuse another model's KV (every model prefills its own)."})
+    kv_store: str | None = field(
+        default=None,
+        metadata={"help": "Keep KV that the prefix cache evicts, compressed, in these tiers (comma-separated, "
+                          "fastest first): ram, disk[:DIR], redis://HOST:PORT[/DB]. A prompt the cache misses "
+                          "loads the chunks they hold; a Redis tier is shared by every engine pointed at it."})
+    kv_store_ram_mb: int = field(default=2048, metadata={"help": "Size cap of the compressed RAM tier (MiB)."})
+    kv_store_disk_dir: str | None = field(
+        default=None, metadata={"help": "Directory of the disk tier; default: $DROIDSPEAK_CACHE/kvstore."})
+    kv_store_disk_gb: float = field(default=20.0, metadata={"help": "Size cap of the disk tier (GiB)."})
+    kv_store_chunk_size: int = field(default=256, metadata={"help": "Tokens per stored KV chunk."})
+    kv_store_levels: str = field(
+        default="high,low",
+        metadata={"help": "CacheGen levels each chunk is stored at (lossless, high, medium, low); the "
+                          "streamer picks one per chunk by bandwidth."})
+    kv_store_write: str = field(
+        default="auto",
+        metadata={"help": "evict: store chunks when the prefix cache evicts them; through: also store every "
+                          "finished request's chunks at once (what sharing needs); auto: through when a Redis "
+                          "tier is configured, else evict."})
+    kv_store_ttft_ms: float | None = field(
+        default=None,
+        metadata={"help": "TTFT target for loading a stored prefix: per chunk, the best level whose fetch and "
+                          "decode fit the chunk's share; default: the best level that beats recomputing."})
+    kv_store_load: str = field(
+        default="adaptive",
+        metadata={"help": "adaptive: per chunk, load at the level that fits or recompute when that is faster; "
+                          "always: load every stored chunk (at the best level that fits the TTFT target, else "
+                          "the fastest), never recompute what the store holds."})
+    kv_store_bandwidth_mbps: float | None = field(
+        default=None, metadata={"help": "Assume this link bandwidth (MB/s) instead of measuring it."})
     random_seed: int = field(
         default=0,
         metadata={"help": "Seed of the per-request samplers of requests that give no sampling_seed."})
@@ -105,6 +135,14 @@ class EngineConfig:
             raise InvalidRequestError("max_models_per_batch must be >= 1", "max_models_per_batch")
         if not 0 <= self.cross_model_quality < 1:
             raise InvalidRequestError("cross_model_quality must be in [0, 1)", "cross_model_quality")
+        if self.kv_store_write not in ("auto", "evict", "through"):
+            raise InvalidRequestError("kv_store_write must be auto, evict or through", "kv_store_write")
+        if self.kv_store_load not in ("adaptive", "always"):
+            raise InvalidRequestError("kv_store_load must be adaptive or always", "kv_store_load")
+        if self.kv_store_chunk_size < 16:
+            raise InvalidRequestError("kv_store_chunk_size must be >= 16", "kv_store_chunk_size")
+        if self.kv_store and self.disable_radix_cache:
+            raise InvalidRequestError("kv_store needs the radix cache (drop --disable-radix-cache)", "kv_store")
         if self.chunked_prefill_size != -1 and self.chunked_prefill_size < 1:
             raise InvalidRequestError("chunked_prefill_size must be -1 or >= 1", "chunked_prefill_size")
 

@@ -22,10 +22,14 @@ from droidspeak.crossmodel.profile import default_profile_dir, fingerprint
 from droidspeak.errors import InvalidRequestError, ModelNotFoundError
 from droidspeak.engine.io import format_output, normalize_inputs, per_prompt
 from droidspeak.kernels import native_available
+from droidspeak.kvstore.keys import Namespace
+from droidspeak.kvstore.offload import KVOffloader
+from droidspeak.kvstore.store import TieredStore
+from droidspeak.kvstore.tiers import make_tiers
 from droidspeak.lora.adapter import load_adapter
 from droidspeak.models.config import ModelConfig
 from droidspeak.models_file import load_models_file
-from droidspeak.models.default_model import resolve_model_path
+from droidspeak.models.default_model import cache_dir, resolve_model_path
 from droidspeak.models.lineage import DECLARED_BASE_KEY, LineageInfo, check_family
 from droidspeak.runner.model_runner import KVLayout, ModelRunner
 from droidspeak.sampling.params import SamplingParams
@@ -80,11 +84,14 @@ class Engine:
         self.lineage = self._check_lineage(members)
         self._adapters: dict[str, int] = {}   # adapter name -> id in runner.adapters
         self._adapter_ids = itertools.count(1)
+        self._fingerprints: dict[str, str] = {}
+        self._namespaces: dict[int, Namespace] = {}
         for name, path in parse_model_entries(self.config.lora_paths):
             self.load_lora_adapter(name, path)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.runner.model_config.eos_token_ids)
         self._rebind()
-        self.scheduler = Scheduler(self.config, self.runner, self.eos_token_ids, self.cross_policy)
+        self.offloader = self._make_offloader() if self.config.kv_store else None
+        self.scheduler = Scheduler(self.config, self.runner, self.eos_token_ids, self.cross_policy, self.offloader)
         self.drift_guard = DriftGuard(self.cross_policy, self.runner, self.config.cross_model_drift_check_s)
         self.cross_policy.hit_listener = self._sample_hit
         self._seed_rng = random.Random(self.config.random_seed)
@@ -100,6 +107,30 @@ class Engine:
         paths.update(parse_model_entries(self.config.lora_paths))
         return CrossModelPolicy.from_directory(directory, paths, self.config.cross_model_quality,
                                                num_layers, fingerprint, self.config.cross_model_idle_ttft_ms)
+
+    def _make_offloader(self) -> KVOffloader:
+        c = self.config
+        tiers = make_tiers(c.kv_store, c.kv_store_ram_mb << 20, c.kv_store_disk_dir or os.path.join(cache_dir(), "kvstore"),
+                           int(c.kv_store_disk_gb * (1 << 30)))
+        if not tiers:
+            raise InvalidRequestError(f"kv_store {c.kv_store!r} names no tier", "kv_store")
+        store = TieredStore(tiers, bandwidth_override=c.kv_store_bandwidth_mbps and c.kv_store_bandwidth_mbps * 1e6)
+        levels = tuple(lv.strip() for lv in c.kv_store_levels.split(",") if lv.strip())
+        try:
+            offloader = KVOffloader(store, self.runner.kv_pool, self.runner.e_pool, self._namespaces.get,
+                                    c.kv_store_chunk_size, levels,
+                                    None if c.kv_store_ttft_ms is None else c.kv_store_ttft_ms / 1e3,
+                                    adaptive=c.kv_store_load == "adaptive")
+        except ValueError as e:
+            raise InvalidRequestError(str(e), "kv_store_levels") from None
+        logger.info("KV store: tiers %s, %d-token chunks at levels %s", [t.name for t in tiers],
+                    c.kv_store_chunk_size, list(offloader.levels))
+        return offloader
+
+    def _fingerprint(self, path: str) -> str:
+        if path not in self._fingerprints:
+            self._fingerprints[path] = fingerprint(path)
+        return self._fingerprints[path]
 
     def _sample_hit(self, sender: int, receiver: int, prompt_ids: list[int], span_end: int, group,
                     tail: float = 1.0) -> None:
@@ -132,6 +163,18 @@ class Engine:
             target = self.resolve(name)
             self._by_variant[target.cache_namespace] = (name, target)
         self.cross_policy.bind(self._variants())
+        if self.config.kv_store:
+            # Stored KV is named by the weights that computed it, so engines that
+            # call a model differently still share it.
+            root = self._fingerprint(self._full_model_paths[0])
+            adapters = self.lora_adapters
+            self._namespaces = {}
+            for variant, (name, target) in self._by_variant.items():
+                model = self._fingerprint(self._full_model_paths[target.model_id])
+                if target.lora_id is not None:
+                    model += "+" + self._fingerprint(adapters[name])
+                self._namespaces[variant] = Namespace(root, model, self.config.resolved_dtype,
+                                                      self.config.kv_store_chunk_size)
 
     def _check_lineage(self, members: list[tuple[str, str]]) -> dict[str, LineageInfo]:
         root_name, _ = members[0]
@@ -297,6 +340,9 @@ class Engine:
         return self.scheduler.flush_cache()
 
     def shutdown(self) -> None:
+        if getattr(self, "offloader", None) is not None:
+            self.offloader.close()
+            self.offloader = None
         self.scheduler = None
         self.runner = None
 

@@ -68,6 +68,7 @@ def format_output(req: Req, tokenizer, return_text_in_logprobs: bool = False) ->
         "completion_tokens": len(req.output_ids),
         "cached_tokens": req.cached_tokens,
         "cross_model_cached_tokens": req.cross_model_tokens,
+        "kv_store_cached_tokens": req.store_tokens,
         "e2e_latency": time.perf_counter() - req.created_time,
     }
     if req.first_token_time is not None:

@@ -122,8 +122,13 @@ class PrefixCache(abc.ABC):
     def cache_finished_req(self, req: CachedRequest) -> None:
         """Hand a finished request's KV to the cache and release its row."""
         self._insert_req(req)
+        self._stored(req)
         self._drop_owned(req)
         self._free_row(req)
+
+    def _stored(self, req: CachedRequest) -> None:
+        """A finished request's KV is in the cache now (a write-through cache copies
+        it further down)."""
 
     def cache_unfinished_req(self, req: CachedRequest) -> None:
         """Insert what a still-running request has computed, and re-point its row

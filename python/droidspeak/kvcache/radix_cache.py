@@ -72,6 +72,10 @@ class RadixCache(PrefixCache):
                  e_allocator: SlotAllocator | None = None):
         super().__init__(req_to_token_pool, allocator, e_allocator)
         self._clock = itertools.count(1)
+        # kvstore.offload.KVOffloader: evicted chunks move down to the KV store instead
+        # of vanishing; with write_through, finished requests' chunks are stored at once.
+        self.offloader = None
+        self.write_through = False
         self.reset()
 
     def reset(self) -> None:
@@ -198,6 +202,8 @@ class RadixCache(PrefixCache):
             leaf = heapq.heappop(heap)
             if leaf not in self._evictable_leaves:
                 continue
+            if self.offloader is not None:
+                self._offer(leaf, leaf.entries, from_start=False)
             for entry in leaf.entries.values():
                 self.allocator.free(entry.slots)
                 if entry.erows is not None:
@@ -211,6 +217,33 @@ class RadixCache(PrefixCache):
                 self._evictable_leaves.add(parent)
                 heapq.heappush(heap, parent)
         return freed
+
+    def _offer(self, node: TreeNode, variants, from_start: bool) -> None:
+        """Hand `variants`' KV along the path to `node` to the offloader: the chunks
+        that end inside `node` (or, `from_start`, every chunk of the path)."""
+        path = []
+        while node is not self.root:
+            path.append(node)
+            node = node.parent
+        path.reverse()
+        tokens = [t for n in path for t in n.key]
+        start = 0 if from_start else len(tokens) - len(path[-1].key)
+        for variant in variants:
+            entries = [n.entries.get(variant) for n in path]
+            if any(e is None for e in entries):
+                continue
+            erows = None
+            if any(e.erows is not None for e in entries):
+                erows = torch.cat([e.erows if e.erows is not None else
+                                   torch.zeros((self.num_e_layers, e.slots.shape[1]), dtype=torch.int64)
+                                   for e in entries], dim=1)
+            self.offloader.offer(tokens, start, variant, torch.cat([e.slots for e in entries], dim=1), erows)
+
+    def _stored(self, req) -> None:
+        if self.offloader is not None and self.write_through:
+            match = self.match_prefix(req.cache_key[:req.kv_len], req.cache_variant)
+            if match.length:
+                self._offer(match.last_node, (req.cache_variant,), from_start=True)
 
     def lock(self, node: TreeNode | None) -> None:
         while node is not None and node is not self.root:

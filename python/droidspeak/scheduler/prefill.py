@@ -39,8 +39,9 @@ class PrefillAdder:
                  max_prefill_tokens: int, chunk_size: int, memory_budget: float,
                  new_token_ratio: float, nothing_running: bool,
                  max_models: int = 1 << 30, active_models: set[int] | None = None,
-                 cross_policy=None, idle: bool = False):
+                 cross_policy=None, idle: bool = False, offloader=None):
         self.cache, self.allocator, self.req_pool = cache, allocator, req_pool
+        self.offloader = offloader  # kvstore.offload.KVOffloader or None
         self.cross_policy = cross_policy  # crossmodel.policy.CrossModelPolicy or None
         self.idle = idle
         self.rem_tokens = max_prefill_tokens
@@ -75,6 +76,8 @@ class PrefillAdder:
         if not self.req_pool.can_allocate():
             return False
         req.recompute = None
+        if self.offloader is not None and not req.admitted_once:
+            self._load_from_store(req)
         senders = self.cross_policy.senders_for(req.cache_variant) if self.cross_policy and allow_cross else None
         match = self.cache.match_prefix(req.cache_key[:req.max_prefix_len], req.cache_variant, senders)
         prefix_len = match.length + (match.cross.length if match.cross else 0)
@@ -114,6 +117,42 @@ class PrefillAdder:
             self.new_chunked_req = req
         self._commit(req, take, reserve)
         return True
+
+    def _load_from_store(self, req: Req) -> None:
+        """Extend the variant's cached prefix with the chunks the KV store holds:
+        fetch and decode them, write them into fresh slots, and insert them into the
+        tree, so the match that follows sees them as an ordinary hit."""
+        key = req.cache_key[:req.max_prefix_len]
+        match = self.cache.match_prefix(key, req.cache_variant)
+        e_layers = ()
+        if self.cross_policy is not None and self.cross_policy.is_sender(req.cache_variant) \
+                and self.offloader.e_pool is not None:
+            e_layers = self.offloader.e_pool.layers
+        self.cache.lock(match.last_node)
+        try:
+            loaded = self.offloader.load(req.cache_variant, key, match.length, len(key), e_layers)
+            if loaded is None:
+                return
+            n = loaded.end - loaded.start
+            if not self._make_room(n):
+                return
+            slots = self.allocator.allocate(n)
+            erows = None
+            if loaded.e is not None and self.cache.e_allocator.can_allocate(n):
+                erows = self.cache.e_allocator.allocate(n)
+            self.offloader.write(loaded, slots, erows)
+            full_e = None
+            if erows is not None:
+                full_e = torch.zeros((erows.shape[0], loaded.end), dtype=torch.int64)
+                full_e[:, loaded.start:] = erows
+            self.cache.insert(key[:loaded.end], req.cache_variant, torch.cat([match.indices, slots], dim=1), full_e)
+            self.allocator.free(slots)
+            if erows is not None:
+                self.cache.e_allocator.free(erows)
+            self.budget -= n  # now held by the tree, and soon locked by this request
+            req.store_tokens = n
+        finally:
+            self.cache.unlock(match.last_node)
 
     def _start_recompute(self, req: Req, match) -> bool:
         """Point the row at the sender's KV for the cross-model hit, with fresh

@@ -62,6 +62,7 @@ class Req:
     erows: list[torch.Tensor] = field(default_factory=list)  # owned E-cache rows, see kvcache.base
     cached_tokens: int = 0        # prompt tokens served from the prefix cache
     cross_model_tokens: int = 0   # of those, tokens reused from another model
+    store_tokens: int = 0         # of those, tokens loaded from the KV store's tiers
     admitted_once: bool = False
     num_retractions: int = 0
 

@@ -33,9 +33,11 @@ NEW_TOKEN_RATIO_DECAY = 0.001
 
 class Scheduler:
     def __init__(self, config: EngineConfig, runner: ModelRunner, eos_token_ids: list[int],
-                 cross_policy=None):
+                 cross_policy=None, offloader=None):
         """`cross_policy` (crossmodel.policy.CrossModelPolicy) enables cross-model
-        reuse; the runner's KV layout must be the one it asked for."""
+        reuse; the runner's KV layout must be the one it asked for. `offloader`
+        (kvstore.offload.KVOffloader) moves evicted KV into the KV store's tiers and
+        loads what they hold on a miss."""
         self.config = config
         self.runner = runner
         self.allocator = runner.allocator
@@ -43,6 +45,12 @@ class Scheduler:
         cache_cls = NoPrefixCache if config.disable_radix_cache else RadixCache
         self.cache = cache_cls(self.req_pool, self.allocator, runner.e_allocator)
         self.cross_policy = cross_policy
+        self.offloader = offloader
+        if offloader is not None:
+            self.cache.offloader = offloader
+            mode = config.kv_store_write
+            self.cache.write_through = mode == "through" or (mode == "auto" and any(
+                t.name == "redis" for t in offloader.store.tiers))
         self.eos_token_ids = eos_token_ids
         self.context_length = runner.context_length
         self.vocab_size = runner.model_config.vocab_size
@@ -136,7 +144,7 @@ class Scheduler:
                              nothing_running=not self.running, max_models=self.config.max_models_per_batch,
                              active_models={r.cache_namespace for r in self.running},
                              cross_policy=self.cross_policy,
-                             idle=not self.running and len(self.waiting) <= 1)
+                             idle=not self.running and len(self.waiting) <= 1, offloader=self.offloader)
         if self.chunked_req is not None:
             if not adder.add_chunked(self.chunked_req):
                 return []
@@ -162,6 +170,8 @@ class Scheduler:
             token_layers = batch.num_tokens * self.runner.model_config.num_layers + sum(
                 (j.end - j.start) * (j.layer_end - j.layer_start) for j in batch.recompute)
             self.cross_policy.observe_prefill(time.perf_counter() - start, token_layers)
+        if self.offloader is not None and not batch.recompute:
+            self.offloader.cost.observe_prefill(batch.num_tokens, time.perf_counter() - start)
         to_sample, sample_rows = [], []
         extra_offset = 0
         for i, entry in enumerate(entries):

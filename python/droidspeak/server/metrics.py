@@ -5,7 +5,7 @@ import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from droidspeak.scheduler.request import Req
 
@@ -50,6 +50,8 @@ class ServerMetrics:
             **labels).set(runner.max_total_tokens)
         if getattr(scheduler, "cross_policy", None) is not None:
             r.register(CrossModelCollector(scheduler.cross_policy))
+        if getattr(scheduler, "offloader", None) is not None:
+            r.register(KVStoreCollector(scheduler.offloader))
 
     def observe_finished(self, req: Req) -> None:
         reason = req.finish_reason.kind if req.finish_reason else "unknown"
@@ -91,4 +93,33 @@ class CrossModelCollector:
         for family, attr in families:
             for (sender, receiver), st in stats:
                 family.add_metric([sender, receiver], getattr(st, attr))
+            yield family
+
+
+class KVStoreCollector:
+    """The KV store: chunks stored, dropped and loaded (by level), tokens loaded,
+    and per tier hits, bytes, errors, whether it is up and its bandwidth."""
+
+    def __init__(self, offloader):
+        self.offloader = offloader
+
+    def collect(self):
+        o = self.offloader
+        for name in ("chunks_written", "chunks_dropped", "tokens_loaded", "chunks_recompute_chosen",
+                     "chunks_corrupt"):
+            yield CounterMetricFamily(f"droidspeak_kv_store_{name}", f"KV store: {name.replace('_', ' ')}",
+                                      value=o.counters[name])
+        loaded = CounterMetricFamily("droidspeak_kv_store_chunks_loaded", "KV store: chunks loaded, by level",
+                                     labels=["level"])
+        for level, n in o.level_counts.items():
+            loaded.add_metric([level], n)
+        yield loaded
+        tiers = o.store.stats()
+        for key, kind in (("hits", CounterMetricFamily), ("errors", CounterMetricFamily),
+                          ("bytes_read", CounterMetricFamily), ("bytes_written", CounterMetricFamily),
+                          ("up", GaugeMetricFamily), ("bandwidth_bytes_per_s", GaugeMetricFamily)):
+            family = kind(f"droidspeak_kv_store_tier_{key}", f"KV store tier: {key.replace('_', ' ')}",
+                          labels=["tier"])
+            for t in tiers:
+                family.add_metric([t["tier"]], float(t[key]))
             yield family

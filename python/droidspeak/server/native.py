@@ -110,7 +110,8 @@ async def server_info(request: Request, model_name: str | None = None):
                 max_total_num_tokens=engine.runner.max_total_tokens,
                 context_length=engine.runner.context_length,
                 version=__import__("droidspeak").__version__, dp_size=1, tp_size=1,
-                cross_model_pairs=engine.cross_policy.describe())
+                cross_model_pairs=engine.cross_policy.describe(),
+                kv_store_stats=engine.offloader.stats() if engine.offloader is not None else None)
     return info
 
 

@@ -1,0 +1,124 @@
+"""The tiered store: tiers fastest first, written through, read from the first
+tier that holds a key (and promoted into faster tiers). A tier that fails is
+taken out for `retry_s` with one log line and then tried again; while it is out
+its reads are misses and its writes are dropped, so the engine recomputes."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from droidspeak.kvstore.tiers import Tier, TierError
+
+logger = logging.getLogger(__name__)
+
+# Bandwidth guesses (bytes/s) before a tier has been measured.
+DEFAULT_BANDWIDTH = {"ram": 4e9, "disk": 1e9, "redis": 2e8}
+
+
+@dataclass
+class TierState:
+    tier: Tier
+    down_until: float = 0.0
+    bandwidth: float | None = None  # measured bytes/s (EWMA)
+    counters: dict = field(default_factory=lambda: {"hits": 0, "misses": 0, "errors": 0,
+                                                    "bytes_read": 0, "bytes_written": 0})
+
+    @property
+    def name(self) -> str:
+        return self.tier.name
+
+
+class TieredStore:
+    def __init__(self, tiers: list[Tier], retry_s: float = 5.0, bandwidth_override: float | None = None):
+        self.states = [TierState(t) for t in tiers]
+        self.retry_s = retry_s
+        self.bandwidth_override = bandwidth_override
+        self._lock = threading.Lock()
+
+    @property
+    def tiers(self) -> list[Tier]:
+        return [s.tier for s in self.states]
+
+    def _up(self) -> list[TierState]:
+        now = time.monotonic()
+        return [s for s in self.states if s.down_until <= now]
+
+    def _fail(self, state: TierState, error: Exception) -> None:
+        with self._lock:
+            state.counters["errors"] += 1
+            was_up = state.down_until <= time.monotonic()
+            state.down_until = time.monotonic() + self.retry_s
+        if was_up:
+            logger.warning("KV store: %s tier failed (%s); recomputing instead, retrying it in %.0f s",
+                           state.name, error, self.retry_s)
+
+    def bandwidth(self, state: TierState) -> float:
+        if self.bandwidth_override:
+            return self.bandwidth_override
+        return state.bandwidth or DEFAULT_BANDWIDTH.get(state.name, 1e8)
+
+    def locate(self, keys: list[str]) -> tuple[TierState, dict[str, int]] | None:
+        """The first working tier holding any of `keys`, with the sizes it holds."""
+        for state in self._up():
+            try:
+                sizes = {k: n for k in keys if (n := state.tier.size(k)) is not None}
+            except TierError as e:
+                self._fail(state, e)
+                continue
+            if sizes:
+                return state, sizes
+        return None
+
+    def get(self, state: TierState, key: str) -> bytes | None:
+        t0 = time.perf_counter()
+        try:
+            data = state.tier.get(key)
+        except TierError as e:
+            self._fail(state, e)
+            return None
+        seconds = time.perf_counter() - t0
+        if data is None:
+            state.counters["misses"] += 1
+            return None
+        state.counters["hits"] += 1
+        state.counters["bytes_read"] += len(data)
+        if len(data) >= 64 << 10 and seconds > 0:
+            rate = len(data) / seconds
+            state.bandwidth = rate if state.bandwidth is None else 0.7 * state.bandwidth + 0.3 * rate
+        # Promote into the faster tiers so the next read is local.
+        for faster in self.states[:self.states.index(state)]:
+            self._put_one(faster, key, data)
+        return data
+
+    def has(self, key: str) -> bool:
+        return self.locate([key]) is not None
+
+    def put(self, key: str, data: bytes) -> None:
+        for state in self._up():
+            self._put_one(state, key, data)
+
+    def _put_one(self, state: TierState, key: str, data: bytes) -> None:
+        try:
+            state.tier.put(key, data)
+            state.counters["bytes_written"] += len(data)
+        except TierError as e:
+            self._fail(state, e)
+
+    def discard(self, key: str) -> None:
+        """Drop a key everywhere (a corrupt entry)."""
+        for state in self._up():
+            try:
+                state.tier.delete(key)
+            except TierError as e:
+                self._fail(state, e)
+
+    def stats(self) -> list[dict]:
+        now = time.monotonic()
+        return [{"tier": s.name, "up": s.down_until <= now, "bandwidth_bytes_per_s": self.bandwidth(s),
+                 **s.counters, **s.tier.stats()} for s in self.states]
+
+    def close(self) -> None:
+        for s in self.states:
+            s.tier.close()

@@ -1,0 +1,295 @@
+"""The tiered KV store: keys, tiers (RAM, disk, a real redis-server), the throttled
+link, level choice, and the engine storing evicted KV and loading it back, shared
+between engines, with a corrupt entry or a dead Redis degrading to recompute."""
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import assert_no_leak
+from droidspeak import Engine
+from droidspeak.kvstore.keys import Namespace, chunk_hashes
+from droidspeak.kvstore.link import ThrottledTier
+from droidspeak.kvstore.store import TieredStore
+from droidspeak.kvstore.streamer import CostModel, choose_level
+from droidspeak.kvstore.tiers import DiskTier, RamTier, RedisTier, TierError, make_tiers
+
+CHUNK = 16
+
+
+# ---- keys, tiers, link, level choice ---------------------------------------------------
+def test_hash_chain_names_whole_prefixes():
+    a = list(range(100))
+    b = a[:40] + [999] + a[41:]
+    ha, hb = chunk_hashes(a, CHUNK), chunk_hashes(b, CHUNK)
+    assert len(ha) == 100 // CHUNK
+    assert ha[:2] == hb[:2]                      # chunks before the change agree
+    assert all(x != y for x, y in zip(ha[2:], hb[2:]))  # every chunk from the change on differs
+    assert chunk_hashes(a, CHUNK, 3) == ha[:3]
+    ns = Namespace("root", "model", "bfloat16", CHUNK)
+    assert ns.key(ha[0], "kv0-3", "high") != ns.key(ha[0], "kv0-3", "low")
+
+
+def test_ram_tier_keeps_the_most_recent_within_its_cap():
+    t = RamTier(capacity_bytes=250)
+    for i in range(3):
+        t.put(f"k{i}", bytes(100))
+    assert t.get("k0") is None and t.size("k1") == 100 and t.get("k2") == bytes(100)
+    t.get("k1")            # k1 is now the most recent: k2 goes first
+    t.put("k3", bytes(100))
+    assert t.get("k2") is None and t.get("k1") is not None and t.used <= 250
+
+
+def test_disk_tier_persists_caps_and_checks_what_it_reads(tmp_path):
+    t = DiskTier(str(tmp_path), capacity_bytes=10_000)
+    t.put("a", b"x" * 3000)
+    t.put("b", b"y" * 3000)
+    again = DiskTier(str(tmp_path), capacity_bytes=10_000)   # a restart indexes what is there
+    assert again.get("a") == b"x" * 3000 and again.size("b") == 3000
+    for i in range(4):
+        again.put(f"c{i}", b"z" * 3000)
+    assert again.used <= 10_000 and again.get("a") is None   # oldest out first
+    assert len(os.listdir(tmp_path)) == len(again._index)
+    # A file that holds another key (or foreign bytes) is an error, not data.
+    path = os.path.join(tmp_path, DiskTier._file("c3"))
+    shutil.copy(os.path.join(tmp_path, DiskTier._file("c2")), path)
+    with pytest.raises(TierError, match="another key"):
+        again.get("c3")
+
+
+def test_throttled_link_takes_at_least_size_over_bandwidth():
+    t = ThrottledTier(RamTier(1 << 20), bandwidth_bytes_per_s=1e6, latency_s=0.01)
+    t.put("k", bytes(50_000))
+    start = time.perf_counter()
+    assert t.get("k") == bytes(50_000)
+    assert time.perf_counter() - start >= 0.01 + 50_000 / 1e6
+
+
+def test_level_choice_follows_bandwidth_and_falls_back_to_recompute():
+    cost = CostModel(prefill_s_per_token=1e-3, decode_s_per_byte={"lossless": 1e-8, "high": 1e-8, "low": 1e-8})
+    sizes = {"lossless": 4_000_000, "high": 2_000_000, "low": 1_000_000}
+    # Recomputing 256 tokens costs 0.256 s here.
+    assert choose_level(sizes, 256, 1e10, 0, cost, None).level == "lossless"  # fast link: best quality
+    assert choose_level(sizes, 256, 1e7, 0, cost, None).level == "high"       # 0.22 s, lossless 0.44 s
+    assert choose_level(sizes, 256, 5e6, 0, cost, None).level == "low"        # high 0.42 s, low 0.21 s
+    assert choose_level(sizes, 256, 1e6, 0, cost, None).level is None         # a second even for low
+    # A TTFT share tighter than recompute picks a smaller level.
+    assert choose_level(sizes, 256, 3e7, 0, cost, None).level == "lossless"   # 0.17 s
+    assert choose_level(sizes, 256, 3e7, 0, cost, budget_s=0.1).level == "high"
+    assert choose_level(sizes, 256, 3e7, 0, cost, budget_s=0.05).level == "low"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free loopback port (installed by the set-up)."""
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+    client = redis.Redis.from_url(url)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        raise RuntimeError("redis-server did not start")
+    yield url, proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_failing_tier_is_skipped_logged_and_retried(redis_server, caplog):
+    url, proc = redis_server
+    ram = RamTier(1 << 20)
+    store = TieredStore([ram, RedisTier(url, timeout_s=0.5)], retry_s=0.2)
+    store.put("k", b"v" * 100)
+    assert store.states[1].tier.get("k") == b"v" * 100   # written through to Redis
+    ram.delete("k")
+    state, sizes = store.locate(["k"])
+    assert state.name == "redis" and sizes == {"k": 100}
+    assert store.get(state, "k") == b"v" * 100 and ram.get("k") == b"v" * 100  # promoted into RAM
+    proc.kill()
+    proc.wait()
+    ram.delete("k")
+    with caplog.at_level(logging.WARNING):
+        assert store.locate(["k"]) is None
+        assert store.locate(["k"]) is None
+    warnings = [r for r in caplog.records if "redis tier failed" in r.getMessage()]
+    assert len(warnings) == 1                     # one line per outage, not per request
+    assert store.stats()[1]["up"] is False and store.stats()[1]["errors"] == 1
+    time.sleep(0.25)
+    assert store.locate(["k"]) is None and store.stats()[1]["errors"] == 2  # retried after retry_s
+
+
+def test_tier_spec_parsing(tmp_path):
+    tiers = make_tiers(f"disk:{tmp_path},ram", 1 << 20, "/unused", 1 << 20)
+    assert [t.name for t in tiers] == ["ram", "disk"] and tiers[1].directory == str(tmp_path)
+    with pytest.raises(ValueError, match="unknown KV store tier"):
+        make_tiers("s3://bucket", 1, "/x", 1)
+
+
+# ---- the engine ------------------------------------------------------------------------
+def prompt(seed: int, n: int = 100) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, 390, (n,), generator=g).tolist()
+
+
+GREEDY = {"max_new_tokens": 6, "temperature": 0}
+
+
+def store_engine(path, **kw):
+    """The tiny model prefills about as fast as the codec decodes, so whether the
+    adaptive policy loads depends on the machine: these engines always load."""
+    kw.setdefault("kv_store_levels", "lossless")
+    kw.setdefault("kv_store_load", "always")
+    return Engine(path, dtype="float32", max_total_tokens=256, chunked_prefill_size=-1,
+                  kv_store_chunk_size=CHUNK, **kw)
+
+
+def tokens(meta):
+    return [t for _, t in meta["output_token_logprobs"]]
+
+
+def logprobs(meta):
+    return torch.tensor([lp for lp, _ in meta["output_token_logprobs"]])
+
+
+def run(engine, ids):
+    out = engine.generate(input_ids=ids, sampling_params=GREEDY, return_logprob=True)
+    return out["meta_info"]
+
+
+def test_evicted_kv_comes_back_from_the_ram_tier(tiny_llama):
+    e = store_engine(tiny_llama, kv_store="ram")
+    try:
+        first = run(e, prompt(0))
+        for seed in (1, 2, 3):                   # push the first prompt out of the pool
+            run(e, prompt(seed, 120))
+        e.offloader.flush()
+        assert e.offloader.counters["chunks_written"] >= 100 // CHUNK
+        again = run(e, prompt(0))
+        # Six whole chunks of the 100-token prompt come from the store; the rest runs.
+        assert again["kv_store_cached_tokens"] == 96 and again["cached_tokens"] == 96
+        assert tokens(again) == tokens(first)
+        assert torch.allclose(logprobs(again),
+                              logprobs(first), atol=1e-4)
+        assert_no_leak(e)
+    finally:
+        e.shutdown()
+
+
+def test_adaptive_loading_recomputes_over_a_slow_link(tiny_llama):
+    # At 1 KB/s a chunk takes seconds to arrive; prefilling its 16 tokens takes far less.
+    e = store_engine(tiny_llama, kv_store="ram", kv_store_load="adaptive", kv_store_bandwidth_mbps=0.001)
+    try:
+        first = run(e, prompt(0))
+        for seed in (1, 2, 3):
+            run(e, prompt(seed, 120))
+        e.offloader.flush()
+        assert e.offloader.cost.measured_prefill
+        again = run(e, prompt(0))
+        assert again["kv_store_cached_tokens"] == 0 and e.offloader.counters["chunks_recompute_chosen"] == 1
+        assert tokens(again) == tokens(first)
+        assert_no_leak(e)
+    finally:
+        e.shutdown()
+
+
+def test_lossy_levels_load_within_the_codec_bound(tiny_llama):
+    e = store_engine(tiny_llama, kv_store="ram", kv_store_levels="high")
+    try:
+        ids = prompt(4)
+        run(e, ids)
+        pool = e.runner.kv_pool
+        match = e.scheduler.cache.match_prefix(ids, 0)
+        reference_k = pool.k[:, match.indices[0, :96]].clone()
+        for seed in (5, 6, 7):
+            run(e, prompt(seed, 120))
+        e.offloader.flush()
+        again = run(e, ids)
+        assert again["kv_store_cached_tokens"] == 96 and e.offloader.level_counts["high"] == 6
+        restored = pool.k[:, e.scheduler.cache.match_prefix(ids, 0).indices[0, :96]]
+        err = (restored - reference_k).abs()
+        assert 0 < float(err.max()) < 0.05 * float(reference_k.abs().max())
+        assert_no_leak(e)
+    finally:
+        e.shutdown()
+
+
+def test_engines_share_kv_through_a_disk_tier_and_survive_corrupt_entries(tiny_llama, tmp_path, caplog):
+    spec = f"disk:{tmp_path}"
+    a = store_engine(tiny_llama, kv_store=spec, kv_store_write="through")
+    try:
+        expected = run(a, prompt(8))
+        a.offloader.flush()
+    finally:
+        a.shutdown()
+    assert len(os.listdir(tmp_path)) == 6          # written through: no eviction needed
+    b = store_engine(tiny_llama, kv_store=spec)
+    try:
+        got = run(b, prompt(8))
+        assert got["kv_store_cached_tokens"] == 96
+        assert tokens(got) == tokens(expected)
+    finally:
+        b.shutdown()
+    for name in os.listdir(tmp_path):              # flip one byte in the middle of every entry
+        path = os.path.join(tmp_path, name)
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 2] ^= 0xFF
+        open(path, "wb").write(bytes(data))
+    c = store_engine(tiny_llama, kv_store=spec)
+    try:
+        with caplog.at_level(logging.WARNING):
+            got = run(c, prompt(8))
+        assert got["kv_store_cached_tokens"] == 0 and got["cached_tokens"] == 0
+        assert tokens(got) == tokens(expected)
+        assert c.offloader.counters["chunks_corrupt"] == 1
+        assert any("bad chunk" in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records)
+        assert_no_leak(c)
+    finally:
+        c.shutdown()
+
+
+def test_engines_share_kv_through_redis_and_keep_answering_when_it_dies(tiny_llama, redis_server, caplog):
+    url, proc = redis_server
+    a = store_engine(tiny_llama, kv_store=url)     # auto: write-through with a shared tier
+    b = store_engine(tiny_llama, kv_store=f"ram,{url}")
+    try:
+        expected = [run(a, prompt(seed)) for seed in (10, 11)]
+        a.offloader.flush()
+        got = run(b, prompt(10))
+        assert got["kv_store_cached_tokens"] == 96
+        assert tokens(got) == \
+            tokens(expected[0])
+        proc.kill()
+        proc.wait()
+        with caplog.at_level(logging.WARNING):
+            got = run(b, prompt(11))                # Redis is gone: recompute, same answer
+            more = run(b, prompt(12))
+        assert got["kv_store_cached_tokens"] == 0
+        assert tokens(got) == \
+            tokens(expected[1])
+        assert more["completion_tokens"] == GREEDY["max_new_tokens"]
+        assert any("redis tier failed" in r.getMessage() for r in caplog.records)
+        redis_stats = [t for t in b.offloader.store.stats() if t["tier"] == "redis"][0]
+        assert redis_stats["errors"] >= 1
+        assert_no_leak(b)
+    finally:
+        a.shutdown()
+        b.shutdown()
