@@ -16,3 +16,10 @@ at::Tensor extend_attention(at::Tensor q, at::Tensor k, const at::Tensor& v, con
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& req_to_token, const at::Tensor& req_pool_indices,
                             const at::Tensor& seq_lens, double scale);
+
+// rANS entropy coder (rans.cpp): `symbols` int32 in segments of `seg_lens`, segment s coded
+// with frequency table s (int32, summing to 2^15) of `freqs`, split by `table_lens`.
+at::Tensor rans_encode(const at::Tensor& symbols, const at::Tensor& seg_lens, const at::Tensor& freqs,
+                       const at::Tensor& table_lens);
+at::Tensor rans_decode(const at::Tensor& data, const at::Tensor& seg_lens, const at::Tensor& freqs,
+                       const at::Tensor& table_lens);

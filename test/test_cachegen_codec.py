@@ -5,7 +5,10 @@ import struct
 import pytest
 import torch
 
-from droidspeak.cachegen.codec import CodecError, decode, encode, error_bound
+from droidspeak.cachegen import codec
+from droidspeak.cachegen.codec import CODER_RANGE, CODER_RANS, HEADER, CodecError, decode, encode, error_bound
+
+CODERS = [pytest.param(CODER_RANGE, id="range"), pytest.param(CODER_RANS, id="rans")]
 
 
 def kv_like(L=6, T=57, C=48, dtype=torch.bfloat16, seed=0):
@@ -16,10 +19,11 @@ def kv_like(L=6, T=57, C=48, dtype=torch.bfloat16, seed=0):
     return (base + walk + torch.randn(L, T, C, generator=g) * 0.02).to(dtype)
 
 
+@pytest.mark.parametrize("coder", CODERS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
-def test_lossless_is_exact(dtype):
+def test_lossless_is_exact(dtype, coder):
     x = kv_like(L=4, T=256, C=128, dtype=dtype)
-    buf = encode(x, "lossless")
+    buf = encode(x, "lossless", coder=coder)
     y = decode(buf)
     assert y.dtype == dtype and torch.equal(y.view(torch.uint8) if dtype != torch.bfloat16 else y.view(torch.int16),
                                             x.view(torch.uint8) if dtype != torch.bfloat16 else x.view(torch.int16))
@@ -27,11 +31,12 @@ def test_lossless_is_exact(dtype):
     assert not error_bound(buf).any()
 
 
+@pytest.mark.parametrize("coder", CODERS)
 @pytest.mark.parametrize("level", ["high", "medium", "low"])
 @pytest.mark.parametrize("group", [1, 10, 64])
-def test_lossy_round_trip_within_bound(level, group):
+def test_lossy_round_trip_within_bound(level, group, coder):
     x = kv_like(dtype=torch.float32)
-    buf = encode(x, level, group=group)
+    buf = encode(x, level, group=group, coder=coder)
     y = decode(buf)
     bound = error_bound(buf)
     err = (y - x).abs().amax(dim=1)
@@ -74,16 +79,61 @@ def test_corrupt_truncated_and_foreign_bytes_are_refused():
         decode("DSKV")
 
 
+def with_crc(buf: bytearray) -> bytes:
+    """`buf` with its checksum recomputed, as a peer forging a chunk would send it."""
+    import zlib
+    crc_at = HEADER.size - 4
+    struct.pack_into("<I", buf, crc_at, zlib.crc32(bytes(buf[HEADER.size:]), zlib.crc32(bytes(buf[:crc_at]))))
+    return bytes(buf)
+
+
 def test_header_fields_are_checked_even_with_a_matching_checksum():
     """A peer could send a well-formed checksum over nonsense: shape and level are
     still validated, and a lying shape cannot make decode read out of bounds."""
-    import zlib
-    buf = bytearray(encode(kv_like(), "high"))
-    struct.pack_into("<I", buf, 14, 10_000)  # tokens
-    body = bytes(buf[:28])
-    struct.pack_into("<I", buf, 28, zlib.crc32(bytes(buf[32:]), zlib.crc32(body)))
-    with pytest.raises(CodecError):
-        decode(bytes(buf))
+    buf = encode(kv_like(), "high")
+    fields = list(HEADER.unpack_from(buf))
+    for index, value in ((7, 10_000), (7, 3), (8, 1), (2, 9), (4, 7)):  # tokens, channels, level, coder
+        forged = list(fields)
+        forged[index] = value
+        with pytest.raises(CodecError):
+            decode(with_crc(bytearray(HEADER.pack(*forged)) + buf[HEADER.size:]))
+
+
+def test_rans_stream_is_verified_beyond_the_checksum():
+    """The rANS decoder checks its own stream: it must end exactly where its final
+    state says, so damage that a forged checksum hides is still caught."""
+    buf = bytearray(encode(kv_like(), "high", coder=CODER_RANS))
+    buf[-40] ^= 0x5A  # inside the last (delta) stream
+    with pytest.raises(CodecError, match="entropy-coded data is invalid"):
+        decode(with_crc(buf))
+
+
+@pytest.mark.parametrize("coder", CODERS)
+@pytest.mark.parametrize("level", ["lossless", "high"])
+def test_forged_payloads_decode_or_fail_cleanly(level, coder):
+    """Random damage under a recomputed checksum: decode returns the declared shape
+    or raises CodecError, never anything else (and never reads out of bounds)."""
+    x = kv_like(L=3, T=30, C=16)
+    buf = encode(x, level, coder=coder)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        forged = bytearray(buf)
+        for pos in torch.randint(HEADER.size, len(buf), (int(torch.randint(1, 4, (1,), generator=g)),),
+                                 generator=g).tolist():
+            forged[pos] = int(torch.randint(0, 256, (1,), generator=g))
+        try:
+            y = decode(with_crc(forged))
+        except CodecError:
+            continue
+        assert y.shape == x.shape
+
+
+def test_a_rans_chunk_without_the_extension_is_a_clear_error(monkeypatch):
+    buf = encode(kv_like(), "high", coder=CODER_RANS)
+    monkeypatch.setattr(codec, "native_available", lambda: False)
+    with pytest.raises(CodecError, match="native rANS coder"):
+        decode(buf)
+    assert decode(encode(kv_like(), "high")).shape == kv_like().shape  # encodes with the range coder then
 
 
 def test_restored_kv_reproduces_the_model(tiny_engine):

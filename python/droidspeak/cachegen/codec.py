@@ -27,9 +27,14 @@ import constriction
 import numpy as np
 import torch
 
+from droidspeak import kernels
+from droidspeak.kernels import native_available
+
 MAGIC = b"DSKV"
-VERSION = 2
-HEADER = struct.Struct("<4sHBBHIIIII")  # magic, version, level, dtype, group, L, T, C, payload, crc
+VERSION = 3
+# magic, version, level, dtype, coder, group, L, T, C, payload length, crc
+HEADER = struct.Struct("<4sHBBBHIIIII")
+CODER_RANGE, CODER_RANS = 0, 1  # constriction's range coder; our rANS (csrc/rans.cpp)
 DEFAULT_GROUP = 10
 MAX_ELEMENTS = 1 << 31
 MIN_STD = 1e-4  # channels with (near) constant values still get a usable step
@@ -57,8 +62,14 @@ class CodecError(ValueError):
     """Bytes that are not a valid chunk of this codec (corrupt, truncated, foreign)."""
 
 
-def encode(x: torch.Tensor, level: int | str = "medium", group: int = DEFAULT_GROUP) -> bytes:
-    """Encode `x` [layers, tokens, channels] (fp32, bf16 or fp16) at `level`."""
+def default_coder() -> int:
+    return CODER_RANS if native_available() else CODER_RANGE
+
+
+def encode(x: torch.Tensor, level: int | str = "medium", group: int = DEFAULT_GROUP,
+           coder: int | None = None) -> bytes:
+    """Encode `x` [layers, tokens, channels] (fp32, bf16 or fp16) at `level`, with
+    the native rANS coder when the extension is built (else constriction's)."""
     level = LEVEL_NAMES[level] if isinstance(level, str) else level
     if level != LOSSLESS and level not in LEVELS:
         raise ValueError(f"unknown level {level}; levels: {sorted(LEVEL_NAMES)}")
@@ -66,25 +77,28 @@ def encode(x: torch.Tensor, level: int | str = "medium", group: int = DEFAULT_GR
         raise ValueError(f"expected a [layers, tokens, channels] tensor of {sorted(map(str, DTYPE_CODES))}")
     if not 1 <= group <= 0xFFFF:
         raise ValueError("group must be in [1, 65535]")
+    coder = default_coder() if coder is None else coder
+    if coder == CODER_RANS and not native_available():
+        raise ValueError("the rANS coder needs the native extension droidspeak._C")
     L, T, C = x.shape
     x = x.detach().cpu().contiguous()
-    payload = _encode_lossless(x) if level == LOSSLESS else _encode_lossy(x, LEVELS[level], group)
-    body = HEADER.pack(MAGIC, VERSION, level, DTYPE_CODES[x.dtype], group, L, T, C, len(payload), 0)[:-4]
+    payload = _encode_lossless(x, coder) if level == LOSSLESS else _encode_lossy(x, LEVELS[level], group, coder)
+    body = HEADER.pack(MAGIC, VERSION, level, DTYPE_CODES[x.dtype], coder, group, L, T, C, len(payload), 0)[:-4]
     crc = zlib.crc32(payload, zlib.crc32(body))
     return body + struct.pack("<I", crc) + payload
 
 
 def decode(buf: bytes) -> torch.Tensor:
     header, payload = _check(buf)
-    level, dtype, group, shape = header
+    level, dtype, coder, group, shape = header
     if level == LOSSLESS:
-        return _decode_lossless(payload, dtype, shape)
-    return _decode_lossy(payload, dtype, shape, LEVELS[level], group)
+        return _decode_lossless(payload, dtype, shape, coder)
+    return _decode_lossy(payload, dtype, shape, LEVELS[level], group, coder)
 
 
 def error_bound(buf: bytes) -> torch.Tensor:
     """[layers, channels] largest absolute error `decode(buf)` may have (0: lossless)."""
-    (level, _, _, (L, _, C)), payload = _check(buf)
+    (level, _, _, _, (L, _, C)), payload = _check(buf)
     if level == LOSSLESS:
         return torch.zeros(L, C)
     stats = _read_stats(payload, L, C)
@@ -99,7 +113,7 @@ def _check(buf: bytes):
     buf = bytes(buf)
     if len(buf) < HEADER.size:
         raise CodecError(f"truncated: {len(buf)} bytes, a header alone is {HEADER.size}")
-    magic, version, level, dtype, group, L, T, C, length, crc = HEADER.unpack_from(buf)
+    magic, version, level, dtype, coder, group, L, T, C, length, crc = HEADER.unpack_from(buf)
     if magic != MAGIC:
         raise CodecError("not a droidspeak KV chunk (bad magic)")
     if version != VERSION:
@@ -108,6 +122,11 @@ def _check(buf: bytes):
         raise CodecError(f"unknown level {level}")
     if dtype not in DTYPES:
         raise CodecError(f"unknown dtype code {dtype}")
+    if coder not in (CODER_RANGE, CODER_RANS):
+        raise CodecError(f"unknown entropy coder {coder}")
+    if coder == CODER_RANS and not native_available():
+        raise CodecError("this chunk was coded with droidspeak's native rANS coder, and the extension "
+                         "droidspeak._C is not built here")
     if group < 1 or min(L, T, C) < 1 or L * T * C > MAX_ELEMENTS:
         raise CodecError(f"bad shape or group: [{L}, {T}, {C}], group {group}")
     if len(buf) != HEADER.size + length:
@@ -115,7 +134,7 @@ def _check(buf: bytes):
     payload = buf[HEADER.size:]
     if zlib.crc32(payload, zlib.crc32(buf[:HEADER.size - 4])) != crc:
         raise CodecError("checksum mismatch: the chunk is corrupt")
-    return (level, DTYPES[dtype], group, (L, T, C)), payload
+    return (level, DTYPES[dtype], coder, group, (L, T, C)), payload
 
 
 class _Reader:
@@ -147,11 +166,17 @@ def _steps(std: np.ndarray, level: Level) -> tuple[np.ndarray, np.ndarray]:
     return (level.anchor_step * std).astype(np.float32), delta.astype(np.float32)
 
 
-# Laplace scales (mean |symbol|) are rounded to this geometric grid; all (layer,
-# channel) rows with one scale share one categorical table, so the coder runs a
-# fixed model over long runs of symbols instead of a per-symbol parametric one.
-SCALE_GRID = np.geomspace(0.05, 512.0, 64).astype(np.float32)
+# ---- entropy coding of symbol segments ------------------------------------------
+# Rows of a lossy level are grouped by their Laplace scale (mean |symbol|, rounded
+# to this geometric grid); each group (and each byte plane of the lossless level)
+# is a *segment* coded with its own frequency table, stored with the chunk.
+SCALE_GRID = np.geomspace(0.05, 512.0, 48).astype(np.float32)
 NO_SYMBOLS = 0xFF
+TABLE_BITS = 15
+TABLE_TOTAL = 1 << TABLE_BITS
+MAX_ALPHABET = 4096        # wider segments are stored raw
+RAW, CODED, CONSTANT = 0, 1, 2  # CONSTANT: every symbol equals lo, nothing stored
+SEGMENT = struct.Struct("<BBii")  # mode, raw width (bytes), lo, hi
 
 
 def _read_stats(payload: bytes, L: int, C: int) -> np.ndarray:
@@ -159,57 +184,157 @@ def _read_stats(payload: bytes, L: int, C: int) -> np.ndarray:
     return _Reader(payload).take("<f2", 2 * L * C).astype(np.float32).reshape(2, L, C)
 
 
-def _bucket(symbols: np.ndarray) -> np.ndarray:
-    """[rows] grid index of each row's Laplace scale; symbols [rows, n]."""
-    scale = np.maximum(np.abs(symbols).mean(axis=1), SCALE_GRID[0])
-    return np.clip(np.searchsorted(SCALE_GRID, scale), 0, SCALE_GRID.size - 1).astype(np.uint8)
+def _normalize(counts: np.ndarray) -> np.ndarray:
+    """Frequencies summing to 2^15, at least 1 for every symbol that occurs."""
+    f = np.floor(counts * (TABLE_TOTAL / counts.sum())).astype(np.int64)
+    f[(counts > 0) & (f == 0)] = 1
+    diff = TABLE_TOTAL - int(f.sum())
+    if diff > 0:
+        f[int(np.argmax(counts))] += diff
+    else:
+        for i in np.argsort(-f):
+            take = min(int(f[i]) - 1, -diff)
+            f[i] -= take
+            diff += take
+            if diff == 0:
+                break
+    return f
 
 
-def _table(bucket: int, lo: int, hi: int) -> "constriction.stream.model.Categorical":
-    x = np.arange(lo, max(hi, lo + 1) + 1, dtype=np.float64)  # the coder needs two symbols at least
-    logp = -np.abs(x) / float(SCALE_GRID[bucket])
-    p = np.exp(logp - logp.max())  # symbols far from 0 (an offset row) must not underflow
-    return constriction.stream.model.Categorical(p / p.sum(), perfect=False)
+def _raw_width(lo: int, hi: int) -> int:
+    span = hi - lo
+    return 1 if span < 1 << 8 else 2 if span < 1 << 16 else 4
 
 
-def _rows_code(rows: np.ndarray) -> bytes:
-    """rows [R, n] int symbols (one row per (layer, channel)): each row's scale
-    bucket, then per bucket its symbol range, then one range-coded stream."""
-    buckets = _bucket(rows) if rows.shape[1] else np.full(rows.shape[0], NO_SYMBOLS, np.uint8)
-    enc = constriction.stream.queue.RangeEncoder()
-    ranges = []
-    for b in np.unique(buckets) if rows.shape[1] else ():
-        sym = rows[buckets == b].ravel()
-        lo, hi = int(sym.min()), int(sym.max())
-        ranges.append(struct.pack("<Bii", int(b), lo, hi))
-        enc.encode((sym - lo).astype(np.int32), _table(int(b), lo, hi))
-    return (buckets.tobytes() + struct.pack("<H", len(ranges)) + b"".join(ranges)
-            + _words(enc.get_compressed()))
+_RAW_DTYPE = {1: "<u1", 2: "<u2", 4: "<u4"}
 
 
-def _rows_decode(reader: _Reader, num_rows: int, n: int) -> np.ndarray:
-    buckets = reader.take("<u1", num_rows)
-    (count,) = reader.take("<u2", 1)
-    specs = [(int(b), int(lo), int(hi)) for b, lo, hi in
-             (struct.unpack("<Bii", reader.take("<u1", 9).tobytes()) for _ in range(int(count)))]
-    words = reader.words()
-    out = np.zeros((num_rows, n), dtype=np.int64)
-    if n == 0:
-        return out
-    present = np.unique(buckets)
-    if [b for b, _, _ in specs] != present.tolist() or any(lo > hi or b >= SCALE_GRID.size for b, lo, hi in specs):
-        raise CodecError("symbol tables do not match the rows")
-    dec = constriction.stream.queue.RangeDecoder(words)
-    try:
-        for b, lo, hi in specs:
-            mask = buckets == b
-            out[mask] = dec.decode(_table(b, lo, hi), int(mask.sum()) * n).reshape(-1, n) + lo
-    except Exception as e:  # the coder rejects streams it cannot decode
-        raise CodecError(f"entropy-coded data is invalid: {e}") from None
+def _code_segments(segments: list[np.ndarray], coder: int) -> bytes:
+    """Each segment (int array) as a table + coded symbols, or raw where coding
+    would not make it smaller; all coded segments share one stream."""
+    specs, raws, coded, lens, tables = [], [], [], [], []
+    for seg in segments:
+        if seg.size == 0:
+            specs.append(SEGMENT.pack(RAW, 1, 0, 0))
+            continue
+        lo, hi = int(seg.min()), int(seg.max())
+        if lo == hi:
+            specs.append(SEGMENT.pack(CONSTANT, 0, lo, hi))
+            continue
+        width = _raw_width(lo, hi)
+        sym = seg - lo
+        if hi - lo < MAX_ALPHABET:
+            counts = np.bincount(sym.ravel(), minlength=hi - lo + 1)
+            freqs = _normalize(counts)
+            present = counts > 0
+            bits = -(counts[present] * np.log2(freqs[present] / TABLE_TOTAL)).sum()
+            if bits / 8 + 2 * freqs.size < seg.size * width:
+                specs.append(SEGMENT.pack(CODED, 0, lo, hi) + freqs.astype("<u2").tobytes())
+                coded.append(sym.ravel().astype(np.int32))
+                lens.append(seg.size)
+                tables.append(freqs.astype(np.int32))
+                continue
+        specs.append(SEGMENT.pack(RAW, width, lo, hi))
+        raws.append(sym.ravel().astype(_RAW_DTYPE[width]).tobytes())
+    stream = _entropy_encode(coded, lens, tables, coder) if coded else b""
+    return (struct.pack("<I", len(segments)) + b"".join(specs) + b"".join(raws)
+            + struct.pack("<I", len(stream)) + stream)
+
+
+def _decode_segments(reader: _Reader, sizes: list[int], coder: int) -> list[np.ndarray]:
+    (count,) = reader.take("<u4", 1)
+    if count != len(sizes):
+        raise CodecError(f"{count} symbol segments, the shape needs {len(sizes)}")
+    specs = []
+    for size in sizes:
+        mode, width, lo, hi = SEGMENT.unpack(reader.take("<u1", SEGMENT.size).tobytes())
+        if lo > hi or (size and mode == CODED and hi - lo >= MAX_ALPHABET) or mode not in (RAW, CODED, CONSTANT) \
+                or (mode == RAW and width not in _RAW_DTYPE) or (mode == CONSTANT and lo != hi):
+            raise CodecError("bad symbol segment header")
+        freqs = reader.take("<u2", hi - lo + 1).astype(np.int32) if mode == CODED else None
+        if freqs is not None and int(freqs.sum()) != TABLE_TOTAL:
+            raise CodecError("a frequency table does not sum to 2^15")
+        specs.append((mode, width, lo, freqs))
+    out: list[np.ndarray | None] = []
+    for (mode, width, lo, _), size in zip(specs, sizes):
+        if mode == RAW:
+            out.append(reader.take(_RAW_DTYPE[width], size).astype(np.int64) + lo)
+        else:
+            out.append(np.full(size, lo, dtype=np.int64) if mode == CONSTANT else None)
+    (n,) = reader.take("<u4", 1)
+    stream = reader.take("<u1", int(n))
+    coded = [(i, size, spec) for i, (spec, size) in enumerate(zip(specs, sizes)) if spec[0] == CODED]
+    if coded:
+        flat = _entropy_decode(stream, [size for _, size, _ in coded], [spec[3] for _, _, spec in coded], coder)
+        pos = 0
+        for i, size, spec in coded:
+            out[i] = flat[pos:pos + size].astype(np.int64) + spec[2]
+            pos += size
+    elif n:
+        raise CodecError("an entropy-coded stream with no coded segment")
     return out
 
 
-def _encode_lossy(x: torch.Tensor, level: Level, group: int) -> bytes:
+def _entropy_encode(symbols: list[np.ndarray], lens: list[int], tables: list[np.ndarray], coder: int) -> bytes:
+    if coder == CODER_RANS:
+        return kernels.rans_encode(torch.from_numpy(np.concatenate(symbols)), torch.tensor(lens, dtype=torch.int64),
+                                   torch.from_numpy(np.concatenate(tables)),
+                                   torch.tensor([t.size for t in tables], dtype=torch.int64)).numpy().tobytes()
+    enc = constriction.stream.queue.RangeEncoder()
+    for sym, table in zip(symbols, tables):
+        enc.encode(sym, constriction.stream.model.Categorical(table / TABLE_TOTAL, perfect=False))
+    return enc.get_compressed().astype("<u4").tobytes()
+
+
+def _entropy_decode(stream: np.ndarray, lens: list[int], tables: list[np.ndarray], coder: int) -> np.ndarray:
+    try:
+        if coder == CODER_RANS:
+            return kernels.rans_decode(torch.from_numpy(stream.copy()), torch.tensor(lens, dtype=torch.int64),
+                                       torch.from_numpy(np.concatenate(tables)),
+                                       torch.tensor([t.size for t in tables], dtype=torch.int64)).numpy()
+        if stream.size % 4:
+            raise ValueError("range-coder stream is not whole words")
+        dec = constriction.stream.queue.RangeDecoder(stream.view("<u4").astype(np.uint32))
+        return np.concatenate([dec.decode(constriction.stream.model.Categorical(t / TABLE_TOTAL, perfect=False), n)
+                               for t, n in zip(tables, lens)])
+    except Exception as e:  # the coders reject streams they cannot decode (constriction asserts)
+        raise CodecError(f"entropy-coded data is invalid: {e}") from None
+
+
+def _bucket(rows: np.ndarray) -> np.ndarray:
+    """[rows] grid index of each row's Laplace scale; rows [R, n]."""
+    if rows.shape[1] == 0:
+        return np.full(rows.shape[0], NO_SYMBOLS, np.uint8)
+    scale = np.maximum(np.abs(rows).mean(axis=1), SCALE_GRID[0])
+    return np.clip(np.searchsorted(SCALE_GRID, scale), 0, SCALE_GRID.size - 1).astype(np.uint8)
+
+
+def _rows_code(rows: np.ndarray, coder: int) -> bytes:
+    """rows [R, n] (one per (layer, channel)): each row's scale bucket, then one
+    segment per bucket present."""
+    buckets = _bucket(rows)
+    present = np.unique(buckets) if rows.shape[1] else np.zeros(0, np.uint8)
+    return buckets.tobytes() + _code_segments([rows[buckets == b] for b in present], coder)
+
+
+def _rows_decode(reader: _Reader, num_rows: int, n: int, coder: int) -> np.ndarray:
+    buckets = reader.take("<u1", num_rows)
+    if n == 0:
+        _decode_segments(reader, [], coder)
+        return np.zeros((num_rows, 0), dtype=np.int64)
+    if int(buckets.max(initial=0)) >= SCALE_GRID.size:
+        raise CodecError("bad scale bucket")
+    present = np.unique(buckets)
+    masks = [buckets == b for b in present]
+    segs = _decode_segments(reader, [int(m.sum()) * n for m in masks], coder)
+    out = np.empty((num_rows, n), dtype=np.int64)
+    for m, seg in zip(masks, segs):
+        out[m] = seg.reshape(-1, n)
+    return out
+
+
+# ---- lossy ----------------------------------------------------------------------
+def _encode_lossy(x: torch.Tensor, level: Level, group: int, coder: int) -> bytes:
     v = x.float().numpy()
     L, T, C = v.shape
     mean = v.mean(axis=1).astype(np.float16).astype(np.float32)
@@ -223,10 +348,10 @@ def _encode_lossy(x: torch.Tensor, level: Level, group: int) -> bytes:
     d_sym = np.rint((v[:, mask] - owner[:, mask]) / delta_step[:, None]).astype(np.int64)
     stats = np.stack([mean, std]).astype("<f2")
     rows = lambda s: s.transpose(0, 2, 1).reshape(L * C, -1)       # noqa: E731  [(layer, channel), tokens]
-    return stats.tobytes() + _rows_code(rows(a_sym)) + _rows_code(rows(d_sym))
+    return stats.tobytes() + _rows_code(rows(a_sym), coder) + _rows_code(rows(d_sym), coder)
 
 
-def _decode_lossy(payload: bytes, dtype: torch.dtype, shape, level: Level, group: int) -> torch.Tensor:
+def _decode_lossy(payload: bytes, dtype: torch.dtype, shape, level: Level, group: int, coder: int) -> torch.Tensor:
     L, T, C = shape
     reader = _Reader(payload)
     mean, std = reader.take("<f2", 2 * L * C).astype(np.float32).reshape(2, L, C)
@@ -237,8 +362,8 @@ def _decode_lossy(payload: bytes, dtype: torch.dtype, shape, level: Level, group
     mask = np.arange(T) % group != 0
     n_delta = int(mask.sum())
     cols = lambda r, n: r.reshape(L, C, n).transpose(0, 2, 1)      # noqa: E731
-    a_sym = cols(_rows_decode(reader, L * C, n_anchor), n_anchor)
-    d_sym = cols(_rows_decode(reader, L * C, n_delta), n_delta)
+    a_sym = cols(_rows_decode(reader, L * C, n_anchor, coder), n_anchor)
+    d_sym = cols(_rows_decode(reader, L * C, n_delta, coder), n_delta)
     if reader.pos != len(payload):
         raise CodecError("payload has trailing bytes")
     a_hat = mean[:, None] + a_sym * anchor_step[:, None]
@@ -255,56 +380,21 @@ def _planes(x: torch.Tensor) -> np.ndarray:
     return raw.reshape(L, -1, x.element_size()).transpose(0, 2, 1)
 
 
-RAW_PLANE, CODED_PLANE = 0, 1
-
-
-def _encode_lossless(x: torch.Tensor) -> bytes:
+def _encode_lossless(x: torch.Tensor, coder: int) -> bytes:
     planes = _planes(x)
-    out = []
-    for layer in planes:
-        for plane in layer:
-            counts = np.bincount(plane, minlength=256)
-            present = np.flatnonzero(counts)
-            enc = constriction.stream.queue.RangeEncoder()
-            enc.encode(plane.astype(np.int32), constriction.stream.model.Categorical(
-                counts / counts.sum(), perfect=False))
-            coded = (struct.pack("<H", present.size) + present.astype("<u1").tobytes()
-                     + counts[present].astype("<u4").tobytes() + _words(enc.get_compressed()))
-            if len(coded) < plane.size:
-                out.append(bytes([CODED_PLANE]) + coded)
-            else:
-                out.append(bytes([RAW_PLANE]) + plane.tobytes())
-    return b"".join(out)
+    return _code_segments([p.astype(np.int64) for layer in planes for p in layer], coder)
 
 
-def _decode_lossless(payload: bytes, dtype: torch.dtype, shape) -> torch.Tensor:
+def _decode_lossless(payload: bytes, dtype: torch.dtype, shape, coder: int) -> torch.Tensor:
     L, T, C = shape
     size = torch.empty((), dtype=dtype).element_size()
     reader = _Reader(payload)
-    planes = np.empty((L, size, T * C), dtype=np.uint8)
-    for layer in range(L):
-        for p in range(size):
-            (kind,) = reader.take("<u1", 1)
-            if kind == RAW_PLANE:
-                planes[layer, p] = reader.take("<u1", T * C)
-                continue
-            if kind != CODED_PLANE:
-                raise CodecError(f"unknown byte-plane kind {kind}")
-            (n,) = reader.take("<u2", 1)
-            present = reader.take("<u1", int(n)).astype(np.int64)
-            counts = np.zeros(256)
-            counts[present] = reader.take("<u4", int(n))
-            words = reader.words()
-            if counts.sum() != T * C:
-                raise CodecError("byte-plane counts do not match the shape")
-            try:
-                sym = constriction.stream.queue.RangeDecoder(words).decode(
-                    constriction.stream.model.Categorical(counts / counts.sum(), perfect=False), T * C)
-            except Exception as e:
-                raise CodecError(f"entropy-coded data is invalid: {e}") from None
-            planes[layer, p] = sym
+    segs = _decode_segments(reader, [T * C] * (L * size), coder)
     if reader.pos != len(payload):
         raise CodecError("payload has trailing bytes")
+    if any(int(s.min(initial=0)) < 0 or int(s.max(initial=0)) > 255 for s in segs):
+        raise CodecError("byte plane values outside 0..255")
+    planes = np.stack(segs).astype(np.uint8).reshape(L, size, T * C)
     raw = np.ascontiguousarray(planes.transpose(0, 2, 1)).reshape(-1)
     if dtype == torch.bfloat16:
         return torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).reshape(L, T, C)

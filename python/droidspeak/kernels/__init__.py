@@ -65,3 +65,12 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
     _warn_once()
     return reference.decode_attention(q, k_cache, v_cache, req_to_token,
                                       req_pool_indices, seq_lens, scale)
+
+
+def rans_encode(symbols, seg_lens, freqs, table_lens):
+    """Native rANS (csrc/rans.cpp); callers check `native_available()` first."""
+    return _native.rans_encode(symbols, seg_lens, freqs, table_lens)
+
+
+def rans_decode(data, seg_lens, freqs, table_lens):
+    return _native.rans_decode(data, seg_lens, freqs, table_lens)

@@ -21,7 +21,7 @@ DEFAULT_BANDWIDTH = {"ram": 4e9, "disk": 1e9, "redis": 2e8}
 class TierState:
     tier: Tier
     down_until: float = 0.0
-    bandwidth: float | None = None  # measured bytes/s (EWMA)
+    s_per_byte: float | None = None  # measured transfer time per byte (EWMA; its inverse is the bandwidth)
     counters: dict = field(default_factory=lambda: {"hits": 0, "misses": 0, "errors": 0,
                                                     "bytes_read": 0, "bytes_written": 0})
 
@@ -57,7 +57,9 @@ class TieredStore:
     def bandwidth(self, state: TierState) -> float:
         if self.bandwidth_override:
             return self.bandwidth_override
-        return state.bandwidth or DEFAULT_BANDWIDTH.get(state.name, 1e8)
+        if state.s_per_byte:
+            return 1.0 / state.s_per_byte
+        return DEFAULT_BANDWIDTH.get(state.name, 1e8)
 
     def locate(self, keys: list[str]) -> tuple[TierState, dict[str, int]] | None:
         """The first working tier holding any of `keys`, with the sizes it holds."""
@@ -85,8 +87,9 @@ class TieredStore:
         state.counters["hits"] += 1
         state.counters["bytes_read"] += len(data)
         if len(data) >= 64 << 10 and seconds > 0:
-            rate = len(data) / seconds
-            state.bandwidth = rate if state.bandwidth is None else 0.7 * state.bandwidth + 0.3 * rate
+            # Averaged as time per byte: a burst of fast reads must not hide a slow link.
+            rate = seconds / len(data)
+            state.s_per_byte = rate if state.s_per_byte is None else 0.7 * state.s_per_byte + 0.3 * rate
         # Promote into the faster tiers so the next read is local.
         for faster in self.states[:self.states.index(state)]:
             self._put_one(faster, key, data)

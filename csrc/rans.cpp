@@ -1,0 +1,137 @@
+// A static-model rANS entropy coder for the CacheGen codec (byte-wise
+// renormalisation, 32-bit state, 15-bit probabilities). The symbols come in
+// segments, each coded with its own frequency table; one stream holds them all.
+// Encoding runs backwards so decoding runs forwards through the segments.
+//
+// Decoding treats the stream as untrusted: every read is bounds-checked, every
+// table must sum to 2^15, and the final state must equal the initial one (a
+// consistency check rANS gives for free), else it throws.
+#include "ops.h"
+
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+namespace {
+
+constexpr uint32_t kScaleBits = 15;
+constexpr uint32_t kTotal = 1u << kScaleBits;
+constexpr uint32_t kLow = 1u << 23;  // the state stays in [kLow, kLow << 8)
+
+struct Tables {
+  std::vector<const int32_t*> freq;
+  std::vector<int64_t> size;
+  std::vector<std::vector<uint32_t>> cum;
+};
+
+Tables read_tables(const at::Tensor& freqs, const at::Tensor& table_lens) {
+  TORCH_CHECK(freqs.dtype() == at::kInt && freqs.is_contiguous(), "freqs must be contiguous int32");
+  TORCH_CHECK(table_lens.dtype() == at::kLong, "table_lens must be int64");
+  Tables t;
+  const int32_t* f = freqs.data_ptr<int32_t>();
+  const int64_t* lens = table_lens.data_ptr<int64_t>();
+  int64_t offset = 0, total = freqs.numel();
+  for (int64_t s = 0; s < table_lens.numel(); ++s) {
+    int64_t k = lens[s];
+    if (k < 1 || k > 65536 || offset + k > total) throw std::invalid_argument("rANS: bad table size");
+    std::vector<uint32_t> cum(k + 1, 0);
+    for (int64_t i = 0; i < k; ++i) {
+      if (f[offset + i] < 0) throw std::invalid_argument("rANS: negative frequency");
+      cum[i + 1] = cum[i] + static_cast<uint32_t>(f[offset + i]);
+      if (cum[i + 1] > kTotal) throw std::invalid_argument("rANS: table does not sum to 2^15");
+    }
+    if (cum[k] != kTotal) throw std::invalid_argument("rANS: table does not sum to 2^15");
+    t.freq.push_back(f + offset);
+    t.size.push_back(k);
+    t.cum.push_back(std::move(cum));
+    offset += k;
+  }
+  if (offset != total) throw std::invalid_argument("rANS: tables and sizes disagree");
+  return t;
+}
+
+}  // namespace
+
+at::Tensor rans_encode(const at::Tensor& symbols, const at::Tensor& seg_lens, const at::Tensor& freqs,
+                       const at::Tensor& table_lens) {
+  TORCH_CHECK(symbols.dtype() == at::kInt && symbols.is_contiguous(), "symbols must be contiguous int32");
+  TORCH_CHECK(seg_lens.dtype() == at::kLong && seg_lens.numel() == table_lens.numel(),
+              "one int64 length per table");
+  Tables t = read_tables(freqs, table_lens);
+  const int32_t* sym = symbols.data_ptr<int32_t>();
+  const int64_t* lens = seg_lens.data_ptr<int64_t>();
+  int64_t n = 0;
+  std::vector<int64_t> starts;
+  for (int64_t s = 0; s < seg_lens.numel(); ++s) {
+    starts.push_back(n);
+    n += lens[s];
+  }
+  TORCH_CHECK(n == symbols.numel(), "segment lengths must add up to the symbol count");
+  std::vector<uint8_t> out;  // written backwards, reversed at the end
+  out.reserve(static_cast<size_t>(n / 2 + 16));
+  uint32_t x = kLow;
+  for (int64_t s = seg_lens.numel() - 1; s >= 0; --s) {
+    const int32_t* f = t.freq[s];
+    const uint32_t* cum = t.cum[s].data();
+    for (int64_t i = starts[s] + lens[s] - 1; i >= starts[s]; --i) {
+      int32_t v = sym[i];
+      TORCH_CHECK(v >= 0 && v < t.size[s] && f[v] > 0, "symbol outside its table");
+      uint32_t freq = static_cast<uint32_t>(f[v]);
+      uint32_t x_max = ((kLow >> kScaleBits) << 8) * freq;
+      while (x >= x_max) {
+        out.push_back(static_cast<uint8_t>(x & 0xff));
+        x >>= 8;
+      }
+      x = ((x / freq) << kScaleBits) + (x % freq) + cum[v];
+    }
+  }
+  for (int b = 0; b < 4; ++b) {
+    out.push_back(static_cast<uint8_t>(x & 0xff));
+    x >>= 8;
+  }
+  at::Tensor result = at::empty({static_cast<int64_t>(out.size())}, at::kByte);
+  uint8_t* dst = result.data_ptr<uint8_t>();
+  for (size_t i = 0; i < out.size(); ++i) dst[i] = out[out.size() - 1 - i];
+  return result;
+}
+
+at::Tensor rans_decode(const at::Tensor& data, const at::Tensor& seg_lens, const at::Tensor& freqs,
+                       const at::Tensor& table_lens) {
+  TORCH_CHECK(data.dtype() == at::kByte && data.is_contiguous(), "data must be contiguous uint8");
+  TORCH_CHECK(seg_lens.dtype() == at::kLong && seg_lens.numel() == table_lens.numel(),
+              "one int64 length per table");
+  Tables t = read_tables(freqs, table_lens);
+  const int64_t* lens = seg_lens.data_ptr<int64_t>();
+  int64_t n = 0;
+  for (int64_t s = 0; s < seg_lens.numel(); ++s) {
+    if (lens[s] < 0) throw std::invalid_argument("rANS: negative segment length");
+    n += lens[s];
+  }
+  at::Tensor result = at::empty({n}, at::kInt);
+  int32_t* dst = result.data_ptr<int32_t>();
+  const uint8_t* p = data.data_ptr<uint8_t>();
+  const uint8_t* end = p + data.numel();
+  if (end - p < 4) throw std::invalid_argument("rANS: stream too short");
+  uint32_t x = 0;
+  for (int b = 0; b < 4; ++b) x = (x << 8) | *p++;
+  std::vector<uint16_t> lut(kTotal);
+  for (int64_t s = 0; s < seg_lens.numel(); ++s) {
+    const int32_t* f = t.freq[s];
+    const uint32_t* cum = t.cum[s].data();
+    for (int64_t v = 0; v < t.size[s]; ++v)
+      std::fill(lut.begin() + cum[v], lut.begin() + cum[v + 1], static_cast<uint16_t>(v));
+    for (int64_t i = 0; i < lens[s]; ++i) {
+      if (x < kLow) throw std::invalid_argument("rANS: corrupt stream");
+      uint32_t slot = x & (kTotal - 1);
+      uint16_t v = lut[slot];
+      *dst++ = v;
+      x = static_cast<uint32_t>(f[v]) * (x >> kScaleBits) + slot - cum[v];
+      while (x < kLow) {
+        if (p == end) throw std::invalid_argument("rANS: stream ends early");
+        x = (x << 8) | *p++;
+      }
+    }
+  }
+  if (x != kLow || p != end) throw std::invalid_argument("rANS: stream does not end where it should");
+  return result;
+}
