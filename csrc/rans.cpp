@@ -58,6 +58,7 @@ at::Tensor rans_encode(const at::Tensor& symbols, const at::Tensor& seg_lens, co
   TORCH_CHECK(seg_lens.dtype() == at::kLong && seg_lens.numel() == table_lens.numel(),
               "one int64 length per table");
   Tables t = read_tables(freqs, table_lens);
+  pybind11::gil_scoped_release no_gil;  // plain memory work: other Python threads may run
   const int32_t* sym = symbols.data_ptr<int32_t>();
   const int64_t* lens = seg_lens.data_ptr<int64_t>();
   int64_t n = 0;
@@ -108,6 +109,7 @@ at::Tensor rans_decode(const at::Tensor& data, const at::Tensor& seg_lens, const
     n += lens[s];
   }
   at::Tensor result = at::empty({n}, at::kInt);
+  pybind11::gil_scoped_release no_gil;  // plain memory work: other Python threads may run
   int32_t* dst = result.data_ptr<int32_t>();
   const uint8_t* p = data.data_ptr<uint8_t>();
   const uint8_t* end = p + data.numel();

@@ -71,17 +71,31 @@ def test_throttled_link_takes_at_least_size_over_bandwidth():
 
 
 def test_level_choice_follows_bandwidth_and_falls_back_to_recompute():
-    cost = CostModel(prefill_s_per_token=1e-3, decode_s_per_byte={"lossless": 1e-8, "high": 1e-8, "low": 1e-8})
+    cost = CostModel()
+    cost.decode_s_per_byte = {"lossless": 1e-8, "high": 1e-8, "low": 1e-8}
     sizes = {"lossless": 4_000_000, "high": 2_000_000, "low": 1_000_000}
-    # Recomputing 256 tokens costs 0.256 s here.
-    assert choose_level(sizes, 256, 1e10, 0, cost, None).level == "lossless"  # fast link: best quality
-    assert choose_level(sizes, 256, 1e7, 0, cost, None).level == "high"       # 0.22 s, lossless 0.44 s
-    assert choose_level(sizes, 256, 5e6, 0, cost, None).level == "low"        # high 0.42 s, low 0.21 s
-    assert choose_level(sizes, 256, 1e6, 0, cost, None).level is None         # a second even for low
+    r = 0.256  # seconds to recompute the chunk instead
+    assert choose_level(sizes, r, 1e10, 0, cost, None).level == "lossless"  # fast link: best quality
+    assert choose_level(sizes, r, 1e7, 0, cost, None).level == "high"       # 0.22 s, lossless 0.44 s
+    assert choose_level(sizes, r, 5e6, 0, cost, None).level == "low"        # high 0.42 s, low 0.21 s
+    assert choose_level(sizes, r, 1e6, 0, cost, None).level is None         # a second even for low
     # A TTFT share tighter than recompute picks a smaller level.
-    assert choose_level(sizes, 256, 3e7, 0, cost, None).level == "lossless"   # 0.17 s
-    assert choose_level(sizes, 256, 3e7, 0, cost, budget_s=0.1).level == "high"
-    assert choose_level(sizes, 256, 3e7, 0, cost, budget_s=0.05).level == "low"
+    assert choose_level(sizes, r, 3e7, 0, cost, None).level == "lossless"   # 0.17 s
+    assert choose_level(sizes, r, 3e7, 0, cost, budget_s=0.1).level == "high"
+    assert choose_level(sizes, r, 3e7, 0, cost, budget_s=0.05).level == "low"
+
+
+def test_prefill_cost_model_learns_that_deep_chunks_cost_more():
+    cost = CostModel()
+    a, b = 2e-4, 5e-7     # seconds per token, and per token per position attended over
+    for n, start in [(512, 0), (256, 1024), (64, 4000), (1024, 512), (32, 8000), (300, 2000)] * 3:
+        attended = n * (start + n / 2)
+        cost.observe_prefill(n, attended, a * n + b * attended)
+    assert cost.measured_prefill
+    for start in (0, 4096):
+        truth = a * 256 + b * 256 * (start + 128)
+        assert abs(cost.prefill_s(start, 256) - truth) < 0.05 * truth
+    assert cost.prefill_s(4096, 256) > 3 * cost.prefill_s(0, 256)
 
 
 def free_port() -> int:
@@ -259,7 +273,7 @@ def test_engines_share_kv_through_a_disk_tier_and_survive_corrupt_entries(tiny_l
             got = run(c, prompt(8))
         assert got["kv_store_cached_tokens"] == 0 and got["cached_tokens"] == 0
         assert tokens(got) == tokens(expected)
-        assert c.offloader.counters["chunks_corrupt"] == 1
+        assert c.offloader.counters["chunks_corrupt"] >= 1   # two chunks are in flight at once
         assert any("bad chunk" in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records)
         assert_no_leak(c)
     finally:

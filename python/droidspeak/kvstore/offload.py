@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from droidspeak.kvstore.streamer import LEVEL_ORDER, CostModel, choose_level
 
 logger = logging.getLogger(__name__)
 
+LOAD_WINDOW = 2           # chunks fetched and decoded at once while loading
 WRITE_QUEUE = 64          # chunks waiting for the writer; more are dropped (counted)
 KNOWN_CHUNKS = 1 << 16    # (model, chunk) pairs remembered as stored, to skip re-encoding
 
@@ -74,6 +76,7 @@ class KVOffloader:
         self._known: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._known_lock = threading.Lock()
         self._queue: queue.Queue[_WriteJob | None] = queue.Queue(WRITE_QUEUE)
+        self._pool = ThreadPoolExecutor(LOAD_WINDOW, thread_name_prefix="kv-store-load")
         self._writer = threading.Thread(target=self._write_loop, name="kv-store-writer", daemon=True)
         self._writer.start()
 
@@ -180,6 +183,7 @@ class KVOffloader:
             self._queue.put_nowait(None)
         except queue.Full:
             pass
+        self._pool.shutdown(wait=True)
         self.store.close()
 
     # ---- read path ---------------------------------------------------------------
@@ -195,44 +199,67 @@ class KVOffloader:
             return None
         t0 = time.perf_counter()
         hashes = chunk_hashes(tokens, C, limit // C)
+        budget = None if self.ttft_target_s is None else self.ttft_target_s * C / max(limit - start, 1)
+        shape = (self.kv_pool.num_layers, C, self.channels)
+        # Chunks are planned one at a time, with what the last transfers measured,
+        # and fetched + decoded two at a time (the decoder releases the GIL).
+        pending: list[tuple[Future, str, str, list | None]] = []
         kvs, es, levels, tiers = [], [], [], []
         with_e = bool(e_layers)
-        budget = None if self.ttft_target_s is None else self.ttft_target_s * C / max(limit - start, 1)
+        stop = False
         for k in range(start // C, len(hashes)):
+            if len(pending) >= LOAD_WINDOW:
+                stop = not self._collect(pending.pop(0), kvs, es, levels, tiers)
+                if stop:
+                    break
             keys = {lv: ns.key(hashes[k], self.part, lv) for lv in self.levels}
             found = self.store.locate(list(keys.values()))
             if found is None:
                 break
             state, sizes = found
             by_level = {lv: sizes[key] for lv, key in keys.items() if key in sizes}
-            choice = choose_level(by_level, C, self.store.bandwidth(state), 0.0, self.cost, budget, self.adaptive)
+            choice = choose_level(by_level, self.cost.prefill_s(k * C, C), self.store.bandwidth(state), 0.0,
+                                  self.cost, budget, self.adaptive)
             if choice.level is None:
                 self.counters["chunks_recompute_chosen"] += 1
                 break
-            kv = self._fetch(state, keys[choice.level], choice.level, (self.kv_pool.num_layers, C, self.channels))
-            if kv is None:
-                break
-            if with_e:
-                e = [self._fetch_e(ns, hashes[k], layer) for layer in e_layers]
-                if any(x is None for x in e):
-                    with_e = False
-                else:
-                    es.append(torch.cat(e, dim=0))
-            kvs.append(kv)
-            levels.append(choice.level)
-            tiers.append(state.name)
-            self._remember(ns, hashes[k])
+            kv = self._pool.submit(self._fetch, state, keys[choice.level], choice.level, shape)
+            e = [self._pool.submit(self._fetch_e, ns, hashes[k], layer) for layer in e_layers] if with_e else None
+            pending.append((kv, choice.level, state.name, e))
+        for job in pending:  # in order; everything after a failed chunk is dropped
+            if stop or not self._collect(job, kvs, es, levels, tiers):
+                stop = True
+                job[0].cancel()
+        if es and len(es) != len(kvs):
+            es = []
         if not kvs:
             return None
+        for k in range(start // C, start // C + len(kvs)):
+            self._remember(ns, hashes[k])
         first = start - (start // C) * C
         end = (start // C + len(kvs)) * C
         kv = torch.cat(kvs, dim=1)[:, first:]
-        e = torch.cat(es, dim=1)[:, first:] if with_e and es else None
+        e = torch.cat(es, dim=1)[:, first:] if es else None
         for lv in levels:
             self.level_counts[lv] += 1
         self.counters["chunks_loaded"] += len(kvs)
         self.counters["tokens_loaded"] += end - start
         return Loaded(start, end, kv, e, levels, tiers, time.perf_counter() - t0)
+
+    @staticmethod
+    def _collect(job, kvs: list, es: list, levels: list, tiers: list) -> bool:
+        """Append one planned chunk's results; False if its KV did not arrive."""
+        kv_future, level, tier, e_futures = job
+        kv = kv_future.result()
+        if kv is None:
+            return False
+        e = [f.result() for f in e_futures] if e_futures is not None else None
+        if e is not None and all(x is not None for x in e) and len(es) == len(kvs):
+            es.append(torch.cat(e, dim=0))
+        kvs.append(kv)
+        levels.append(level)
+        tiers.append(tier)
+        return True
 
     def _fetch(self, state, key: str, level: str, shape: tuple[int, int, int]) -> torch.Tensor | None:
         data = self.store.get(state, key)
@@ -268,5 +295,5 @@ class KVOffloader:
     def stats(self) -> dict:
         return {"chunk_size": self.chunk_size, "levels": list(self.levels), "adaptive": self.adaptive,
                 "ttft_target_ms": None if self.ttft_target_s is None else 1e3 * self.ttft_target_s,
-                "prefill_ms_per_token": 1e3 * self.cost.prefill_s_per_token,
+                "prefill_ms_per_chunk_at_4k": 1e3 * self.cost.prefill_s(4096, self.chunk_size),
                 **self.counters, "chunks_by_level": dict(self.level_counts), "tiers": self.store.stats()}

@@ -8,7 +8,9 @@ transfers (or a fixed override), decode time per byte per level from recent
 decodes, and prefill time per token from the scheduler's recent prefills."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+import numpy as np
 
 # Quality order, best first (the lossless level is exact).
 LEVEL_ORDER = ("lossless", "high", "medium", "low")
@@ -19,19 +21,37 @@ def _ewma(old: float | None, new: float) -> float:
     return new if old is None else (1 - EWMA) * old + EWMA * new
 
 
-@dataclass
 class CostModel:
-    # Starting guesses until measurements come in (a 135M model on 2 cores, bf16).
-    prefill_s_per_token: float = 1e-3
-    decode_s_per_byte: dict[str, float] = field(default_factory=lambda: {
-        "lossless": 4e-8, "high": 5e-8, "medium": 5e-8, "low": 6e-8})
-    measured_prefill: bool = False
+    """Measured costs. Prefill time is fitted online (recursive least squares with
+    forgetting) as a * tokens + b * tokens * context, where context is the mean
+    position the tokens attend over, because a chunk deep in a long prompt costs
+    more to recompute than one at its start. Decode time per byte per level is a
+    moving average of recent decodes."""
 
-    def observe_prefill(self, tokens: int, seconds: float) -> None:
-        if tokens >= 32 and seconds > 0:
-            self.prefill_s_per_token = _ewma(self.prefill_s_per_token if self.measured_prefill else None,
-                                             seconds / tokens)
-            self.measured_prefill = True
+    FORGET = 0.97
+    CONTEXT_SCALE = 1e-3  # keeps the two regressors of similar size
+
+    def __init__(self, prefill_s_per_token: float = 1e-3, attention_s_per_token_position: float = 2e-7):
+        self.theta = np.array([prefill_s_per_token, attention_s_per_token_position / self.CONTEXT_SCALE])
+        self.P = np.eye(2) * 1e-4
+        self.measured_prefill = False
+        self.decode_s_per_byte = {"lossless": 2e-8, "high": 2e-8, "medium": 2e-8, "low": 2e-8}
+
+    def observe_prefill(self, tokens: int, attended: float, seconds: float) -> None:
+        """`attended`: the sum over the batch's tokens of the positions they attend over."""
+        if tokens < 32 or seconds <= 0:
+            return
+        x = np.array([tokens, attended * self.CONTEXT_SCALE], dtype=np.float64)
+        Px = self.P @ x
+        gain = Px / (self.FORGET + x @ Px)
+        self.theta = self.theta + gain * (seconds - x @ self.theta)
+        self.P = (self.P - np.outer(gain, Px)) / self.FORGET
+        self.measured_prefill = True
+
+    def prefill_s(self, start: int, tokens: int) -> float:
+        """Estimated time to prefill `tokens` tokens after a cached prefix of `start`."""
+        a, b = np.maximum(self.theta, 0.0)
+        return float(tokens * (a + b * self.CONTEXT_SCALE * (start + tokens / 2)))
 
     def observe_decode(self, level: str, nbytes: int, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:
@@ -45,14 +65,14 @@ class Choice:
     est_recompute_s: float
 
 
-def choose_level(sizes: dict[str, int], num_tokens: int, bandwidth: float, latency_s: float,
+def choose_level(sizes: dict[str, int], recompute: float, bandwidth: float, latency_s: float,
                  cost: CostModel, budget_s: float | None, allow_recompute: bool = True) -> Choice:
     """The level to fetch one chunk at. `sizes`: bytes of each level the tier
-    holds; `budget_s`: the chunk's share of the TTFT target (None: no target, so
-    the best level that still beats recomputing). Without `allow_recompute`, a
-    level is always chosen: the best that fits the budget, else the fastest."""
-    recompute = num_tokens * cost.prefill_s_per_token
-    times = {lv: latency_s + n / bandwidth + n * cost.decode_s_per_byte.get(lv, 6e-8)
+    holds; `recompute`: estimated seconds to prefill the chunk instead; `budget_s`:
+    the chunk's share of the TTFT target (None: no target, so the best level that
+    still beats recomputing). Without `allow_recompute`, a level is always chosen:
+    the best that fits the budget, else the fastest."""
+    times = {lv: latency_s + n / bandwidth + n * cost.decode_s_per_byte.get(lv, 2e-8)
              for lv, n in sizes.items()}
     ordered = [lv for lv in LEVEL_ORDER if lv in times]
     if not ordered:

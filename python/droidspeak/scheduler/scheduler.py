@@ -171,7 +171,8 @@ class Scheduler:
                 (j.end - j.start) * (j.layer_end - j.layer_start) for j in batch.recompute)
             self.cross_policy.observe_prefill(time.perf_counter() - start, token_layers)
         if self.offloader is not None and not batch.recompute:
-            self.offloader.cost.observe_prefill(batch.num_tokens, time.perf_counter() - start)
+            attended = sum(e.num_tokens * (e.req.kv_len + e.num_tokens / 2) for e in entries)
+            self.offloader.cost.observe_prefill(batch.num_tokens, attended, time.perf_counter() - start)
         to_sample, sample_rows = [], []
         extra_offset = 0
         for i, entry in enumerate(entries):
