@@ -249,9 +249,26 @@ def test_profile_files_are_validated(tmp_path, family):
     nan = dict(good, groups=[dict(good["groups"][0], ce=float("nan"))])
     with pytest.raises(ProfileError, match="ce"):
         Profile.from_json(nan)
+    bad_items = dict(good, groups=[dict(good["groups"][0], soft_ce_items=[1.0, "x"])])
+    with pytest.raises(ProfileError, match="soft_ce_items"):
+        Profile.from_json(bad_items)
     (tmp_path / "x.json").write_bytes(b"\x80not json")
     with pytest.raises(ProfileError, match="cannot read"):
         Profile.load(str(tmp_path / "x.json"))
+
+
+def test_quality_target_counts_the_profile_spread():
+    """A group meets the target only with one standard error of margin over the
+    calibration contexts: a mean just inside 1% with a wide spread does not."""
+    full = GroupScore(0, 4, 1.0, 1.0, 0.0, 1.0, soft_ce_items=(1.0, 1.0, 1.0, 1.0))
+    steady = GroupScore(1, 2, 1.009, 1.0, 0.01, 0.9, soft_ce_items=(1.009,) * 4)
+    spread = GroupScore(0, 1, 1.009, 1.0, 0.01, 0.9, soft_ce_items=(1.0, 1.018, 1.0, 1.018))
+    profile = Profile("a", "b", 4, 1, full, [full, steady, spread])
+    assert profile.excess(spread) == pytest.approx(profile.excess(steady)) == pytest.approx(0.009)
+    assert profile.excess_se(steady) == 0 and profile.excess_se(spread) == pytest.approx(0.005196, rel=1e-3)
+    assert profile.meets(steady, 0.01) and not profile.meets(spread, 0.01) and profile.meets(spread, 0.02)
+    legacy = GroupScore(0, 1, 1.009, 1.0, 0.01, 0.9)  # profiles written before per-context values
+    assert Profile("a", "b", 4, 1, full, [full, legacy]).meets(legacy, 0.01)
 
 
 def test_stale_profile_is_ignored(tmp_path, family, caplog):
@@ -288,6 +305,8 @@ def test_profiler_end_to_end_and_resume(tmp_path, family):
     wholesale = next(g for g in profile.groups if g.layers == 0)
     assert wholesale.kl > 0 and len(profile.groups) == 1 + 6 + 5  # wholesale, 6 groups of a 3-point grid, 5 tails
     assert profile.calibration["items"] == 2 and full.task in (0.0, 1.0)
+    for g in profile.groups:  # the metric per context, whose mean is the group's value
+        assert len(g.soft_ce_items) == 2 and sum(g.soft_ce_items) / 2 == pytest.approx(g.soft_ce)
 
     # Resume: a run that stopped after the first context does only the second.
     engine = Engine(paths["base"], dtype="float32", served_model_name="base", models=(f"a={paths['a']}",),
@@ -311,6 +330,7 @@ def test_profiler_end_to_end_and_resume(tmp_path, family):
     fresh = Profiler(engine, items, step=2, context_tokens=60, generate_tokens=2).profile_pair(
         "base", "a", str(tmp_path / "p3"), progress=False)
     assert [g.soft_ce for g in resumed.groups] == pytest.approx([g.soft_ce for g in fresh.groups])
+    assert [g.soft_ce_items for g in resumed.groups] == [pytest.approx(g.soft_ce_items) for g in fresh.groups]
 
     # The engine reads what the profiler wrote (fingerprints match).
     eng = Engine(paths["base"], dtype="float32", served_model_name="base",

@@ -74,26 +74,34 @@ def test_level_choice_follows_bandwidth_and_falls_back_to_recompute():
     cost = CostModel()
     cost.decode_s_per_byte = {"lossless": 1e-8, "high": 1e-8, "low": 1e-8}
     sizes = {"lossless": 4_000_000, "high": 2_000_000, "low": 1_000_000}
-    r = 0.256  # seconds to recompute the chunk instead
-    assert choose_level(sizes, r, 1e10, 0, cost, None).level == "lossless"  # fast link: best quality
-    assert choose_level(sizes, r, 1e7, 0, cost, None).level == "high"       # 0.22 s, lossless 0.44 s
-    assert choose_level(sizes, r, 5e6, 0, cost, None).level == "low"        # high 0.42 s, low 0.21 s
-    assert choose_level(sizes, r, 1e6, 0, cost, None).level is None         # a second even for low
+
+    def level(bandwidth, budget=None, recompute=0.256, chunks=1):
+        return choose_level(sizes, bandwidth, 0, cost, budget, recompute, chunks).level
+    # Recomputing the chunk costs 0.256 s here.
+    assert level(1e10) == "lossless"                  # fast link: best quality
+    assert level(1e7) == "high"                       # 0.22 s, lossless 0.44 s
+    assert level(5e6) == "low"                        # high 0.42 s, low 0.21 s
+    assert level(1e6) is None                         # a second even for low: recompute
+    assert level(3e7) == "lossless"                   # 0.17 s
     # A TTFT share tighter than recompute picks a smaller level.
-    assert choose_level(sizes, r, 3e7, 0, cost, None).level == "lossless"   # 0.17 s
-    assert choose_level(sizes, r, 3e7, 0, cost, budget_s=0.1).level == "high"
-    assert choose_level(sizes, r, 3e7, 0, cost, budget_s=0.05).level == "low"
+    assert level(3e7, budget=0.1) == "high" and level(3e7, budget=0.05) == "low"
+    # Stopping means prefilling everything after: the rest's cost decides, not this chunk's.
+    assert level(1e6, recompute=20.0, chunks=10) == "low"
+    # Always loading: the best level within the budget, else the fastest.
+    assert choose_level(sizes, 1e6, 0, cost, None, 0.256, allow_recompute=False).level == "lossless"
+    assert choose_level(sizes, 1e6, 0, cost, 0.5, 0.256, allow_recompute=False).level == "low"
 
 
 def test_prefill_cost_model_learns_that_deep_chunks_cost_more():
     cost = CostModel()
     a, b = 2e-4, 5e-7     # seconds per token, and per token per position attended over
-    for n, start in [(512, 0), (256, 1024), (64, 4000), (1024, 512), (32, 8000), (300, 2000)] * 3:
+    c = 0.03              # and per forward pass
+    for n, start in [(512, 0), (256, 1024), (64, 4000), (1024, 512), (32, 8000), (300, 2000)] * 4:
         attended = n * (start + n / 2)
-        cost.observe_prefill(n, attended, a * n + b * attended)
+        cost.observe_prefill(n, attended, c + a * n + b * attended)
     assert cost.measured_prefill
     for start in (0, 4096):
-        truth = a * 256 + b * 256 * (start + 128)
+        truth = c + a * 256 + b * 256 * (start + 128)
         assert abs(cost.prefill_s(start, 256) - truth) < 0.05 * truth
     assert cost.prefill_s(4096, 256) > 3 * cost.prefill_s(0, 256)
 

@@ -62,9 +62,9 @@ class CrossModelPolicy:
             idle = min(same_start, key=lambda g: (g.soft_ce, g.cost))
             self.choices[(p.sender, p.receiver)] = PairChoice(target, idle, p)
             logger.info("cross-model %s -> %s: recompute layers [%d, %d) over the last %.0f%% of the reused "
-                        "span (idle: [%d, %d), %.0f%%), %.2f%% over full prefill's soft cross-entropy",
+                        "span (idle: [%d, %d), %.0f%%), %.2f%% (+-%.2f%%) over full prefill's soft cross-entropy",
                         p.sender, p.receiver, target.start, target.end, 100 * target.tail, idle.start, idle.end,
-                        100 * idle.tail, 100 * p.excess(target))
+                        100 * idle.tail, 100 * p.excess(target), 100 * p.excess_se(target))
         bounds = sorted({b for c in self.choices.values() for b in (c.target.start, c.target.end, c.idle.end)})
         e_layers = sorted({c.target.start for c in self.choices.values() if c.target.start > 0})
         self.segments = LayerSegments(num_layers, bounds)

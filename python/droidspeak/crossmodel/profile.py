@@ -24,6 +24,10 @@ from dataclasses import asdict, dataclass, field
 FORMAT = "droidspeak-profile"
 VERSION = 1
 FINGERPRINT_BYTES = 1 << 20  # of each weight file: enough to tell fine-tunes apart
+# A group meets a quality target when its mean excess plus this many standard
+# errors (over the calibration contexts) is within it: the profile is a small
+# sample, and held-out contexts land on either side of its mean.
+CONFIDENCE_Z = 1.0
 
 
 class ProfileError(ValueError):
@@ -42,6 +46,7 @@ class GroupScore:
     agreement: float          # greedy-token agreement with its own full prefill
     task: float | None = None  # share of calibration answers still produced greedily
     tail: float = 1.0         # share of the reused span recomputed, counted from its end
+    soft_ce_items: tuple[float, ...] = ()  # the metric per calibration context (its spread)
 
     @property
     def layers(self) -> int:
@@ -80,9 +85,21 @@ class Profile:
         """Relative extra soft cross-entropy over the full prefill (0.01 = 1%)."""
         return g.soft_ce / self.full.soft_ce - 1 if self.full.soft_ce > 0 else math.inf
 
+    def excess_se(self, g: GroupScore) -> float:
+        """Standard error of the excess over the calibration contexts (0 when the
+        profile has no per-context values)."""
+        full = self.full.soft_ce_items
+        if len(g.soft_ce_items) < 2 or len(full) != len(g.soft_ce_items) or min(full) <= 0:
+            return 0.0
+        per = [a / b - 1 for a, b in zip(g.soft_ce_items, full)]
+        mean = sum(per) / len(per)
+        var = sum((x - mean) ** 2 for x in per) / (len(per) - 1)
+        return math.sqrt(var / len(per))
+
     def meets(self, g: GroupScore, quality: float) -> bool:
-        """Within `quality` (relative) of the receiver's full prefill."""
-        return self.excess(g) <= quality
+        """Within `quality` (relative) of the receiver's full prefill, with
+        CONFIDENCE_Z standard errors of margin."""
+        return self.excess(g) + CONFIDENCE_Z * self.excess_se(g) <= quality
 
     def smallest_meeting(self, quality: float) -> GroupScore | None:
         return next((g for g in self.frontier if self.meets(g, quality)), None)
@@ -163,8 +180,12 @@ def _score(d, num_layers: int, where: str) -> GroupScore:
     tail = d.get("tail", 1.0)
     if not isinstance(tail, (int, float)) or isinstance(tail, bool) or not 0 < tail <= 1:
         raise ProfileError(f"{where}.tail must be in (0, 1], got {tail!r}")
+    items = d.get("soft_ce_items", [])
+    if not isinstance(items, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in items):
+        raise ProfileError(f"{where}.soft_ce_items must be a list of finite numbers >= 0")
     return GroupScore(start, end, values["soft_ce"], values["ce"], values["kl"], values["agreement"],
-                      None if task is None else float(task), float(tail))
+                      None if task is None else float(task), float(tail), tuple(float(v) for v in items))
 
 
 def default_profile_dir(root_name: str) -> str:

@@ -14,6 +14,7 @@ kernels through `runner.sequence.Sequence`; resumable per context.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -129,26 +130,26 @@ class Profiler:
         os.makedirs(out_dir, exist_ok=True)
         partial = os.path.join(out_dir, f".{sender}__{receiver}.partial.jsonl")
         done = self._load_partial(partial, self.settings_key(sender, receiver))
-        totals = {g: Totals() for g in self.groups}
-        for per_item in done.values():
-            for g, t in per_item.items():
-                totals[g].add(t)
         bar = tqdm(total=len(self.items) * len(self.groups), desc=f"profile {sender} -> {receiver}",
                    disable=not progress, initial=len(done) * len(self.groups))
         for index, item in enumerate(self.items):
             if index in done:
                 continue
-            per_item = self._profile_item(sender, receiver, item, self.groups, bar)
-            for g, t in per_item.items():
-                totals[g].add(t)
+            per_item = done[index] = self._profile_item(sender, receiver, item, self.groups, bar)
             with open(partial, "a") as f:
                 f.write(json.dumps({"item": index, "totals": [[list(g), asdict(t)] for g, t in
                                                               per_item.items()]}) + "\n")
         bar.close()
+        scores = {}
+        for g in self.groups:
+            total = Totals()
+            for index in sorted(done):
+                total.add(done[index][g])
+            per_context = tuple(done[index][g].score(*g).soft_ce for index in sorted(done))
+            scores[g] = dataclasses.replace(total.score(*g), soft_ce_items=per_context)
         paths = self.engine.model_paths
-        profile = Profile(sender, receiver, self.num_layers, self.step,
-                          totals[self.full].score(*self.full),
-                          [totals[g].score(*g) for g in self.groups],
+        profile = Profile(sender, receiver, self.num_layers, self.step, scores[self.full],
+                          [scores[g] for g in self.groups],
                           fingerprint(paths[sender]), fingerprint(paths[receiver]),
                           {"items": len(self.items), "context_tokens": self.context_tokens,
                            "generate_tokens": self.generate_tokens,

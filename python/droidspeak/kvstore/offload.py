@@ -218,8 +218,8 @@ class KVOffloader:
                 break
             state, sizes = found
             by_level = {lv: sizes[key] for lv, key in keys.items() if key in sizes}
-            choice = choose_level(by_level, self.cost.prefill_s(k * C, C), self.store.bandwidth(state), 0.0,
-                                  self.cost, budget, self.adaptive)
+            choice = choose_level(by_level, self.store.bandwidth(state), 0.0, self.cost, budget,
+                                  self.cost.prefill_s(k * C, limit - k * C), len(hashes) - k, self.adaptive)
             if choice.level is None:
                 self.counters["chunks_recompute_chosen"] += 1
                 break

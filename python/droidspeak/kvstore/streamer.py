@@ -23,25 +23,27 @@ def _ewma(old: float | None, new: float) -> float:
 
 class CostModel:
     """Measured costs. Prefill time is fitted online (recursive least squares with
-    forgetting) as a * tokens + b * tokens * context, where context is the mean
-    position the tokens attend over, because a chunk deep in a long prompt costs
-    more to recompute than one at its start. Decode time per byte per level is a
-    moving average of recent decodes."""
+    forgetting) as c + a * tokens + b * tokens * context, where context is the mean
+    position the tokens attend over (a chunk deep in a long prompt costs more to
+    recompute than one at its start) and c is the cost of a forward pass. Decode
+    time per byte per level is a moving average of recent decodes."""
 
     FORGET = 0.97
-    CONTEXT_SCALE = 1e-3  # keeps the two regressors of similar size
+    CONTEXT_SCALE = 1e-3  # keeps the regressors of similar size
 
-    def __init__(self, prefill_s_per_token: float = 1e-3, attention_s_per_token_position: float = 2e-7):
-        self.theta = np.array([prefill_s_per_token, attention_s_per_token_position / self.CONTEXT_SCALE])
-        self.P = np.eye(2) * 1e-4
+    def __init__(self, forward_s: float = 0.02, prefill_s_per_token: float = 1e-3,
+                 attention_s_per_token_position: float = 2e-7):
+        self.theta = np.array([forward_s, prefill_s_per_token, attention_s_per_token_position / self.CONTEXT_SCALE])
+        self.P = np.eye(3)  # a weak prior: a few measurements override the starting guesses
         self.measured_prefill = False
         self.decode_s_per_byte = {"lossless": 2e-8, "high": 2e-8, "medium": 2e-8, "low": 2e-8}
 
     def observe_prefill(self, tokens: int, attended: float, seconds: float) -> None:
-        """`attended`: the sum over the batch's tokens of the positions they attend over."""
-        if tokens < 32 or seconds <= 0:
+        """One prefill forward: `attended` is the sum over its tokens of the
+        positions they attend over."""
+        if tokens < 1 or seconds <= 0:
             return
-        x = np.array([tokens, attended * self.CONTEXT_SCALE], dtype=np.float64)
+        x = np.array([1.0, tokens, attended * self.CONTEXT_SCALE], dtype=np.float64)
         Px = self.P @ x
         gain = Px / (self.FORGET + x @ Px)
         self.theta = self.theta + gain * (seconds - x @ self.theta)
@@ -50,8 +52,8 @@ class CostModel:
 
     def prefill_s(self, start: int, tokens: int) -> float:
         """Estimated time to prefill `tokens` tokens after a cached prefix of `start`."""
-        a, b = np.maximum(self.theta, 0.0)
-        return float(tokens * (a + b * self.CONTEXT_SCALE * (start + tokens / 2)))
+        c, a, b = np.maximum(self.theta, 0.0)
+        return float(c + tokens * (a + b * self.CONTEXT_SCALE * (start + tokens / 2)))
 
     def observe_decode(self, level: str, nbytes: int, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:
@@ -65,24 +67,28 @@ class Choice:
     est_recompute_s: float
 
 
-def choose_level(sizes: dict[str, int], recompute: float, bandwidth: float, latency_s: float,
-                 cost: CostModel, budget_s: float | None, allow_recompute: bool = True) -> Choice:
-    """The level to fetch one chunk at. `sizes`: bytes of each level the tier
-    holds; `recompute`: estimated seconds to prefill the chunk instead; `budget_s`:
-    the chunk's share of the TTFT target (None: no target, so the best level that
-    still beats recomputing). Without `allow_recompute`, a level is always chosen:
-    the best that fits the budget, else the fastest."""
+def choose_level(sizes: dict[str, int], bandwidth: float, latency_s: float, cost: CostModel,
+                 budget_s: float | None, recompute_s: float, chunks_left: int = 1,
+                 allow_recompute: bool = True) -> Choice:
+    """The level to fetch the next chunk at, or None to stop loading and prefill
+    the rest. `sizes`: bytes of each level the tier holds; `recompute_s`: estimated
+    time to prefill the `chunks_left` chunks from this one on (once loading stops,
+    the rest of the prompt is prefilled in one go); `budget_s`: the chunk's share of
+    the TTFT target (None: no target, so the best level with which loading the rest
+    still beats prefilling it). Without `allow_recompute`, a level is always
+    chosen: the best that fits the budget, else the fastest."""
     times = {lv: latency_s + n / bandwidth + n * cost.decode_s_per_byte.get(lv, 2e-8)
              for lv, n in sizes.items()}
     ordered = [lv for lv in LEVEL_ORDER if lv in times]
+    per_chunk_recompute = recompute_s / max(chunks_left, 1)
     if not ordered:
-        return Choice(None, float("inf"), recompute)
+        return Choice(None, float("inf"), per_chunk_recompute)
     if allow_recompute:
-        limit = recompute if budget_s is None else min(budget_s, recompute)
+        limit = per_chunk_recompute if budget_s is None else min(budget_s, per_chunk_recompute)
     else:
         limit = float("inf") if budget_s is None else budget_s
     fitting = [lv for lv in ordered if times[lv] <= limit]
     level = fitting[0] if fitting else min(ordered, key=times.__getitem__)
-    if allow_recompute and times[level] >= recompute:
-        return Choice(None, times[level], recompute)
-    return Choice(level, times[level], recompute)
+    if allow_recompute and times[level] >= per_chunk_recompute:
+        return Choice(None, times[level], per_chunk_recompute)
+    return Choice(level, times[level], per_chunk_recompute)
