@@ -104,6 +104,14 @@ def test_prefill_cost_model_learns_that_deep_chunks_cost_more():
         truth = c + a * 256 + b * 256 * (start + 128)
         assert abs(cost.prefill_s(start, 256) - truth) < 0.05 * truth
     assert cost.prefill_s(4096, 256) > 3 * cost.prefill_s(0, 256)
+    # One long prefill, then many short ones over it (what a cache-hit workload sees):
+    # the fit still reproduces the long one instead of extrapolating from the short.
+    skewed = CostModel()
+    skewed.observe_prefill(4128, 4128 * 2064, 5.6)
+    for _ in range(5000):
+        skewed.observe_prefill(32, 32 * 4112, 0.2)
+    assert skewed.prefill_s(0, 4128) == pytest.approx(5.6, rel=0.05)
+    assert skewed.prefill_s(4096, 32) == pytest.approx(0.2, rel=0.05)
 
 
 def free_port() -> int:

@@ -8,6 +8,7 @@ transfers (or a fixed override), decode time per byte per level from recent
 decodes, and prefill time per token from the scheduler's recent prefills."""
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,37 +23,64 @@ def _ewma(old: float | None, new: float) -> float:
 
 
 class CostModel:
-    """Measured costs. Prefill time is fitted online (recursive least squares with
-    forgetting) as c + a * tokens + b * tokens * context, where context is the mean
-    position the tokens attend over (a chunk deep in a long prompt costs more to
-    recompute than one at its start) and c is the cost of a forward pass. Decode
-    time per byte per level is a moving average of recent decodes."""
+    """Measured costs. Prefill time is fitted to the engine's recent prefills as
+    c + a * tokens + b * tokens * context, where context is the mean position the
+    tokens attend over (a chunk deep in a long prompt costs more to recompute than
+    one at its start) and c is the cost of a forward pass. The fit is non-negative
+    least squares on relative error over recent observations kept per shape (token
+    count and context, in powers of two), so a stream of short prefills neither
+    drives a coefficient negative nor pushes out the long prefills that whole-prompt
+    estimates rest on. Decode time per byte per level is a moving average."""
 
-    FORGET = 0.97
+    PER_SHAPE = 16
     CONTEXT_SCALE = 1e-3  # keeps the regressors of similar size
 
     def __init__(self, forward_s: float = 0.02, prefill_s_per_token: float = 1e-3,
                  attention_s_per_token_position: float = 2e-7):
-        self.theta = np.array([forward_s, prefill_s_per_token, attention_s_per_token_position / self.CONTEXT_SCALE])
-        self.P = np.eye(3)  # a weak prior: a few measurements override the starting guesses
-        self.measured_prefill = False
+        self.prior = np.array([forward_s, prefill_s_per_token, attention_s_per_token_position / self.CONTEXT_SCALE])
+        self._obs: dict[tuple[int, int], deque] = {}
+        self._theta: np.ndarray | None = None
         self.decode_s_per_byte = {"lossless": 2e-8, "high": 2e-8, "medium": 2e-8, "low": 2e-8}
+
+    @property
+    def measured_prefill(self) -> bool:
+        return bool(self._obs)
 
     def observe_prefill(self, tokens: int, attended: float, seconds: float) -> None:
         """One prefill forward: `attended` is the sum over its tokens of the
         positions they attend over."""
-        if tokens < 1 or seconds <= 0:
-            return
-        x = np.array([1.0, tokens, attended * self.CONTEXT_SCALE], dtype=np.float64)
-        Px = self.P @ x
-        gain = Px / (self.FORGET + x @ Px)
-        self.theta = self.theta + gain * (seconds - x @ self.theta)
-        self.P = (self.P - np.outer(gain, Px)) / self.FORGET
-        self.measured_prefill = True
+        if tokens >= 1 and seconds > 0:
+            shape = (int(tokens).bit_length(), int(attended / tokens).bit_length())
+            self._obs.setdefault(shape, deque(maxlen=self.PER_SHAPE)).append(
+                (1.0, float(tokens), attended * self.CONTEXT_SCALE, seconds))
+            self._theta = None
+
+    @property
+    def theta(self) -> np.ndarray:
+        if not self._obs:
+            return self.prior
+        if self._theta is None:
+            self._theta = self._fit()
+        return self._theta
+
+    def _fit(self) -> np.ndarray:
+        data = np.array([o for recent in self._obs.values() for o in recent])
+        X, y = data[:, :3] / data[:, 3:], np.ones(len(data))  # relative error: each row divided by its time
+        best, best_err = self.prior, np.inf
+        for cols in ((0, 1, 2), (0, 1), (0, 2), (1, 2), (0,), (1,), (2,)):  # every active set: exact NNLS in 3-D
+            sol = np.linalg.lstsq(X[:, cols], y, rcond=None)[0]
+            if (sol < 0).any():
+                continue
+            theta = np.zeros(3)
+            theta[list(cols)] = sol
+            err = float(np.sum((X @ theta - y) ** 2))
+            if err < best_err - 1e-12:
+                best, best_err = theta, err
+        return best
 
     def prefill_s(self, start: int, tokens: int) -> float:
         """Estimated time to prefill `tokens` tokens after a cached prefix of `start`."""
-        c, a, b = np.maximum(self.theta, 0.0)
+        c, a, b = self.theta
         return float(c + tokens * (a + b * self.CONTEXT_SCALE * (start + tokens / 2)))
 
     def observe_decode(self, level: str, nbytes: int, seconds: float) -> None:
