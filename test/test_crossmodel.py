@@ -465,3 +465,34 @@ def test_abort_during_cross_hit_frees_everything(engine):
     assert engine.runner.allocator.num_referenced >= held  # a's entry (b's may be cached too)
     again = run(engine, "b", ids, ctx)
     assert again["meta_info"]["cached_tokens"] == ctx
+
+
+def test_cross_model_hit_from_the_kv_store(family, tmp_path):
+    """One engine runs the sender and writes its KV and E cache through to a disk
+    tier; another engine's receiver, whose prompt shares the context, loads the
+    sender's chunks and reuses them with its group recomputed, exactly as if the
+    sender's entry had been in its own tree."""
+    store = dict(kv_store=f"disk:{tmp_path}", kv_store_write="through", kv_store_levels="lossless",
+                 kv_store_load="always", kv_store_chunk_size=16)
+    first = make_engine(family, **store)
+    try:
+        ids = ids_of(first, CONTEXT + QUESTIONS[0])
+        ctx = len(ids_of(first, CONTEXT))
+        run(first, "a", ids_of(first, CONTEXT + QUESTIONS[1]), ctx)
+        first.offloader.flush()
+    finally:
+        first.shutdown()
+    second = make_engine(family, **store)
+    try:
+        out = run(second, "b", ids, ctx)
+        span = ctx // 16 * 16  # whole chunks of the shared context
+        meta = out["meta_info"]
+        assert span >= 32 and meta["kv_store_cached_tokens"] == span
+        assert meta["cached_tokens"] == meta["cross_model_cached_tokens"] == span
+        expected = reference_logprobs(second, "a", "b", ids, span, (2, 4))[ctx - span:]
+        own = reference_logprobs(second, "a", "b", ids, span, None)[ctx - span:]
+        assert torch.allclose(engine_logprobs(out), expected, atol=1e-5)
+        assert not torch.allclose(expected, own, atol=1e-3)  # it really reused the sender's KV
+        assert_no_leak(second)
+    finally:
+        second.shutdown()

@@ -119,23 +119,37 @@ class PrefillAdder:
         return True
 
     def _load_from_store(self, req: Req) -> None:
-        """Extend the variant's cached prefix with the chunks the KV store holds:
-        fetch and decode them, write them into fresh slots, and insert them into the
-        tree, so the match that follows sees them as an ordinary hit."""
+        """Extend the cached prefix with the chunks the KV store holds: the
+        request's own model's chunks, or else a cross-model sender's (with the E
+        cache its hits need), fetched, decoded, written into fresh slots and
+        inserted into the tree, so the match that follows sees an ordinary hit
+        (exact, or cross-model with the usual recompute)."""
         key = req.cache_key[:req.max_prefix_len]
-        match = self.cache.match_prefix(key, req.cache_variant)
+        variants = [req.cache_variant]
+        if self.cross_policy is not None:
+            variants += list(self.cross_policy.senders_for(req.cache_variant) or ())
+        for variant in variants:
+            loaded = self._load_variant(key, variant)
+            if loaded:
+                req.store_tokens = loaded
+                return
+
+    def _load_variant(self, key: list[int], variant: int) -> int:
+        """Load `variant`'s stored chunks past its cached prefix of `key`; returns
+        the number of tokens loaded."""
+        match = self.cache.match_prefix(key, variant)
         e_layers = ()
-        if self.cross_policy is not None and self.cross_policy.is_sender(req.cache_variant) \
+        if self.cross_policy is not None and self.cross_policy.is_sender(variant) \
                 and self.offloader.e_pool is not None:
             e_layers = self.offloader.e_pool.layers
         self.cache.lock(match.last_node)
         try:
-            loaded = self.offloader.load(req.cache_variant, key, match.length, len(key), e_layers)
+            loaded = self.offloader.load(variant, key, match.length, len(key), e_layers)
             if loaded is None:
-                return
+                return 0
             n = loaded.end - loaded.start
             if not self._make_room(n):
-                return
+                return 0
             slots = self.allocator.allocate(n)
             erows = None
             if loaded.e is not None and self.cache.e_allocator.can_allocate(n):
@@ -145,12 +159,12 @@ class PrefillAdder:
             if erows is not None:
                 full_e = torch.zeros((erows.shape[0], loaded.end), dtype=torch.int64)
                 full_e[:, loaded.start:] = erows
-            self.cache.insert(key[:loaded.end], req.cache_variant, torch.cat([match.indices, slots], dim=1), full_e)
+            self.cache.insert(key[:loaded.end], variant, torch.cat([match.indices, slots], dim=1), full_e)
             self.allocator.free(slots)
             if erows is not None:
                 self.cache.e_allocator.free(erows)
-            self.budget -= n  # now held by the tree, and soon locked by this request
-            req.store_tokens = n
+            self.budget -= n  # now held by the tree, and soon locked by the request
+            return n
         finally:
             self.cache.unlock(match.last_node)
 
