@@ -179,7 +179,7 @@ def main() -> int:
     parser.add_argument("--task-questions", type=int, default=8, help="extra math problems per math context")
     parser.add_argument("--quality-tokens", type=int, default=16, help="generated tokens scored per prompt")
     parser.add_argument("--profiles", default=None)
-    parser.add_argument("--profile-per-domain", type=int, default=2)
+    parser.add_argument("--profile-per-domain", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -285,7 +285,7 @@ def test_profiler_end_to_end_and_resume(tmp_path, family):
     and an engine picks the profiles up."""
     from droidspeak.cli import main
     from droidspeak.crossmodel.calibration import Item
-    from droidspeak.crossmodel.profiler import Profiler, grid_layout
+    from droidspeak.crossmodel.profiler import DEFAULT_TAILS, Profiler, grid_layout
 
     paths, _ = family
     out = tmp_path / "profiles"
@@ -303,7 +303,8 @@ def test_profiler_end_to_end_and_resume(tmp_path, family):
     assert full.kl == 0 and full.agreement == 1 and full.ce == profile.full.ce
     assert profile.excess(full) == 0 and profile.excess(next(g for g in profile.groups if g.layers == 0)) > 0
     wholesale = next(g for g in profile.groups if g.layers == 0)
-    assert wholesale.kl > 0 and len(profile.groups) == 1 + 6 + 5  # wholesale, 6 groups of a 3-point grid, 5 tails
+    # wholesale, 6 groups of a 3-point grid, and every layer over each default tail share
+    assert wholesale.kl > 0 and len(profile.groups) == 1 + 6 + len(DEFAULT_TAILS)
     assert profile.calibration["items"] == 2 and full.task in (0.0, 1.0)
     for g in profile.groups:  # the metric per context, whose mean is the group's value
         assert len(g.soft_ce_items) == 2 and sum(g.soft_ce_items) / 2 == pytest.approx(g.soft_ce)

@@ -71,7 +71,7 @@ def cmd_profile(args) -> int:
 
     from droidspeak.crossmodel.calibration import build_items, load_jsonl
     from droidspeak.crossmodel.profile import Profile, ProfileError, default_profile_dir, fingerprint, profile_path
-    from droidspeak.crossmodel.profiler import Profiler, grid_layout, plot_profile
+    from droidspeak.crossmodel.profiler import DEFAULT_TAILS, Profiler, grid_layout, plot_profile
     from droidspeak.engine.engine import Engine
     from droidspeak.models.config import ModelConfig
     from droidspeak.models.default_model import resolve_model_path
@@ -95,7 +95,7 @@ def cmd_profile(args) -> int:
         return 2
     items = load_jsonl(args.calibration) if args.calibration else build_items("calibration", args.per_domain)
     out = args.out or default_profile_dir(names[0])
-    tails = tuple(float(t) for t in args.tails.split(",") if t.strip())
+    tails = DEFAULT_TAILS if args.tails is None else tuple(float(t) for t in args.tails.split(",") if t.strip())
     profiler = Profiler(engine, items, args.step, args.context_tokens, args.generate_tokens, tails)
     paths = engine.model_paths
     print(f"profiling {len(pairs)} pair(s) over {len(items)} contexts, {len(profiler.groups)} groups each, "
@@ -146,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--receiver", help="the model that reuses it")
     p.add_argument("--family", action="store_true", help="profile every ordered pair of hosted models")
     p.add_argument("--step", type=int, default=2, help="group boundaries every STEP layers (default: 2)")
-    p.add_argument("--tails", default="0.125,0.25,0.375,0.5,0.75",
-                   help="shares of the context (from its end) over which every layer is also tried; '' for none")
+    p.add_argument("--tails", default=None,
+                   help="shares of the context (from its end) over which every layer is also tried, comma-separated "
+                        "(default: sixteenths up to a half, then 0.75); '' for none")
     p.add_argument("--calibration", help="JSONL of {context, question, answer?} (default: built-in offline set)")
     p.add_argument("--per-domain", type=int, default=3,
                    help="built-in set: contexts per domain (code, docs, math) (default: 3)")

@@ -34,7 +34,8 @@ from droidspeak.runner.sequence import Sequence
 logger = logging.getLogger(__name__)
 
 
-DEFAULT_TAILS = (0.125, 0.25, 0.375, 0.5, 0.75)
+# Shares of the context recomputed at its end, in sixteenths up to a half, then 3/4.
+DEFAULT_TAILS = (0.0625, 0.125, 0.1875, 0.25, 0.3125, 0.375, 0.4375, 0.5, 0.75)
 
 Config = tuple[int, int, float]  # (layer start, layer end, tail share of the span)
 
