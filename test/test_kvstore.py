@@ -205,6 +205,16 @@ def run(engine, ids):
     return out["meta_info"]
 
 
+def test_bad_store_settings_are_clear_errors(tiny_llama):
+    from droidspeak.errors import InvalidRequestError
+    for kw, field in (({"kv_store": "s3://bucket"}, "unknown KV store tier"),
+                      ({"kv_store": "ram", "kv_store_levels": "best"}, "levels must be among"),
+                      ({"kv_store": "ram", "kv_store_write": "sometimes"}, "kv_store_write"),
+                      ({"kv_store": "ram", "disable_radix_cache": True}, "radix cache")):
+        with pytest.raises(InvalidRequestError, match=field):
+            Engine(tiny_llama, dtype="float32", max_total_tokens=256, **kw)
+
+
 def test_evicted_kv_comes_back_from_the_ram_tier(tiny_llama):
     e = store_engine(tiny_llama, kv_store="ram")
     try:
@@ -323,3 +333,35 @@ def test_engines_share_kv_through_redis_and_keep_answering_when_it_dies(tiny_lla
     finally:
         a.shutdown()
         b.shutdown()
+
+
+def test_server_flags_metrics_and_info(tiny_llama, tmp_path):
+    """The KV store over HTTP: flags parsed, a flushed prefix comes back from the disk
+    tier, /server_info and /metrics report it."""
+    import signal
+
+    import httpx
+    from test_server import start_server
+
+    proc, url = start_server(tiny_llama, "--kv-store", f"disk:{tmp_path}", "--kv-store-write", "through",
+                             "--kv-store-chunk-size", str(CHUNK), "--kv-store-levels", "lossless",
+                             "--kv-store-load", "always", "--chunked-prefill-size", "-1")
+    try:
+        body = {"input_ids": prompt(20), "sampling_params": GREEDY}
+        first = httpx.post(url + "/generate", json=body, timeout=60).json()
+        for _ in range(100):  # the writer stores in the background
+            stats = httpx.get(url + "/server_info").json()["kv_store_stats"]
+            if stats["chunks_written"] >= 6:
+                break
+            time.sleep(0.1)
+        assert stats["tiers"][0]["tier"] == "disk" and stats["levels"] == ["lossless"]
+        assert httpx.post(url + "/flush_cache").status_code == 200
+        again = httpx.post(url + "/generate", json=body, timeout=60).json()
+        assert again["meta_info"]["kv_store_cached_tokens"] == 96 and again["text"] == first["text"]
+        metrics = httpx.get(url + "/metrics").text
+        assert "droidspeak_kv_store_tokens_loaded_total 96.0" in metrics
+        assert 'droidspeak_kv_store_chunks_loaded_total{level="lossless"} 6.0' in metrics
+        assert 'droidspeak_kv_store_tier_up{tier="disk"} 1.0' in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

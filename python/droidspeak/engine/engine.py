@@ -110,8 +110,12 @@ class Engine:
 
     def _make_offloader(self) -> KVOffloader:
         c = self.config
-        tiers = make_tiers(c.kv_store, c.kv_store_ram_mb << 20, c.kv_store_disk_dir or os.path.join(cache_dir(), "kvstore"),
-                           int(c.kv_store_disk_gb * (1 << 30)))
+        try:
+            tiers = make_tiers(c.kv_store, c.kv_store_ram_mb << 20,
+                               c.kv_store_disk_dir or os.path.join(cache_dir(), "kvstore"),
+                               int(c.kv_store_disk_gb * (1 << 30)))
+        except (ValueError, OSError) as e:
+            raise InvalidRequestError(f"kv_store: {e}", "kv_store") from None
         if not tiers:
             raise InvalidRequestError(f"kv_store {c.kv_store!r} names no tier", "kv_store")
         store = TieredStore(tiers, bandwidth_override=c.kv_store_bandwidth_mbps and c.kv_store_bandwidth_mbps * 1e6)
