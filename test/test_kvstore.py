@@ -365,3 +365,39 @@ def test_server_flags_metrics_and_info(tiny_llama, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_a_slow_store_load_does_not_hold_up_running_requests(tiny_llama):
+    """KV-store loads run in the background: while one request's chunks crawl over
+    a slow link, the engine keeps decoding the others, and the slow one is admitted
+    with its loaded prefix when its chunks are in."""
+    e = store_engine(tiny_llama, kv_store="ram", kv_store_write="through")
+    try:
+        b_ids = prompt(30)
+        expected = run(e, b_ids)
+        e.offloader.flush()
+        e.flush_cache()
+        state = e.offloader.store.states[0]
+        state.tier = ThrottledTier(state.tier, bandwidth_bytes_per_s=1e9, latency_s=0.1)  # per lookup and read
+        sched = e.scheduler
+        (a,), _ = e.make_requests(input_ids=prompt(31), sampling_params={"max_new_tokens": 30, "temperature": 0,
+                                                                           "ignore_eos": True})
+        (b,), _ = e.make_requests(input_ids=b_ids, sampling_params=GREEDY)
+        sched.add_request(a)
+        while not a.output_ids:
+            sched.step()
+        sched.add_request(b)
+        progressed = 0
+        while not b.store_prefetch.done():
+            before = len(a.output_ids)
+            sched.step()
+            progressed += len(a.output_ids) - before
+            assert b in sched.waiting  # not admitted until its load is in
+        assert progressed >= 5
+        while sched.has_work:
+            sched.step()
+        assert b.store_tokens == 96 and b.cached_tokens == 96
+        assert b.output_ids == tokens(expected)
+        assert_no_leak(e)
+    finally:
+        e.shutdown()

@@ -77,6 +77,7 @@ class KVOffloader:
         self._known_lock = threading.Lock()
         self._queue: queue.Queue[_WriteJob | None] = queue.Queue(WRITE_QUEUE)
         self._pool = ThreadPoolExecutor(LOAD_WINDOW, thread_name_prefix="kv-store-load")
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kv-store-prefetch")
         self._writer = threading.Thread(target=self._write_loop, name="kv-store-writer", daemon=True)
         self._writer.start()
 
@@ -183,10 +184,29 @@ class KVOffloader:
             self._queue.put_nowait(None)
         except queue.Full:
             pass
+        self._prefetcher.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True)
         self.store.close()
 
     # ---- read path ---------------------------------------------------------------
+    def prefetch(self, key: list[int], limit: int, candidates: list[tuple[int, int, tuple[int, ...]]]) -> Future:
+        """Start loading in the background, so the scheduler never waits on a tier:
+        `candidates` are (variant, cached prefix length, E layers) in order of
+        preference (the request's own model, then cross-model senders). The
+        future's result is (variant, Loaded) for the first that the store holds,
+        or None."""
+        return self._prefetcher.submit(self._prefetch, key, limit, candidates)
+
+    def _prefetch(self, key, limit, candidates):
+        try:
+            for variant, start, e_layers in candidates:
+                loaded = self.load(variant, key, start, limit, e_layers)
+                if loaded is not None:
+                    return variant, loaded
+        except Exception:  # a failed prefetch costs a recompute, never the request
+            logger.exception("KV store: prefetch failed")
+        return None
+
     def load(self, variant: int, tokens: list[int], start: int, limit: int,
              e_layers: tuple[int, ...] = ()) -> Loaded | None:
         """KV of `variant` for tokens [start, end) from the store, end <= limit on a

@@ -2,6 +2,7 @@
 the token budgets, chunking, and slot allocation."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +77,7 @@ class PrefillAdder:
         if not self.req_pool.can_allocate():
             return False
         req.recompute = None
-        if self.offloader is not None and not req.admitted_once:
+        if self.offloader is not None and req.store_prefetch is not None:
             self._load_from_store(req)
         senders = self.cross_policy.senders_for(req.cache_variant) if self.cross_policy and allow_cross else None
         match = self.cache.match_prefix(req.cache_key[:req.max_prefix_len], req.cache_variant, senders)
@@ -119,34 +120,29 @@ class PrefillAdder:
         return True
 
     def _load_from_store(self, req: Req) -> None:
-        """Extend the cached prefix with the chunks the KV store holds: the
-        request's own model's chunks, or else a cross-model sender's (with the E
-        cache its hits need), fetched, decoded, written into fresh slots and
-        inserted into the tree, so the match that follows sees an ordinary hit
-        (exact, or cross-model with the usual recompute)."""
-        key = req.cache_key[:req.max_prefix_len]
-        variants = [req.cache_variant]
-        if self.cross_policy is not None:
-            variants += list(self.cross_policy.senders_for(req.cache_variant) or ())
-        for variant in variants:
-            loaded = self._load_variant(key, variant)
-            if loaded:
-                req.store_tokens = loaded
-                return
+        """Put what the request's KV-store prefetch brought (its own model's chunks,
+        or a cross-model sender's with the E cache) into fresh slots and the tree,
+        so the match that follows sees an ordinary hit (exact, or cross-model with
+        the usual recompute). The scheduler admits a request only once its
+        prefetch is done."""
+        future, req.store_prefetch = req.store_prefetch, None
+        result = future.result() if future is not None else None
+        if result is not None:
+            req.store_tokens = self._insert_loaded(req.cache_key[:req.max_prefix_len], *result)
 
-    def _load_variant(self, key: list[int], variant: int) -> int:
-        """Load `variant`'s stored chunks past its cached prefix of `key`; returns
-        the number of tokens loaded."""
+    def _insert_loaded(self, key: list[int], variant: int, loaded) -> int:
+        """Insert `loaded` as `variant`'s KV of `key`, from where the tree's entry
+        ends now (the tree may have gained or lost tokens since the prefetch
+        started; a gap before the load makes it unusable). Returns tokens inserted."""
         match = self.cache.match_prefix(key, variant)
-        e_layers = ()
-        if self.cross_policy is not None and self.cross_policy.is_sender(variant) \
-                and self.offloader.e_pool is not None:
-            e_layers = self.offloader.e_pool.layers
+        start = match.length
+        if start < loaded.start or start >= loaded.end:
+            return 0
+        skip = start - loaded.start
+        loaded = dataclasses.replace(loaded, start=start, kv=loaded.kv[:, skip:],
+                                     e=None if loaded.e is None else loaded.e[:, skip:])
         self.cache.lock(match.last_node)
         try:
-            loaded = self.offloader.load(variant, key, match.length, len(key), e_layers)
-            if loaded is None:
-                return 0
             n = loaded.end - loaded.start
             if not self._make_room(n):
                 return 0

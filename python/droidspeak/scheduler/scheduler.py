@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
 
@@ -80,7 +81,28 @@ class Scheduler:
 
     def add_request(self, req: Req) -> None:
         self.validate(req.origin_input_ids, req.sampling_params.max_new_tokens)
+        self.enqueue(req)
+
+    def enqueue(self, req: Req) -> None:
+        """Queue a validated request (and start its KV-store lookup)."""
+        if self.offloader is not None:
+            self._start_prefetch(req)
         self.waiting.append(req)
+
+    def _start_prefetch(self, req: Req) -> None:
+        """Look the prompt up in the KV store in the background (own model first,
+        then the senders a cross-model hit could use); admission waits for it."""
+        key = req.cache_key[:req.max_prefix_len]
+        variants = [req.cache_variant]
+        if self.cross_policy is not None:
+            variants += list(self.cross_policy.senders_for(req.cache_variant))
+        candidates = []
+        for variant in variants:
+            e_layers = ()
+            if self.cross_policy is not None and self.cross_policy.is_sender(variant) and self.runner.e_pool is not None:
+                e_layers = self.runner.e_pool.layers
+            candidates.append((variant, self.cache.match_prefix(key, variant).length, e_layers))
+        req.store_prefetch = self.offloader.prefetch(key, len(key), candidates)
 
     def abort_request(self, rid: str) -> RequestOutput | None:
         for queue in (self.waiting, self.running):
@@ -126,6 +148,10 @@ class Scheduler:
             self._run_prefill(entries, outputs)
         elif self.running:
             self._run_decode(outputs)
+        elif self._prefetching():
+            # Only requests whose KV-store loads are in flight: wait for one.
+            wait([r.store_prefetch for r in self.waiting if r.store_prefetch is not None],
+                 timeout=1.0, return_when=FIRST_COMPLETED)
         elif self.has_work:
             # With nothing running, the whole pool is free or evictable and every
             # queued request was validated to fit: not admitting one is a bug.
@@ -133,6 +159,9 @@ class Scheduler:
                                f"{self.allocator.available_size} free slots")
         self.num_forward_steps += 1
         return outputs
+
+    def _prefetching(self) -> bool:
+        return any(r.store_prefetch is not None and not r.store_prefetch.done() for r in self.waiting)
 
     def _schedule_prefill(self):
         if not self.waiting and self.chunked_req is None:
@@ -152,6 +181,8 @@ class Scheduler:
         for req in order_waiting(self.waiting, self.config.schedule_policy, self.cache, self._last_admitted):
             if len(self.running) + len(adder.entries) >= self.config.max_running_requests:
                 break
+            if req.store_prefetch is not None and not req.store_prefetch.done():
+                continue  # its KV is still on the way from the store; others go first
             if not adder.model_fits(req):
                 # Head-of-line model blocked by the model cap: admit nothing more, so
                 # the models in the batch drain and this one gets its turn.

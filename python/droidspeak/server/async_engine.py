@@ -102,7 +102,7 @@ class AsyncEngine:
             kind, payload = item
             if kind == "add":
                 for r in payload:
-                    self.scheduler.waiting.append(r)
+                    self.scheduler.enqueue(r)
             elif kind == "abort":
                 for rid in payload:
                     out = self.scheduler.abort_request(rid)
