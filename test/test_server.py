@@ -1,6 +1,5 @@
 """The real HTTP server on a loopback port, driven with httpx and the openai client."""
 import json
-import os
 import signal
 import socket
 import subprocess
