@@ -76,7 +76,7 @@ def test_level_choice_follows_bandwidth_and_falls_back_to_recompute():
     sizes = {"lossless": 4_000_000, "high": 2_000_000, "low": 1_000_000}
 
     def level(bandwidth, budget=None, recompute=0.256, chunks=1):
-        return choose_level(sizes, bandwidth, 0, cost, budget, recompute, chunks).level
+        return choose_level(sizes, bandwidth, 0, cost, budget, recompute, chunks)
     # Recomputing the chunk costs 0.256 s here.
     assert level(1e10) == "lossless"                  # fast link: best quality
     assert level(1e7) == "high"                       # 0.22 s, lossless 0.44 s
@@ -88,8 +88,8 @@ def test_level_choice_follows_bandwidth_and_falls_back_to_recompute():
     # Stopping means prefilling everything after: the rest's cost decides, not this chunk's.
     assert level(1e6, recompute=20.0, chunks=10) == "low"
     # Always loading: the best level within the budget, else the fastest.
-    assert choose_level(sizes, 1e6, 0, cost, None, 0.256, allow_recompute=False).level == "lossless"
-    assert choose_level(sizes, 1e6, 0, cost, 0.5, 0.256, allow_recompute=False).level == "low"
+    assert choose_level(sizes, 1e6, 0, cost, None, 0.256, allow_recompute=False) == "lossless"
+    assert choose_level(sizes, 1e6, 0, cost, 0.5, 0.256, allow_recompute=False) == "low"
 
 
 def test_prefill_cost_model_learns_that_deep_chunks_cost_more():

@@ -41,8 +41,6 @@ class Loaded:
     kv: torch.Tensor            # [layers, end - start, 2 * kv_heads * head_dim]
     e: torch.Tensor | None      # [E layers, end - start, hidden] or None
     levels: list[str]
-    tiers: list[str]
-    seconds: float
 
 
 @dataclass
@@ -217,19 +215,18 @@ class KVOffloader:
         C = self.chunk_size
         if ns is None or (start // C + 1) * C > limit:
             return None
-        t0 = time.perf_counter()
         hashes = chunk_hashes(tokens, C, limit // C)
         budget = None if self.ttft_target_s is None else self.ttft_target_s * C / max(limit - start, 1)
         shape = (self.kv_pool.num_layers, C, self.channels)
         # Chunks are planned one at a time, with what the last transfers measured,
         # and fetched + decoded two at a time (the decoder releases the GIL).
-        pending: list[tuple[Future, str, str, list | None]] = []
-        kvs, es, levels, tiers = [], [], [], []
+        pending: list[tuple[Future, str, list | None]] = []
+        kvs, es, levels = [], [], []
         with_e = bool(e_layers)
         stop = False
         for k in range(start // C, len(hashes)):
             if len(pending) >= LOAD_WINDOW:
-                stop = not self._collect(pending.pop(0), kvs, es, levels, tiers)
+                stop = not self._collect(pending.pop(0), kvs, es, levels)
                 if stop:
                     break
             keys = {lv: ns.key(hashes[k], self.part, lv) for lv in self.levels}
@@ -238,16 +235,16 @@ class KVOffloader:
                 break
             state, sizes = found
             by_level = {lv: sizes[key] for lv, key in keys.items() if key in sizes}
-            choice = choose_level(by_level, self.store.bandwidth(state), 0.0, self.cost, budget,
+            level = choose_level(by_level, self.store.bandwidth(state), 0.0, self.cost, budget,
                                   self.cost.prefill_s(k * C, limit - k * C), len(hashes) - k, self.adaptive)
-            if choice.level is None:
+            if level is None:
                 self.counters["chunks_recompute_chosen"] += 1
                 break
-            kv = self._pool.submit(self._fetch, state, keys[choice.level], choice.level, shape)
+            kv = self._pool.submit(self._fetch, state, keys[level], level, shape)
             e = [self._pool.submit(self._fetch_e, ns, hashes[k], layer) for layer in e_layers] if with_e else None
-            pending.append((kv, choice.level, state.name, e))
+            pending.append((kv, level, e))
         for job in pending:  # in order; everything after a failed chunk is dropped
-            if stop or not self._collect(job, kvs, es, levels, tiers):
+            if stop or not self._collect(job, kvs, es, levels):
                 stop = True
                 job[0].cancel()
         if es and len(es) != len(kvs):
@@ -264,12 +261,12 @@ class KVOffloader:
             self.level_counts[lv] += 1
         self.counters["chunks_loaded"] += len(kvs)
         self.counters["tokens_loaded"] += end - start
-        return Loaded(start, end, kv, e, levels, tiers, time.perf_counter() - t0)
+        return Loaded(start, end, kv, e, levels)
 
     @staticmethod
-    def _collect(job, kvs: list, es: list, levels: list, tiers: list) -> bool:
+    def _collect(job, kvs: list, es: list, levels: list) -> bool:
         """Append one planned chunk's results; False if its KV did not arrive."""
-        kv_future, level, tier, e_futures = job
+        kv_future, level, e_futures = job
         kv = kv_future.result()
         if kv is None:
             return False
@@ -278,7 +275,6 @@ class KVOffloader:
             es.append(torch.cat(e, dim=0))
         kvs.append(kv)
         levels.append(level)
-        tiers.append(tier)
         return True
 
     def _fetch(self, state, key: str, level: str, shape: tuple[int, int, int]) -> torch.Tensor | None:

@@ -9,7 +9,6 @@ decodes, and prefill time per token from the scheduler's recent prefills."""
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -88,16 +87,9 @@ class CostModel:
             self.decode_s_per_byte[level] = _ewma(self.decode_s_per_byte.get(level), seconds / nbytes)
 
 
-@dataclass(frozen=True)
-class Choice:
-    level: str | None     # None: recompute this chunk (and the rest of the prompt)
-    est_load_s: float     # estimated fetch + decode of the chosen level
-    est_recompute_s: float
-
-
 def choose_level(sizes: dict[str, int], bandwidth: float, latency_s: float, cost: CostModel,
                  budget_s: float | None, recompute_s: float, chunks_left: int = 1,
-                 allow_recompute: bool = True) -> Choice:
+                 allow_recompute: bool = True) -> str | None:
     """The level to fetch the next chunk at, or None to stop loading and prefill
     the rest. `sizes`: bytes of each level the tier holds; `recompute_s`: estimated
     time to prefill the `chunks_left` chunks from this one on (once loading stops,
@@ -110,7 +102,7 @@ def choose_level(sizes: dict[str, int], bandwidth: float, latency_s: float, cost
     ordered = [lv for lv in LEVEL_ORDER if lv in times]
     per_chunk_recompute = recompute_s / max(chunks_left, 1)
     if not ordered:
-        return Choice(None, float("inf"), per_chunk_recompute)
+        return None
     if allow_recompute:
         limit = per_chunk_recompute if budget_s is None else min(budget_s, per_chunk_recompute)
     else:
@@ -118,5 +110,5 @@ def choose_level(sizes: dict[str, int], bandwidth: float, latency_s: float, cost
     fitting = [lv for lv in ordered if times[lv] <= limit]
     level = fitting[0] if fitting else min(ordered, key=times.__getitem__)
     if allow_recompute and times[level] >= per_chunk_recompute:
-        return Choice(None, times[level], per_chunk_recompute)
-    return Choice(level, times[level], per_chunk_recompute)
+        return None
+    return level
