@@ -26,6 +26,14 @@ import torch
 from droidspeak.kvcache.pool import ReqToTokenPool, SlotAllocator
 
 
+def rows_from(rows: torch.Tensor, start: int) -> torch.Tensor:
+    """E-cache rows [E, start + n] of a key whose first `start` tokens keep none
+    (row 0), then `rows` [E, n]."""
+    out = torch.zeros((rows.shape[0], start + rows.shape[1]), dtype=torch.int64)
+    out[:, start:] = rows
+    return out
+
+
 class CrossHit(NamedTuple):
     sender: int           # the variant whose entries were matched
     start: int            # first token position of the hit
@@ -85,10 +93,11 @@ class PrefixCache(abc.ABC):
 
     @abc.abstractmethod
     def insert(self, key: list[int], variant: int, slots: torch.Tensor,
-               erows: torch.Tensor | None = None) -> None:
+               erows: torch.Tensor | None = None) -> Any:
         """Cache `slots` ([G, len(key)]) and `erows` ([E, len(key)], 0 = none) as
         `variant`'s KV of `key`, taking a reference to what it keeps. Tokens the
-        variant has cached already keep their old entries."""
+        variant has cached already keep their old entries. Returns the node where
+        `key` ends (None for a cache that keeps nothing)."""
 
     @abc.abstractmethod
     def evict(self, num_tokens: int) -> int:
@@ -121,14 +130,14 @@ class PrefixCache(abc.ABC):
     # Request-level helpers built on the verbs above.
     def cache_finished_req(self, req: CachedRequest) -> None:
         """Hand a finished request's KV to the cache and release its row."""
-        self._insert_req(req)
-        self._stored(req)
+        node = self._insert_req(req)
+        self._stored(req, node)
         self._drop_owned(req)
         self._free_row(req)
 
-    def _stored(self, req: CachedRequest) -> None:
-        """A finished request's KV is in the cache now (a write-through cache copies
-        it further down)."""
+    def _stored(self, req: CachedRequest, node: Any) -> None:
+        """A finished request's KV is in the cache now, ending at `node` (a
+        write-through cache copies it further down)."""
 
     def cache_unfinished_req(self, req: CachedRequest) -> None:
         """Insert what a still-running request has computed, and re-point its row
@@ -149,16 +158,14 @@ class PrefixCache(abc.ABC):
         self._drop_owned(req)
         self._free_row(req)
 
-    def _insert_req(self, req: CachedRequest) -> None:
-        slots = self._row(req)
+    def _insert_req(self, req: CachedRequest) -> Any:
         erows = None
         own = torch.cat(req.erows, dim=1) if req.erows else None
         # A variant that became a sender mid-request (an adapter loaded) has E rows
         # for only part of its tokens: keep none rather than a partial E cache.
         if own is not None and own.shape[1] == req.kv_len - req.prefix_len:
-            erows = torch.zeros((self.num_e_layers, req.kv_len), dtype=torch.int64)
-            erows[:, req.prefix_len:] = own
-        self.insert(req.cache_key[:req.kv_len], req.cache_variant, slots, erows)
+            erows = rows_from(own, req.prefix_len)
+        return self.insert(req.cache_key[:req.kv_len], req.cache_variant, self._row(req), erows)
 
     def _drop_owned(self, req: CachedRequest) -> None:
         """Drop the request's own references (the cache holds its copies now, or

@@ -142,7 +142,7 @@ class RadixCache(PrefixCache):
         return MatchResult(indices, nodes[-1], cross)
 
     def insert(self, key: list[int], variant: int, slots: torch.Tensor,
-               erows: torch.Tensor | None = None) -> None:
+               erows: torch.Tensor | None = None) -> TreeNode:
         path, pos = self._walk(key)
         start = 0
         for node in path:
@@ -159,6 +159,8 @@ class RadixCache(PrefixCache):
             parent.children[key[pos]] = leaf
             self._evictable_leaves.add(leaf)
             self._add_entry(leaf, variant, slots[:, pos:], None if erows is None else erows[:, pos:])
+            return leaf
+        return path[-1] if path else self.root
 
     def _add_entry(self, node: TreeNode, variant: int, slots: torch.Tensor, erows: torch.Tensor | None) -> None:
         """Store an entry on `node`, taking references to its slots and E rows."""
@@ -239,11 +241,9 @@ class RadixCache(PrefixCache):
                                    for e in entries], dim=1)
             self.offloader.offer(tokens, start, variant, torch.cat([e.slots for e in entries], dim=1), erows)
 
-    def _stored(self, req) -> None:
-        if self.offloader is not None and self.write_through:
-            match = self.match_prefix(req.cache_key[:req.kv_len], req.cache_variant)
-            if match.length:
-                self._offer(match.last_node, (req.cache_variant,), from_start=True)
+    def _stored(self, req, node: TreeNode) -> None:
+        if self.offloader is not None and self.write_through and node is not self.root:
+            self._offer(node, (req.cache_variant,), from_start=True)
 
     def lock(self, node: TreeNode | None) -> None:
         while node is not None and node is not self.root:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from droidspeak.kvcache.base import PrefixCache
+from droidspeak.kvcache.base import PrefixCache, rows_from
 from droidspeak.kvcache.pool import ReqToTokenPool, SlotAllocator
 from droidspeak.runner.batch import ForwardBatch, ForwardMode, Recompute, recompute_start
 from droidspeak.scheduler.request import Req
@@ -151,11 +151,8 @@ class PrefillAdder:
             if loaded.e is not None and self.cache.e_allocator.can_allocate(n):
                 erows = self.cache.e_allocator.allocate(n)
             self.offloader.write(loaded, slots, erows)
-            full_e = None
-            if erows is not None:
-                full_e = torch.zeros((erows.shape[0], loaded.end), dtype=torch.int64)
-                full_e[:, loaded.start:] = erows
-            self.cache.insert(key[:loaded.end], variant, torch.cat([match.indices, slots], dim=1), full_e)
+            self.cache.insert(key[:loaded.end], variant, torch.cat([match.indices, slots], dim=1),
+                              None if erows is None else rows_from(erows, loaded.start))
             self.allocator.free(slots)
             if erows is not None:
                 self.cache.e_allocator.free(erows)
