@@ -50,31 +50,45 @@ Tables read_tables(const at::Tensor& freqs, const at::Tensor& table_lens) {
   return t;
 }
 
+// The segments' frequency tables, and where each segment starts in the symbols.
+struct Segments {
+  Tables tables;
+  std::vector<int64_t> start, len;
+  int64_t total = 0;
+};
+
+Segments read_segments(const at::Tensor& seg_lens, const at::Tensor& freqs, const at::Tensor& table_lens) {
+  TORCH_CHECK(seg_lens.dtype() == at::kLong && seg_lens.numel() == table_lens.numel(),
+              "one int64 length per table");
+  Segments seg{read_tables(freqs, table_lens), {}, {}, 0};
+  const int64_t* lens = seg_lens.data_ptr<int64_t>();
+  for (int64_t s = 0; s < seg_lens.numel(); ++s) {
+    if (lens[s] < 0) throw std::invalid_argument("rANS: negative segment length");
+    seg.start.push_back(seg.total);
+    seg.len.push_back(lens[s]);
+    seg.total += lens[s];
+  }
+  return seg;
+}
+
 }  // namespace
 
 at::Tensor rans_encode(const at::Tensor& symbols, const at::Tensor& seg_lens, const at::Tensor& freqs,
                        const at::Tensor& table_lens) {
   TORCH_CHECK(symbols.dtype() == at::kInt && symbols.is_contiguous(), "symbols must be contiguous int32");
-  TORCH_CHECK(seg_lens.dtype() == at::kLong && seg_lens.numel() == table_lens.numel(),
-              "one int64 length per table");
-  Tables t = read_tables(freqs, table_lens);
+  Segments seg = read_segments(seg_lens, freqs, table_lens);
+  const Tables& t = seg.tables;
+  const int64_t n = seg.total;
+  TORCH_CHECK(n == symbols.numel(), "segment lengths must add up to the symbol count");
   pybind11::gil_scoped_release no_gil;  // plain memory work: other Python threads may run
   const int32_t* sym = symbols.data_ptr<int32_t>();
-  const int64_t* lens = seg_lens.data_ptr<int64_t>();
-  int64_t n = 0;
-  std::vector<int64_t> starts;
-  for (int64_t s = 0; s < seg_lens.numel(); ++s) {
-    starts.push_back(n);
-    n += lens[s];
-  }
-  TORCH_CHECK(n == symbols.numel(), "segment lengths must add up to the symbol count");
   std::vector<uint8_t> out;  // written backwards, reversed at the end
   out.reserve(static_cast<size_t>(n / 2 + 16));
   uint32_t x = kLow;
-  for (int64_t s = seg_lens.numel() - 1; s >= 0; --s) {
+  for (int64_t s = static_cast<int64_t>(seg.len.size()) - 1; s >= 0; --s) {
     const int32_t* f = t.freq[s];
     const uint32_t* cum = t.cum[s].data();
-    for (int64_t i = starts[s] + lens[s] - 1; i >= starts[s]; --i) {
+    for (int64_t i = seg.start[s] + seg.len[s] - 1; i >= seg.start[s]; --i) {
       int32_t v = sym[i];
       TORCH_CHECK(v >= 0 && v < t.size[s] && f[v] > 0, "symbol outside its table");
       uint32_t freq = static_cast<uint32_t>(f[v]);
@@ -99,16 +113,9 @@ at::Tensor rans_encode(const at::Tensor& symbols, const at::Tensor& seg_lens, co
 at::Tensor rans_decode(const at::Tensor& data, const at::Tensor& seg_lens, const at::Tensor& freqs,
                        const at::Tensor& table_lens) {
   TORCH_CHECK(data.dtype() == at::kByte && data.is_contiguous(), "data must be contiguous uint8");
-  TORCH_CHECK(seg_lens.dtype() == at::kLong && seg_lens.numel() == table_lens.numel(),
-              "one int64 length per table");
-  Tables t = read_tables(freqs, table_lens);
-  const int64_t* lens = seg_lens.data_ptr<int64_t>();
-  int64_t n = 0;
-  for (int64_t s = 0; s < seg_lens.numel(); ++s) {
-    if (lens[s] < 0) throw std::invalid_argument("rANS: negative segment length");
-    n += lens[s];
-  }
-  at::Tensor result = at::empty({n}, at::kInt);
+  Segments seg = read_segments(seg_lens, freqs, table_lens);
+  const Tables& t = seg.tables;
+  at::Tensor result = at::empty({seg.total}, at::kInt);
   pybind11::gil_scoped_release no_gil;  // plain memory work: other Python threads may run
   int32_t* dst = result.data_ptr<int32_t>();
   const uint8_t* p = data.data_ptr<uint8_t>();
@@ -117,12 +124,12 @@ at::Tensor rans_decode(const at::Tensor& data, const at::Tensor& seg_lens, const
   uint32_t x = 0;
   for (int b = 0; b < 4; ++b) x = (x << 8) | *p++;
   std::vector<uint16_t> lut(kTotal);
-  for (int64_t s = 0; s < seg_lens.numel(); ++s) {
+  for (size_t s = 0; s < seg.len.size(); ++s) {
     const int32_t* f = t.freq[s];
     const uint32_t* cum = t.cum[s].data();
     for (int64_t v = 0; v < t.size[s]; ++v)
       std::fill(lut.begin() + cum[v], lut.begin() + cum[v + 1], static_cast<uint16_t>(v));
-    for (int64_t i = 0; i < lens[s]; ++i) {
+    for (int64_t i = 0; i < seg.len[s]; ++i) {
       if (x < kLow) throw std::invalid_argument("rANS: corrupt stream");
       uint32_t slot = x & (kTotal - 1);
       uint16_t v = lut[slot];
