@@ -16,7 +16,7 @@ if not os.environ.get("DROIDSPEAK_NO_EXT"):
     ext = CppExtension(
         "droidspeak._C",
         sources=["csrc/ops.cpp", "csrc/decode_attention.cpp", "csrc/extend_attention.cpp", "csrc/rope_store.cpp",
-                 "csrc/rans.cpp"],
+                 "csrc/rans.cpp", "csrc/grouped_linear.cpp"],
         extra_compile_args=["-O3", "-march=native", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )

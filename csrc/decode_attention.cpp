@@ -1,7 +1,7 @@
 // Decode attention straight from the token-slot pool: one query token per request,
 // K/V gathered by slot index on the fly (no copy), online softmax over blocks of
-// tokens, one task per (request, KV head) so each K/V row is read once for the
-// whole query-head group.
+// tokens, one task per request so each K/V row is read and widened to fp32 once
+// (vectorised) for every query head.
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -24,6 +24,47 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
+
+// dst[0:n] = float(src[0:n]), vectorised for bf16 (the pool's usual dtype).
+template <typename scalar_t>
+inline void widen(const scalar_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <>
+inline void widen<float>(const float* src, float* dst, int64_t n) {
+  std::copy(src, src + n, dst);
+}
+
+template <>
+inline void widen<at::BFloat16>(const at::BFloat16* src, float* dst, int64_t n) {
+  using bVec = at::vec::Vectorized<at::BFloat16>;
+  using fVec = at::vec::Vectorized<float>;
+  int64_t i = 0;
+  for (; i + bVec::size() <= n; i += bVec::size()) {
+    auto halves = at::vec::convert_bfloat16_float(bVec::loadu(src + i));
+    std::get<0>(halves).store(dst + i);
+    std::get<1>(halves).store(dst + i + fVec::size());
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  using Vec = at::vec::Vectorized<float>;
+  Vec acc(0.f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
+#ifdef CPU_CAPABILITY_AVX512
+  float sum = _mm512_reduce_add_ps(acc);
+#else
+  float lanes[Vec::size()];
+  acc.store(lanes);
+  float sum = 0.f;
+  for (int64_t l = 0; l < Vec::size(); ++l) sum += lanes[l];
+#endif
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
 
 // s[j] = exp(s[j] - shift) for j < n, vectorised; returns the sum.
 inline float exp_shifted(float* s, int64_t n, float shift) {
@@ -66,7 +107,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   // the pool) are read once, in slot order, for every query head.
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(hq * D), acc(hq * D), scores(hq * kBlock), m(hq), l(hq);
-    std::vector<float> kt(row_len * kBlock), vf(row_len);
+    std::vector<float> kf(row_len * kBlock), vf(row_len);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n = lp[b];
       const int32_t* slots = tab + rp[b] * width;
@@ -79,23 +120,15 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
       std::fill(l.begin(), l.end(), 0.f);
       for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
         const int64_t nb = std::min(kBlock, n - t0);
-        // K rows -> float tile [hkv * D][kBlock]: scores become axpys over
-        // contiguous tokens (vectorised) instead of dot-product reductions.
-        for (int64_t j = 0; j < nb; ++j) {
-          const scalar_t* krow = kc + static_cast<int64_t>(slots[t0 + j]) * row_len;
-          for (int64_t c = 0; c < row_len; ++c) kt[c * kBlock + j] = static_cast<float>(krow[c]);
-        }
+        // K rows widened once to fp32 (token-major), then one dot product per
+        // (query head, token) against its KV head's slice
+        for (int64_t j = 0; j < nb; ++j)
+          widen(kc + static_cast<int64_t>(slots[t0 + j]) * row_len, &kf[j * row_len], row_len);
         for (int64_t h = 0; h < hq; ++h) {
           float* sh = &scores[h * kBlock];
-          std::fill(sh, sh + kBlock, 0.f);
           const float* qh = &qf[h * D];
-          const float* kh = &kt[(h / G) * D * kBlock];
-          for (int64_t d = 0; d < D; ++d) {
-            const float qd = qh[d];
-            const float* kd = kh + d * kBlock;
-#pragma omp simd
-            for (int64_t j = 0; j < kBlock; ++j) sh[j] += qd * kd[j];
-          }
+          const int64_t off = (h / G) * D;
+          for (int64_t j = 0; j < nb; ++j) sh[j] = dot(qh, &kf[j * row_len + off], D);
           const float block_max = *std::max_element(sh, sh + nb);
           const float new_m = std::max(m[h], block_max);
           const float corr = std::exp(m[h] - new_m);
@@ -106,7 +139,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
         }
         for (int64_t j = 0; j < nb; ++j) {
           const scalar_t* vrow = vc + static_cast<int64_t>(slots[t0 + j]) * row_len;
-          for (int64_t c = 0; c < row_len; ++c) vf[c] = static_cast<float>(vrow[c]);
+          widen(vrow, vf.data(), row_len);
           for (int64_t h = 0; h < hq; ++h) {
             const float p = scores[h * kBlock + j];
             const float* vh = &vf[(h / G) * D];

@@ -8,6 +8,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Prefill attention over pool slots, fused with RoPE and the KV store (ragged batch)");
   m.def("decode_attention", &decode_attention,
         "Single-token attention reading K/V from the pool through req_to_token");
+  m.def("grouped_linear", &grouped_linear,
+        "Segmented bf16 linear: each group of rows through its own weight, one parallel region");
   m.def("rans_encode", &rans_encode, "Static-model rANS: encode int32 symbols segment by segment");
   m.def("rans_decode", &rans_decode, "Static-model rANS: decode, validating the untrusted stream");
 }

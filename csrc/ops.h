@@ -17,6 +17,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                             const at::Tensor& req_to_token, const at::Tensor& req_pool_indices,
                             const at::Tensor& seq_lens, double scale);
 
+// Grouped bf16 linear (grouped_linear.cpp): out[rows[g]] = x[rows[g]] @ weights[g]^T + biases[g].
+at::Tensor grouped_linear(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                          const std::vector<c10::optional<at::Tensor>>& biases,
+                          const std::vector<at::Tensor>& rows);
+
 // rANS entropy coder (rans.cpp): `symbols` int32 in segments of `seg_lens`, segment s coded
 // with frequency table s (int32, summing to 2^15) of `freqs`, split by `table_lens`.
 at::Tensor rans_encode(const at::Tensor& symbols, const at::Tensor& seg_lens, const at::Tensor& freqs,

@@ -110,3 +110,50 @@ def test_extend_attention_matches_reference(dtype, atol, hq, hkv, D):
 def test_dispatch_falls_back_to_reference_for_unsupported_inputs():
     # A meta-device tensor is not CPU: the dispatcher must take the reference path.
     assert not kernels._supported(torch.empty(1, device="meta"))
+
+
+def _grouped_case(T, K, N, G, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, K, generator=g).to(torch.bfloat16)
+    weights = [torch.randn(N, K, generator=g).div(K ** 0.5).to(torch.bfloat16) for _ in range(G)]
+    biases = [torch.randn(N, generator=g).to(torch.bfloat16) if bias else None for _ in range(G)]
+    owner = torch.randint(0, G, (T,), generator=g)
+    owner[:G] = torch.arange(G)  # every group has a row
+    rows = [(owner == i).nonzero().flatten() for i in range(G)]
+    return x, weights, biases, rows
+
+
+@pytest.mark.parametrize("T,K,N,G,bias", [(16, 576, 960, 4, False), (5, 64, 67, 2, True),
+                                           (40, 100, 130, 3, False), (1, 1536, 576, 1, True)])
+def test_grouped_linear_matches_reference(T, K, N, G, bias):
+    x, weights, biases, rows = _grouped_case(T, K, N, G, bias, 0)
+    got = kernels.grouped_linear(x, weights, biases, rows)
+    want = reference.grouped_linear(x.float(), [w.float() for w in weights],
+                                    [b.float() if b is not None else None for b in biases], rows)
+    # fp32 sums of bf16 products, rounded once to bf16: within one bf16 ulp
+    torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=1e-2)
+
+
+def test_grouped_linear_row_is_independent_of_its_batch():
+    # a row's result must not depend on which rows or groups share the call: this
+    # is what makes a co-batched request equal the same request served alone
+    x, weights, biases, rows = _grouped_case(24, 576, 192, 3, True, 1)
+    full = kernels.grouped_linear(x, weights, biases, rows)
+    for g, r in enumerate(rows):
+        alone = kernels.grouped_linear(x.index_select(0, r), [weights[g]], [biases[g]],
+                                       [torch.arange(r.numel())])
+        assert torch.equal(alone, full.index_select(0, r))
+    one = rows[0][:1]
+    single = kernels.grouped_linear(x.index_select(0, one), [weights[0]], [biases[0]], [torch.zeros(1, dtype=torch.long)])
+    assert torch.equal(single[0], full[one[0]])
+
+
+def test_grouped_linear_rejects_bad_input():
+    x, weights, biases, rows = _grouped_case(8, 64, 32, 2, False, 2)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.grouped_linear(x, weights, biases, [rows[0], torch.tensor([8])])
+    with pytest.raises(RuntimeError, match="same N and K"):
+        kernels.grouped_linear(x, [weights[0], weights[1][:16]], biases, rows)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        from droidspeak import _C
+        _C.grouped_linear(x.float(), weights, biases, rows)

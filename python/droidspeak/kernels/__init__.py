@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import logging
 
+import torch
+
 from droidspeak.kernels import reference
 
 logger = logging.getLogger(__name__)
@@ -74,3 +76,15 @@ def rans_encode(symbols, seg_lens, freqs, table_lens):
 
 def rans_decode(data, seg_lens, freqs, table_lens):
     return _native.rans_decode(data, seg_lens, freqs, table_lens)
+
+
+def grouped_linear_native(x: torch.Tensor) -> bool:
+    """Whether `grouped_linear` runs the native kernel for `x` (bf16 on the CPU)."""
+    return _supported(x) and x.dtype == torch.bfloat16
+
+
+def grouped_linear(x, weights, biases, rows):
+    """See `reference.grouped_linear`; native for bf16 (csrc/grouped_linear.cpp)."""
+    if grouped_linear_native(x):
+        return _native.grouped_linear(x, weights, biases, rows)
+    return reference.grouped_linear(x, weights, biases, rows)

@@ -75,3 +75,14 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
         out[start:start + n] = oi[0].transpose(0, 1)
         start += n
     return out
+
+
+def grouped_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                   rows: list[torch.Tensor]) -> torch.Tensor:
+    """out[rows[g]] = x[rows[g]] @ weights[g]^T (+ biases[g]) for each group g: the
+    linear layers of several family members over their own rows of one batch.
+    Every row of `x` belongs to exactly one group."""
+    out = x.new_empty(x.shape[0], weights[0].shape[0])
+    for w, b, r in zip(weights, biases, rows):
+        out[r] = torch.nn.functional.linear(x.index_select(0, r), w, b)
+    return out

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from droidspeak import kernels
+from droidspeak.layers.linear import grouped_linear
 
 if TYPE_CHECKING:
     from droidspeak.runner.batch import ForwardBatch
@@ -23,9 +24,13 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, batch: "ForwardBatch", cos_sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: "ForwardBatch", cos_sin: torch.Tensor,
+                mates: "list[Attention] | None" = None) -> torch.Tensor:
+        """`mates[g]` is this attention in group g's member (default: this one
+        alone): projections per member, attention once over every row."""
+        mates = mates or [self]
         T = x.shape[0]
-        qkv = self.qkv_proj(x)
+        qkv = grouped_linear([m.qkv_proj for m in mates], x, batch.groups)
         if batch.lora is not None:
             batch.lora.apply(qkv, x, self.layer_id, "qkv")
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -45,7 +50,7 @@ class Attention(nn.Module):
                                            batch.out_cache_loc[segment], table, batch.req_pool_indices,
                                            batch.prefix_lens, batch.extend_lens, self.scale)
         out = out.reshape(T, self.q_size)
-        o = self.o_proj(out)
+        o = grouped_linear([m.o_proj for m in mates], out, batch.groups)
         if batch.lora is not None:
             batch.lora.apply(o, out, self.layer_id, "o")
         return o

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from droidspeak.layers.linear import grouped_linear
+
 if TYPE_CHECKING:
     from droidspeak.runner.batch import ForwardBatch
 
@@ -20,13 +22,15 @@ class SwiGLU(nn.Module):
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, batch: "ForwardBatch") -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+    def forward(self, x: torch.Tensor, batch: "ForwardBatch", mates: "list[SwiGLU] | None" = None) -> torch.Tensor:
+        """`mates[g]` is this MLP in group g's member (default: this one alone)."""
+        mates = mates or [self]
+        gate_up = grouped_linear([m.gate_up_proj for m in mates], x, batch.groups)
         if batch.lora is not None:
             batch.lora.apply(gate_up, x, self.layer_id, "gate_up")
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         h = F.silu(gate) * up
-        out = self.down_proj(h)
+        out = grouped_linear([m.down_proj for m in mates], h, batch.groups)
         if batch.lora is not None:
             batch.lora.apply(out, h, self.layer_id, "down")
         return out

@@ -22,10 +22,11 @@ _KEY = re.compile(r".*layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\
 
 @dataclass
 class LoRAWeights:
-    a: torch.Tensor      # [r, in]
-    b: torch.Tensor      # [out_shard, r], pre-multiplied by the adapter's scaling
-    start: int           # first output column of the shard in the fused projection
-    end: int
+    """One fused projection's low-rank update, every shard at once: the shards'
+    A matrices stacked, and B laid out over the projection's full output width
+    (zero outside each shard's columns), so the delta is two matmuls."""
+    a: torch.Tensor      # [shards * r, in]
+    b: torch.Tensor      # [out, shards * r], pre-multiplied by the adapter's scaling
 
 
 @dataclass
@@ -34,8 +35,8 @@ class LoRAAdapter:
     path: str
     rank: int
     base_model: str | None
-    # (layer, fused module) -> the adapter's low-rank pieces for that projection
-    weights: dict[tuple[int, str], list[LoRAWeights]]
+    # (layer, fused module) -> the adapter's update of that projection
+    weights: dict[tuple[int, str], LoRAWeights]
 
 
 def shard_ranges(config: ModelConfig) -> dict[str | None, tuple[int, int] | None]:
@@ -71,8 +72,9 @@ def load_adapter(name: str, path: str, config: ModelConfig, dtype: torch.dtype) 
             raise UnsupportedModelError(f"adapter {name!r}: layer {layer} but the base has {config.num_layers}")
         pieces.setdefault((layer, target), {})[ab] = tensor
     ranges = shard_ranges(config)
-    full = {"o": config.hidden_size, "down": config.hidden_size}
-    weights: dict[tuple[int, str], list[LoRAWeights]] = {}
+    full = {"o": config.hidden_size, "down": config.hidden_size, "qkv": config.q_size + 2 * config.kv_size,
+            "gate_up": 2 * config.intermediate_size}
+    shards: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor, int, int]]] = {}
     for (layer, target), ab in sorted(pieces.items()):
         if set(ab) != {"A", "B"}:
             raise UnsupportedModelError(f"adapter {name!r}: layer {layer} {target} lacks lora_A or lora_B")
@@ -83,6 +85,12 @@ def load_adapter(name: str, path: str, config: ModelConfig, dtype: torch.dtype) 
             raise UnsupportedModelError(f"adapter {name!r}: layer {layer} {target} has shapes "
                                         f"A{tuple(a.shape)} B{tuple(b.shape)}, expected rank {rank} and "
                                         f"{end - start} outputs")
-        weights.setdefault((layer, module), []).append(
-            LoRAWeights(a.to(dtype).contiguous(), (b.float() * scaling).to(dtype).contiguous(), start, end))
+        shards.setdefault((layer, module), []).append((a, b, start, end))
+    weights = {}
+    for (layer, module), parts in shards.items():
+        b_full = torch.zeros(full[module], rank * len(parts))
+        for i, (_, b, start, end) in enumerate(parts):
+            b_full[start:end, i * rank:(i + 1) * rank] = b.float() * scaling
+        a_cat = torch.cat([a.float() for a, _, _, _ in parts])
+        weights[(layer, module)] = LoRAWeights(a_cat.to(dtype).contiguous(), b_full.to(dtype).contiguous())
     return LoRAAdapter(name, path, rank, cfg.get("base_model_name_or_path"), weights)

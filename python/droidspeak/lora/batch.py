@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from droidspeak import kernels
 from droidspeak.lora.adapter import LoRAAdapter
+from droidspeak.runner.batch import GROUPED_KERNEL_MAX_ROWS
 
 
 class LoRABatch:
@@ -13,15 +15,22 @@ class LoRABatch:
         self.groups = groups  # (adapter, flat token rows it owns)
 
     def apply(self, out: torch.Tensor, x: torch.Tensor, layer_id: int, module: str) -> None:
-        """out[rows] += x[rows] @ A^T @ B^T for each adapter's rows, shard by shard."""
+        """out[rows] += x[rows] @ A^T @ B^T for each adapter's rows (every shard
+        of the fused projection in the same two matmuls)."""
         for adapter, rows in self.groups:
-            pieces = adapter.weights.get((layer_id, module))
-            if not pieces:
+            w = adapter.weights.get((layer_id, module))
+            if w is None:
                 continue
             xr = x.index_select(0, rows)
-            for w in pieces:
+            if rows.numel() <= GROUPED_KERNEL_MAX_ROWS and kernels.grouped_linear_native(xr):
+                # decode: two tiny matmuls, cheaper through the grouped kernel
+                # than through a general GEMM call each
+                whole = [torch.arange(rows.numel())]
+                u = kernels.grouped_linear(xr, [w.a], [None], whole)
+                delta = kernels.grouped_linear(u, [w.b], [None], whole)
+            else:
                 delta = (xr @ w.a.t()) @ w.b.t()
-                out[rows, w.start:w.end] += delta.to(out.dtype)
+            out.index_add_(0, rows, delta.to(out.dtype))
 
     @classmethod
     def build(cls, lora_ids: list[int | None], extend_lens: list[int],

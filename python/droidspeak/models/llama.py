@@ -12,13 +12,14 @@ import torch
 from torch import nn
 
 from droidspeak.layers.attention import Attention
+from droidspeak.layers.linear import grouped_linear
 from droidspeak.layers.mlp import SwiGLU
 from droidspeak.layers.norm import RMSNorm
 from droidspeak.layers.rotary import cos_sin_cache
 from droidspeak.models.config import ModelConfig
 
 if TYPE_CHECKING:
-    from droidspeak.runner.batch import ForwardBatch
+    from droidspeak.runner.batch import ForwardBatch, RowGroups
 
 
 class DecoderLayer(nn.Module):
@@ -30,9 +31,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(layer_id, config.hidden_size, config.intermediate_size)
 
-    def forward(self, hidden: torch.Tensor, batch: "ForwardBatch", cos_sin: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), batch, cos_sin)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden), batch)
+    def forward(self, hidden: torch.Tensor, batch: "ForwardBatch", cos_sin: torch.Tensor,
+                mates: "list[DecoderLayer] | None" = None) -> torch.Tensor:
+        """`mates[g]` is this layer in `batch.groups`' member g (default: this one
+        alone, for every row)."""
+        mates = mates or [self]
+        x = self.input_layernorm(hidden, batch.groups, [m.input_layernorm for m in mates])
+        hidden = hidden + self.self_attn(x, batch, cos_sin, [m.self_attn for m in mates])
+        x = self.post_attention_layernorm(hidden, batch.groups, [m.post_attention_layernorm for m in mates])
+        return hidden + self.mlp(x, batch, [m.mlp for m in mates])
 
 
 class LlamaForCausalLM(nn.Module):
@@ -50,25 +57,42 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         self.cos_sin = cos_sin_cache(c.head_dim, max_positions, c.rope_theta, c.rope_scaling)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+    def embed(self, input_ids: torch.Tensor, groups: "RowGroups | None" = None,
+              members: "list[LlamaForCausalLM] | None" = None) -> torch.Tensor:
+        """Token embeddings; with `groups`, each row from its own member's table."""
+        if members is None or len(members) == 1:
+            return self.embed_tokens(input_ids)
+        hidden = self.embed_tokens.weight.new_empty(input_ids.shape[0], self.config.hidden_size)
+        for member, rows in zip(members, groups.rows):
+            hidden[rows] = member.embed_tokens(input_ids.index_select(0, rows))
+        return hidden
 
-    def forward_layers(self, hidden: torch.Tensor, batch: "ForwardBatch", start: int, end: int) -> torch.Tensor:
+    def forward_layers(self, hidden: torch.Tensor, batch: "ForwardBatch", start: int, end: int,
+                       members: "list[LlamaForCausalLM] | None" = None) -> torch.Tensor:
         """Run layers [start, end) over `hidden`, the residual stream entering
         layer `start`; writes those layers' KV to the pool at `batch.out_cache_loc`
         and, where `batch.e_loc` asks for it, the stream entering each E-cache
-        layer to `batch.e_pool`."""
+        layer to `batch.e_pool`. `members[g]` runs the rows of `batch.groups`'
+        group g (default: this model runs every row)."""
+        members = members or [self]
         for i in range(start, end):
             if batch.e_loc is not None:
                 batch.e_pool.store(i, batch.e_loc, hidden)
-            hidden = self.layers[i](hidden, batch, self.cos_sin)
+            hidden = self.layers[i](hidden, batch, self.cos_sin, [m.layers[i] for m in members])
         return hidden
 
-    def forward(self, batch: "ForwardBatch") -> torch.Tensor:
+    def forward(self, batch: "ForwardBatch", members: "list[LlamaForCausalLM] | None" = None) -> torch.Tensor:
         """All layers; returns the final residual stream [T, hidden] (not normed)."""
-        return self.forward_layers(self.embed(batch.input_ids), batch, 0, len(self.layers))
+        hidden = self.embed(batch.input_ids, batch.groups, members)
+        return self.forward_layers(hidden, batch, 0, len(self.layers), members)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head on selected rows of the residual stream; fp32 logits."""
-        weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return torch.nn.functional.linear(self.norm(hidden), weight).float()
+    def lm_head_linear(self) -> nn.Module:
+        return self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+
+    def logits(self, hidden: torch.Tensor, groups: "RowGroups | None" = None,
+               members: "list[LlamaForCausalLM] | None" = None) -> torch.Tensor:
+        """Final norm + LM head on selected rows of the residual stream; fp32
+        logits. With `groups` (over these rows), each row through its member's."""
+        members = members or [self]
+        x = self.norm(hidden, groups, [m.norm for m in members])
+        return grouped_linear([m.lm_head_linear() for m in members], x, groups).float()

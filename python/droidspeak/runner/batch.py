@@ -11,6 +11,12 @@ import torch
 from droidspeak.kvcache.pool import HiddenPool, KVPool
 
 
+# A member with at most this many rows in a decode batch runs its linear layers
+# through the grouped decode kernel (csrc/grouped_linear.cpp); beyond it, torch's
+# blocked matmul is as fast (benchmark/bench_one_batch.py).
+GROUPED_KERNEL_MAX_ROWS = 32
+
+
 class ForwardMode(enum.Enum):
     EXTEND = "extend"  # prefill (possibly a chunk, possibly over a cached prefix)
     DECODE = "decode"  # one new token per request
@@ -42,6 +48,7 @@ class ForwardBatch:
     e_pool: HiddenPool | None = None    # where the E cache goes
     e_loc: torch.Tensor | None = None   # [E, T] rows of e_pool for each token's E cache (0: keep none)
     recompute: list["Recompute"] = field(default_factory=list)  # cross-model spans, run first
+    groups: "RowGroups | None" = None   # which member runs each row (None: one member, plain matmuls)
 
     @property
     def batch_size(self) -> int:
@@ -65,22 +72,42 @@ class ForwardBatch:
         ends = torch.tensor(self.extend_lens, dtype=torch.int64).cumsum(0)
         return ends - 1
 
-    def select(self, indices: list[int]) -> tuple["ForwardBatch", torch.Tensor]:
-        """The sub-batch of requests `indices`, and the flat token rows it takes
-        from this batch (to map rows back)."""
-        starts = self.extend_start
-        rows = torch.cat([torch.arange(starts[i], starts[i] + self.extend_lens[i]) for i in indices])
-        idx = torch.tensor(indices, dtype=torch.int64)
-        sub = ForwardBatch(
-            mode=self.mode, input_ids=self.input_ids[rows], positions=self.positions[rows],
-            out_cache_loc=self.out_cache_loc[:, rows], req_pool_indices=self.req_pool_indices[idx],
-            seq_lens=self.seq_lens[idx], prefix_lens=[self.prefix_lens[i] for i in indices],
-            extend_lens=[self.extend_lens[i] for i in indices], kv_pool=self.kv_pool,
-            req_to_token=self.req_to_token,
-            model_ids=None if self.model_ids is None else [self.model_ids[i] for i in indices],
-            lora_ids=None if self.lora_ids is None else [self.lora_ids[i] for i in indices],
-            e_pool=self.e_pool, e_loc=None if self.e_loc is None else self.e_loc[:, rows])
-        return sub, rows
+
+@dataclass
+class RowGroups:
+    """Which family member runs each flat row of a co-batched forward. Norms,
+    attention and the KV store run once over every row; each linear layer runs
+    group by group with that member's weights (`layers.linear.grouped_linear`)."""
+    members: list[int]          # family member (model id) of each group
+    rows: list[torch.Tensor]    # [n_g] int64 rows of each group
+    row_group: torch.Tensor     # [T] int64 group of each row
+    native: list[bool]          # per group: through the grouped decode kernel
+
+    @classmethod
+    def build(cls, row_members: torch.Tensor, decode_kernel: bool) -> "RowGroups | None":
+        """Groups of `row_members` ([T] model id per row); None when one member runs
+        every row with torch's matmuls (nothing to group). `decode_kernel`: groups
+        of at most GROUPED_KERNEL_MAX_ROWS rows use the native kernel."""
+        members = sorted(set(row_members.tolist()))
+        rows = [(row_members == m).nonzero().flatten() for m in members]
+        native = [decode_kernel and r.numel() <= GROUPED_KERNEL_MAX_ROWS for r in rows]
+        if len(members) == 1 and not native[0]:
+            return None
+        row_group = torch.empty_like(row_members)
+        for g, r in enumerate(rows):
+            row_group[r] = g
+        return cls(members, rows, row_group, native)
+
+    def of_rows(self, index: torch.Tensor) -> "RowGroups":
+        """The groups of rows `index` of this batch (e.g. each request's last token),
+        keeping every member's kernel choice."""
+        sub = self.row_group.index_select(0, index)
+        kept = [g for g in range(len(self.members)) if bool((sub == g).any())]
+        rows = [(sub == g).nonzero().flatten() for g in kept]
+        row_group = torch.empty_like(sub)
+        for i, r in enumerate(rows):
+            row_group[r] = i
+        return RowGroups([self.members[g] for g in kept], rows, row_group, [self.native[g] for g in kept])
 
 
 def recompute_start(start: int, end: int, tail: float) -> int:

@@ -13,7 +13,7 @@ from droidspeak.lora.adapter import LoRAAdapter
 from droidspeak.lora.batch import LoRABatch
 from droidspeak.models.config import ModelConfig
 from droidspeak.models.loader import load_model
-from droidspeak.runner.batch import ForwardBatch, ForwardMode, Recompute
+from droidspeak.runner.batch import ForwardBatch, ForwardMode, Recompute, RowGroups
 
 logger = logging.getLogger(__name__)
 
@@ -99,32 +99,31 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, extra_rows: torch.Tensor | None = None) -> LogitsOutput:
         """Run the batch. `extra_rows` are flat token indices whose logits are also
-        returned (input-token logprobs). A batch that mixes family members runs each
-        member's layers over its own requests, within this one step. Cross-model
-        recomputes (`batch.recompute`) run first: the extend reads their KV."""
+        returned (input-token logprobs). A batch that mixes family members runs
+        each layer once: norms, attention and the KV store over every row, each
+        linear layer per member over its own rows (one grouped call in decode).
+        Cross-model recomputes (`batch.recompute`) run first: the extend reads
+        their KV."""
         if batch.recompute:
             self.recompute(batch.recompute)
-        ids = batch.model_ids
-        if ids is None or len(set(ids)) == 1:
-            return self._forward_one(self.models[ids[0] if ids else 0], batch, extra_rows)
-        next_logits = torch.empty(batch.batch_size, self.model_config.vocab_size)
+        ids = batch.model_ids or [0] * batch.batch_size
+        row_members = torch.repeat_interleave(torch.tensor(ids, dtype=torch.int64),
+                                              torch.tensor(batch.extend_lens, dtype=torch.int64))
+        batch.groups = RowGroups.build(row_members, batch.mode is ForwardMode.DECODE)
+        members = [self.models[m] for m in batch.groups.members] if batch.groups else [self.models[ids[0]]]
+        if batch.lora_ids is not None and any(i is not None for i in batch.lora_ids):
+            batch.lora = LoRABatch.build(batch.lora_ids, batch.extend_lens, self.adapters)
+        lead = members[0]
+        hidden = lead(batch, members)
+        next_logits = self._logits(lead, members, hidden, batch.last_token_index, batch.groups)
         extra = None
         if extra_rows is not None and extra_rows.numel():
-            extra = torch.empty(extra_rows.numel(), self.model_config.vocab_size)
-        for model_id in sorted(set(ids)):
-            members = [i for i, m in enumerate(ids) if m == model_id]
-            sub, rows = batch.select(members)
-            local = torch.full((batch.num_tokens,), -1, dtype=torch.int64)
-            local[rows] = torch.arange(rows.numel())
-            sub_extra, where = None, None
-            if extra is not None:
-                where = (local[extra_rows] >= 0).nonzero().flatten()
-                sub_extra = local[extra_rows[where]]
-            out = self._forward_one(self.models[model_id], sub, sub_extra)
-            next_logits[members] = out.next_token_logits
-            if out.extra_logits is not None:
-                extra[where] = out.extra_logits
+            extra = self._logits(lead, members, hidden, extra_rows, batch.groups)
         return LogitsOutput(next_logits, extra)
+
+    @staticmethod
+    def _logits(lead, members, hidden: torch.Tensor, index: torch.Tensor, groups: RowGroups | None) -> torch.Tensor:
+        return lead.logits(hidden.index_select(0, index), groups and groups.of_rows(index), members)
 
     @torch.inference_mode()
     def recompute(self, jobs: list[Recompute]) -> None:
@@ -153,13 +152,3 @@ class ModelRunner:
             else:
                 hidden = torch.cat([self.e_pool.rows(start, j.e_rows) for j in group])
             model.forward_layers(hidden, sub, start, end)
-
-    def _forward_one(self, model, batch: ForwardBatch, extra_rows: torch.Tensor | None) -> LogitsOutput:
-        if batch.lora_ids is not None and any(i is not None for i in batch.lora_ids):
-            batch.lora = LoRABatch.build(batch.lora_ids, batch.extend_lens, self.adapters)
-        hidden = model(batch)
-        last = hidden.index_select(0, batch.last_token_index)
-        extra = None
-        if extra_rows is not None and extra_rows.numel():
-            extra = model.logits(hidden.index_select(0, extra_rows))
-        return LogitsOutput(model.logits(last), extra)
