@@ -87,6 +87,12 @@ def test_level_choice_follows_bandwidth_and_falls_back_to_recompute():
     assert level(3e7, budget=0.1) == "high" and level(3e7, budget=0.05) == "low"
     # Stopping means prefilling everything after: the rest's cost decides, not this chunk's.
     assert level(1e6, recompute=20.0, chunks=10) == "low"
+    # Hysteresis near break-even: low takes 0.21 s; recomputing 0.23 s is too close
+    # to start loading, but a load under way goes on until it is clearly slower.
+    assert level(5e6, recompute=0.23) is None
+    assert choose_level(sizes, 5e6, 0, cost, None, 0.23, loading=True) == "low"
+    assert choose_level(sizes, 5e6, 0, cost, None, 0.19, loading=True) == "low"
+    assert choose_level(sizes, 5e6, 0, cost, None, 0.17, loading=True) is None
     # Always loading: the best level within the budget, else the fastest.
     assert choose_level(sizes, 1e6, 0, cost, None, 0.256, allow_recompute=False) == "lossless"
     assert choose_level(sizes, 1e6, 0, cost, 0.5, 0.256, allow_recompute=False) == "low"

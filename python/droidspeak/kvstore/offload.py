@@ -236,7 +236,8 @@ class KVOffloader:
             state, sizes = found
             by_level = {lv: sizes[key] for lv, key in keys.items() if key in sizes}
             level = choose_level(by_level, self.store.bandwidth(state), 0.0, self.cost, budget,
-                                  self.cost.prefill_s(k * C, limit - k * C), len(hashes) - k, self.adaptive)
+                                  self.cost.prefill_s(k * C, limit - k * C), len(hashes) - k, self.adaptive,
+                                  loading=bool(kvs or pending))
             if level is None:
                 self.counters["chunks_recompute_chosen"] += 1
                 break
