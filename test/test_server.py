@@ -241,3 +241,28 @@ def test_abort_request_by_rid(server):
     assert last["meta_info"]["finish_reason"]["type"] == "abort"
     assert last["meta_info"]["completion_tokens"] < 1900
     assert_idle(server)
+
+
+def test_engine_is_built_and_run_on_the_scheduler_thread(tiny_llama):
+    # every torch op of the served engine runs on one thread (a second OpenMP team
+    # on the main thread made each decode step 1.6x slower); a failed build is
+    # raised to the launcher instead of leaving a server without an engine
+    from droidspeak import Engine
+    from droidspeak.errors import ModelNotFoundError
+    from droidspeak.server.async_engine import AsyncEngine
+    built_on = []
+
+    def factory():
+        built_on.append(threading.current_thread().name)
+        return Engine(tiny_llama, dtype="float32", max_total_tokens=1024)
+    aengine = AsyncEngine(factory=factory)
+    aengine.start()
+    try:
+        assert built_on == ["droidspeak-scheduler"] and aengine.engine.model_names
+    finally:
+        aengine.shutdown()
+    failing = AsyncEngine(factory=lambda: Engine("/nonexistent/model"))
+    with pytest.raises(ModelNotFoundError):
+        failing.start()
+    with pytest.raises(ValueError):
+        AsyncEngine()

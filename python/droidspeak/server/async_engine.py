@@ -3,7 +3,14 @@ loop submits requests and awaits their outputs through asyncio queues.
 
 Why a thread and not processes: on 2 cores the model's torch ops release the GIL
 for nearly all of a step, so the event loop stays responsive, and a thread avoids
-pickling every request and token across process boundaries.
+pickling every request and token across process boundaries
+(benchmark/bench_process_split.py measures the two layouts).
+
+Every torch op of the engine runs on that one thread, its construction included
+(`AsyncEngine.build`): OpenMP keeps one worker team per thread that starts
+parallel regions, and with two teams on 2 cores libgomp stops spinning between
+regions, so every short kernel pays a futex wake-up (measured: a decode step
+1.6x slower than the same step on the only team).
 """
 from __future__ import annotations
 
@@ -25,18 +32,31 @@ IDLE_WAIT_S = 0.05  # how long the loop sleeps on an empty inbox when idle
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.scheduler = engine.scheduler
+    def __init__(self, engine: Engine | None = None, factory: Callable[[], Engine] | None = None):
+        """Serve `engine`, or the engine that `factory` builds on the scheduler
+        thread itself (what the server does; see the module docstring)."""
+        if (engine is None) == (factory is None):
+            raise ValueError("pass an engine or a factory")
+        self._factory = factory
+        self._ready: concurrent.futures.Future = concurrent.futures.Future()
+        if engine is not None:
+            self._attach(engine)
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, dict]] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="droidspeak-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self._main, name="droidspeak-scheduler", daemon=True)
         self.started = time.time()
         self.on_finished: Callable[[Req], None] | None = None  # metrics hook, called on the scheduler thread
 
+    def _attach(self, engine: Engine) -> None:
+        self.engine = engine
+        self.scheduler = engine.scheduler
+
     def start(self) -> None:
+        """Start the scheduler thread; returns once the engine is ready, or raises
+        what building it raised."""
         self._thread.start()
+        self._ready.result()
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -76,6 +96,16 @@ class AsyncEngine:
         return await asyncio.wrap_future(future)
 
     # ---- the scheduler thread ----------------------------------------------------
+    def _main(self) -> None:
+        if self._factory is not None:
+            try:
+                self._attach(self._factory())
+            except BaseException as exc:  # re-raised by start()
+                self._ready.set_exception(exc)
+                return
+        self._ready.set_result(None)
+        self._run()
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self._drain_inbox(block=not self.scheduler.has_work)

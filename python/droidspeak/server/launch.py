@@ -25,9 +25,9 @@ def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
     from droidspeak.server.app import ServerState, create_app
     from droidspeak.server.async_engine import AsyncEngine
 
-    engine = Engine(**engine_kwargs)
-    aengine = AsyncEngine(engine)
+    aengine = AsyncEngine(factory=lambda: Engine(**engine_kwargs))
     aengine.start()
+    engine = aengine.engine
     app = create_app(ServerState(aengine, api_key=args.api_key, log_requests=args.log_requests))
     logger.info("serving %s on http://%s:%d", ", ".join(engine.model_names), args.host, args.port)
     # uvicorn catches SIGINT/SIGTERM, shuts down gracefully, then re-raises the signal
