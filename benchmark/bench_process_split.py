@@ -24,6 +24,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -156,6 +157,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 16])
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="alternate the layouts this many times (this VM's timings drift)")
     parser.add_argument("--layouts", nargs="*", default=["thread", "process"], choices=["thread", "process"])
     parser.add_argument("--serve-split", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-path", default=None)
@@ -172,24 +175,34 @@ def main() -> None:
                                                                   str(args.max_total_tokens)])),
                ("process", lambda: start_split(model_path, args.max_total_tokens)))
     names = {"thread": "thread (droidspeak serve)", "process": "process split (HTTP | scheduler)"}
-    for layout, start in layouts:
-        if layout not in args.layouts:
-            continue
-        layout = names[layout]
-        proc, url = start()
-        try:
-            asyncio.run(run_load(url, prompts[:2], 1, None))  # warm-up
-            for c in args.concurrency:
-                rows.append({"layout": layout, "load": f"concurrency {c}",
-                             **asyncio.run(run_load(url, prompts, c, None))})
-                print(rows[-1], flush=True)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-    print_table(rows, ["layout", "load", "req_s", "out_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
-                       "itl_p99_ms", "e2e_p50_s"])
+    for repeat in range(args.repeats):
+        for layout, start in layouts:
+            if layout not in args.layouts:
+                continue
+            proc, url = start()
+            try:
+                asyncio.run(run_load(url, prompts[:2], 1, None))  # warm-up
+                for c in args.concurrency:
+                    rows.append({"layout": names[layout], "load": f"concurrency {c}", "repeat": repeat,
+                                 **asyncio.run(run_load(url, prompts, c, None))})
+                    print(rows[-1], flush=True)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+    summary = []
+    for layout in args.layouts:
+        for c in args.concurrency:
+            runs = [r for r in rows if r["layout"] == names[layout] and r["load"] == f"concurrency {c}"]
+            summary.append({"layout": names[layout], "load": f"concurrency {c}", "runs": len(runs),
+                            **{k: statistics.median(r[k] for r in runs)
+                               for k in ("req_s", "out_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
+                                         "itl_p99_ms", "e2e_p50_s")}})
+    print_table(rows, ["layout", "load", "repeat", "req_s", "out_tok_s", "ttft_p50_ms", "itl_p50_ms", "e2e_p50_s"])
+    print("medians:")
+    print_table(summary, ["layout", "load", "runs", "req_s", "out_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
+                          "itl_p99_ms", "e2e_p50_s"])
     write_json("bench_process_split", {"model": "SmolLM2-135M-Instruct", "num_requests": args.num_requests,
-                                       "rows": rows})
+                                       "repeats": args.repeats, "medians": summary, "rows": rows})
 
 
 if __name__ == "__main__":
