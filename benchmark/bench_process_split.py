@@ -11,6 +11,9 @@ through both layouts in one run:
            outputs (cumulative text, ids, finish) back over a pipe, as SGLang's
            scheduler and detokenizer send theirs over ZMQ.
 
+  thread-lean  control: the prototype's lean handler in front of the shipped
+           thread layout, to separate the two effects.
+
 The split moves the HTTP/JSON work off the scheduler's GIL and pays for pickling
 each step's outputs across processes; on 2 cores this says which one wins.
 
@@ -137,9 +140,42 @@ def serve_split(port: int, model_path: str, max_total_tokens: int) -> None:
         proc.join(timeout=10)
 
 
-def start_split(model_path: str, max_total_tokens: int) -> tuple[subprocess.Popen, str]:
+# ---- control: the same lean HTTP handler over droidspeak's thread layout ----------
+def serve_lean(port: int, model_path: str, max_total_tokens: int) -> None:
+    """The split prototype's handler (no request models, metrics or logging) in
+    front of the shipped AsyncEngine: separates what the process split buys from
+    what the prototype's leaner handler buys."""
+    from droidspeak.engine.engine import Engine
+    from droidspeak.server.async_engine import AsyncEngine
+
+    aengine = AsyncEngine(factory=lambda: Engine(model_path, max_total_tokens=max_total_tokens))
+    aengine.start()
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        return {}
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        body = await request.json()
+        reqs, _ = aengine.engine.make_requests(body["text"], body.get("sampling_params") or {}, stream=True)
+
+        async def events():
+            async for _, result, _ in aengine.generate(reqs, {"tokenizer": aengine.engine.tokenizer}):
+                yield f"data: {json.dumps(result)}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    try:
+        uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    finally:
+        aengine.shutdown()
+
+
+def start_split(model_path: str, max_total_tokens: int, mode: str = "--serve-split") -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve-split", str(port), "--model-path", model_path,
+    proc = subprocess.Popen([sys.executable, __file__, mode, str(port), "--model-path", model_path,
                              "--max-total-tokens", str(max_total_tokens)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -159,32 +195,42 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=2,
                         help="alternate the layouts this many times (this VM's timings drift)")
-    parser.add_argument("--layouts", nargs="*", default=["thread", "process"], choices=["thread", "process"])
+    parser.add_argument("--layouts", nargs="*", default=["thread", "thread-lean", "process"],
+                        choices=["thread", "thread-lean", "process"])
     parser.add_argument("--serve-split", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-lean", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-path", default=None)
     parser.add_argument("--max-total-tokens", type=int, default=100000)
     args = parser.parse_args()
     if args.serve_split is not None:
         serve_split(args.serve_split, args.model_path, args.max_total_tokens)
         return
+    if args.serve_lean is not None:
+        serve_lean(args.serve_lean, args.model_path, args.max_total_tokens)
+        return
     from droidspeak.models.default_model import prepare_default_model
     model_path = args.model_path or prepare_default_model()
-    prompts = make_prompts(args.num_requests)
+    warmup = make_prompts(2, seed=1)
     rows = []
     layouts = (("thread", lambda: start_server(["--model-path", model_path, "--max-total-tokens",
                                                                   str(args.max_total_tokens)])),
+               ("thread-lean", lambda: start_split(model_path, args.max_total_tokens, "--serve-lean")),
                ("process", lambda: start_split(model_path, args.max_total_tokens)))
-    names = {"thread": "thread (droidspeak serve)", "process": "process split (HTTP | scheduler)"}
+    names = {"thread": "thread (droidspeak serve)", "thread-lean": "thread, prototype's lean handler",
+             "process": "process split (HTTP | scheduler)"}
     for repeat in range(args.repeats):
         for layout, start in layouts:
             if layout not in args.layouts:
                 continue
             proc, url = start()
             try:
-                asyncio.run(run_load(url, prompts[:2], 1, None))  # warm-up
+                asyncio.run(run_load(url, warmup, 1, None))
                 for c in args.concurrency:
+                    # fresh prompts per load (seeded by the concurrency, the same for
+                    # every layout): nothing is served from the prefix cache
                     rows.append({"layout": names[layout], "load": f"concurrency {c}", "repeat": repeat,
-                                 **asyncio.run(run_load(url, prompts, c, None))})
+                                 **asyncio.run(run_load(url, make_prompts(args.num_requests, seed=100 + c),
+                                                        c, None))})
                     print(rows[-1], flush=True)
             finally:
                 proc.send_signal(signal.SIGTERM)
