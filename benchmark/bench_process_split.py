@@ -31,15 +31,23 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 
-import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from bench_serving import free_port, make_prompts, run_load, start_server
+from bench_serving import free_port, make_prompts, run_load, start_http, start_server
 from common import print_table, write_json
+
+
+def lean_app() -> FastAPI:
+    """The prototype servers' app: /health, and /generate added by each layout."""
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        return {}
+    return app
 
 
 # ---- the split prototype: scheduler process ----------------------------------------
@@ -89,7 +97,7 @@ def serve_split(port: int, model_path: str, max_total_tokens: int) -> None:
     tokenizer = load_tokenizer(model_path)
     streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
     send_lock = threading.Lock()
-    app = FastAPI()
+    app = lean_app()
 
     def reader() -> None:
         while True:
@@ -103,10 +111,6 @@ def serve_split(port: int, model_path: str, max_total_tokens: int) -> None:
                     entry[0].call_soon_threadsafe(entry[1].put_nowait, item)
 
     threading.Thread(target=reader, daemon=True).start()
-
-    @app.get("/health")
-    async def health():
-        return {}
 
     @app.post("/generate")
     async def generate(request: Request):
@@ -150,11 +154,7 @@ def serve_lean(port: int, model_path: str, max_total_tokens: int) -> None:
 
     aengine = AsyncEngine(factory=lambda: Engine(model_path, max_total_tokens=max_total_tokens))
     aengine.start()
-    app = FastAPI()
-
-    @app.get("/health")
-    async def health():
-        return {}
+    app = lean_app()
 
     @app.post("/generate")
     async def generate(request: Request):
@@ -175,18 +175,8 @@ def serve_lean(port: int, model_path: str, max_total_tokens: int) -> None:
 
 def start_split(model_path: str, max_total_tokens: int, mode: str = "--serve-split") -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, mode, str(port), "--model-path", model_path,
-                             "--max-total-tokens", str(max_total_tokens)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("split server did not start")
+    return start_http([sys.executable, __file__, mode, str(port), "--model-path", model_path,
+                       "--max-total-tokens", str(max_total_tokens)], port)
 
 
 def main() -> None:

@@ -34,8 +34,12 @@ def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     if "--max-total-tokens" not in extra:
         extra = ["--max-total-tokens", "100000", *extra]
-    proc = subprocess.Popen([sys.executable, "-m", "droidspeak.launch_server", "--port", str(port), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return start_http([sys.executable, "-m", "droidspeak.launch_server", "--port", str(port), *extra], port)
+
+
+def start_http(cmd: list[str], port: int) -> tuple[subprocess.Popen, str]:
+    """Start a server process listening on `port`; return it once /health answers."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:

@@ -22,6 +22,12 @@ at::Tensor grouped_linear(const at::Tensor& x, const std::vector<at::Tensor>& we
                           const std::vector<c10::optional<at::Tensor>>& biases,
                           const std::vector<at::Tensor>& rows);
 
+// Row-wise decoder ops (norm_act.cpp): RMSNorm with one weight row per group of rows
+// (row_group) or one weight for all, and silu(gate) * up over a fused [T, 2 * I] input.
+at::Tensor rmsnorm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& row_group,
+                   double eps);
+at::Tensor silu_and_mul(const at::Tensor& gate_up);
+
 // rANS entropy coder (rans.cpp): `symbols` int32 in segments of `seg_lens`, segment s coded
 // with frequency table s (int32, summing to 2^15) of `freqs`, split by `table_lens`.
 at::Tensor rans_encode(const at::Tensor& symbols, const at::Tensor& seg_lens, const at::Tensor& freqs,

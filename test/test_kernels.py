@@ -157,3 +157,34 @@ def test_grouped_linear_rejects_bad_input():
     with pytest.raises(RuntimeError, match="bfloat16"):
         from droidspeak import _C
         _C.grouped_linear(x.float(), weights, biases, rows)
+
+
+@pytest.mark.parametrize("T,H,groups", [(16, 576, None), (3, 64, 2), (130, 100, 3)])
+def test_rmsnorm_matches_reference(T, H, groups):
+    g = torch.Generator().manual_seed(T)
+    x = (torch.randn(T, H, generator=g) * 3).to(torch.bfloat16)
+    if groups:
+        weight = (1 + 0.1 * torch.randn(groups, H, generator=g)).to(torch.bfloat16)
+        row_group = torch.randint(0, groups, (T,), generator=g)
+    else:
+        weight, row_group = (1 + 0.1 * torch.randn(H, generator=g)).to(torch.bfloat16), None
+    from droidspeak import _C
+    got = _C.rmsnorm(x, weight, row_group, 1e-5)
+    want = reference.rmsnorm(x, weight, row_group, 1e-5)
+    # same roundings; only the fp32 sum of squares runs in another order
+    torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-3)
+    assert (got != want).float().mean() < 0.01
+    with pytest.raises(RuntimeError, match="out of range"):
+        _C.rmsnorm(x, weight.reshape(1, -1)[:, :H] if groups is None else weight, torch.full((T,), 9), 1e-5)
+
+
+def test_silu_and_mul_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    gate_up = (torch.randn(7, 2 * 1536, generator=g) * 4).to(torch.bfloat16)
+    from droidspeak import _C
+    got = _C.silu_and_mul(gate_up)
+    want = reference.silu_and_mul(gate_up)
+    torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-3)
+    assert (got != want).float().mean() < 0.01
+    with pytest.raises(RuntimeError, match="gate_up"):
+        _C.silu_and_mul(gate_up[:, :5])

@@ -88,3 +88,17 @@ def grouped_linear(x, weights, biases, rows):
     if grouped_linear_native(x):
         return _native.grouped_linear(x, weights, biases, rows)
     return reference.grouped_linear(x, weights, biases, rows)
+
+
+def rmsnorm(x, weight, row_group, eps):
+    """See `reference.rmsnorm`; native for bf16."""
+    if _supported(x) and x.dtype == torch.bfloat16:
+        return _native.rmsnorm(x, weight, row_group, float(eps))
+    return reference.rmsnorm(x, weight, row_group, eps)
+
+
+def silu_and_mul(gate_up):
+    """See `reference.silu_and_mul`; native for bf16."""
+    if _supported(gate_up) and gate_up.dtype == torch.bfloat16:
+        return _native.silu_and_mul(gate_up)
+    return reference.silu_and_mul(gate_up)

@@ -86,3 +86,20 @@ def grouped_linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[to
     for w, b, r in zip(weights, biases, rows):
         out[r] = torch.nn.functional.linear(x.index_select(0, r), w, b)
     return out
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, row_group: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Llama RMSNorm as transformers computes it (normalise in fp32, round to the
+    input dtype, scale); with `row_group`, `weight` is [G, H] and row t is scaled
+    by weight[row_group[t]]."""
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    if row_group is not None:
+        weight = weight.index_select(0, row_group)
+    return weight * y
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation over the fused projection: silu(gate) * up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

@@ -3,9 +3,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from droidspeak import kernels
 from droidspeak.layers.linear import grouped_linear
 
 if TYPE_CHECKING:
@@ -28,8 +28,7 @@ class SwiGLU(nn.Module):
         gate_up = grouped_linear([m.gate_up_proj for m in mates], x, batch.groups)
         if batch.lora is not None:
             batch.lora.apply(gate_up, x, self.layer_id, "gate_up")
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        h = F.silu(gate) * up
+        h = kernels.silu_and_mul(gate_up)
         out = grouped_linear([m.down_proj for m in mates], h, batch.groups)
         if batch.lora is not None:
             batch.lora.apply(out, h, self.layer_id, "down")

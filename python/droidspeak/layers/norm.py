@@ -5,6 +5,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from droidspeak import kernels
+
 if TYPE_CHECKING:
     from droidspeak.runner.batch import RowGroups
 
@@ -21,10 +23,6 @@ class RMSNorm(nn.Module):
                 mates: "list[RMSNorm] | None" = None) -> torch.Tensor:
         """`mates[g]` is this norm in group g's member: each row is scaled by its
         own member's weight (the same arithmetic as running that member alone)."""
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        weight = self.weight
         if mates is not None and len(mates) > 1:
-            weight = torch.stack([m.weight for m in mates]).index_select(0, groups.row_group)
-        return weight * xf.to(dtype)
+            return kernels.rmsnorm(x, torch.stack([m.weight for m in mates]), groups.row_group, self.eps)
+        return kernels.rmsnorm(x, self.weight, None, self.eps)

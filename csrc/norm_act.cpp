@@ -1,0 +1,117 @@
+// Row-wise ops of the decoder layer that torch runs as 7-8 small ops each, which
+// costs more than the arithmetic at decode batch sizes: RMSNorm (with one weight
+// per family member, picked per row) and SwiGLU's silu(gate) * up. Both keep
+// torch's roundings (see kernels/reference.py), so they replace the torch
+// sequences without changing what a model computes beyond summation order.
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+
+#include "vec.h"
+
+#include <cmath>
+#include <type_traits>
+
+namespace {
+
+// Rows per task: decode batches stay on the calling thread (no team start-up).
+constexpr int64_t kRowGrain = 64;
+
+template <typename scalar_t>
+void rmsnorm_impl(const at::Tensor& x, const at::Tensor& weight, const int64_t* row_group, double eps,
+                  at::Tensor& out) {
+  const int64_t T = x.size(0), H = x.size(1);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* wp = weight.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t ldx = x.stride(0);
+  at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const scalar_t* row = xp + t * ldx;
+      const scalar_t* w = wp + (row_group ? row_group[t] : 0) * H;
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < H; ++i) {
+        const float v = static_cast<float>(row[i]);
+        ss += v * v;
+      }
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(H) + static_cast<float>(eps));
+      scalar_t* dst = op + t * H;
+      for (int64_t i = 0; i < H; ++i) {
+        // normalise in fp32, round to the input dtype, then scale (as torch does)
+        const scalar_t y = static_cast<scalar_t>(static_cast<float>(row[i]) * inv);
+        dst[i] = static_cast<scalar_t>(static_cast<float>(w[i]) * static_cast<float>(y));
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void silu_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  const scalar_t* gp = gate_up.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t ld = gate_up.stride(0);
+  at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const scalar_t* g = gp + t * ld;
+      const scalar_t* u = g + I;
+      scalar_t* dst = op + t * I;
+      int64_t i = 0;
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        using bVec = at::vec::Vectorized<at::BFloat16>;
+        using fVec = at::vec::Vectorized<float>;
+        const fVec one(1.f);
+        for (; i + bVec::size() <= I; i += bVec::size()) {
+          auto [g0, g1] = at::vec::convert_bfloat16_float(bVec::loadu(g + i));
+          auto [u0, u1] = at::vec::convert_bfloat16_float(bVec::loadu(u + i));
+          // silu rounded to bf16 first, then the product rounded, as torch does
+          auto s = at::vec::convert_float_bfloat16(g0 / (one + g0.neg().exp()), g1 / (one + g1.neg().exp()));
+          auto [s0, s1] = at::vec::convert_bfloat16_float(s);
+          at::vec::convert_float_bfloat16(s0 * u0, s1 * u1).store(dst + i);
+        }
+      }
+      for (; i < I; ++i) {
+        const float gv = static_cast<float>(g[i]);
+        const scalar_t s = static_cast<scalar_t>(gv / (1.f + std::exp(-gv)));  // F.silu, rounded
+        dst[i] = static_cast<scalar_t>(static_cast<float>(s) * static_cast<float>(u[i]));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor rmsnorm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& row_group,
+                   double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [T, H] with contiguous rows");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.is_contiguous(), "weight must match x");
+  const int64_t H = x.size(1);
+  at::Tensor groups;
+  const int64_t* gp = nullptr;
+  if (row_group.has_value()) {
+    TORCH_CHECK(weight.dim() == 2 && weight.size(1) == H, "per-group weights must be [G, H]");
+    groups = row_group->to(at::kLong).contiguous();
+    TORCH_CHECK(groups.numel() == x.size(0), "one group per row");
+    gp = groups.data_ptr<int64_t>();
+    for (int64_t i = 0; i < groups.numel(); ++i)
+      TORCH_CHECK(gp[i] >= 0 && gp[i] < weight.size(0), "row group ", gp[i], " out of range");
+  } else {
+    TORCH_CHECK(weight.numel() == H, "weight must be [H]");
+  }
+  auto out = at::empty({x.size(0), H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rmsnorm", [&] {
+    rmsnorm_impl<scalar_t>(x, weight, gp, eps, out);
+  });
+  return out;
+}
+
+at::Tensor silu_and_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0,
+              "gate_up must be [T, 2 * I] with contiguous rows");
+  auto out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_and_mul", [&] {
+    silu_mul_impl<scalar_t>(gate_up, out);
+  });
+  return out;
+}
