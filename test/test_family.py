@@ -48,7 +48,7 @@ def test_lineage(family_engine):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_co_batched_equals_solo(family, family_engine, dtype):
+def test_co_batched_equals_solo(family, family_engine, dtype, monkeypatch):
     # bf16 decode runs the linear layers through the grouped native kernel, whose
     # per-row sums do not depend on the other rows or members in the call
     if dtype != "float32":
@@ -63,11 +63,21 @@ def test_co_batched_equals_solo(family, family_engine, dtype):
         seen.append(set(batch.model_ids or [0]))
         return original(batch, extra_rows)
     runner.forward = spy
+    # attention runs once per layer over every row of the mixed batch
+    from droidspeak import kernels
+    attention_rows = []
+    decode_attention = kernels.decode_attention
+
+    def attention_spy(q, *args):
+        attention_rows.append(q.shape[0])
+        return decode_attention(q, *args)
+    monkeypatch.setattr(kernels, "decode_attention", attention_spy)
     try:
         mixed = run_mixed(family_engine, jobs)
     finally:
         runner.forward = original
     assert any(len(s) == 3 for s in seen), "no batch mixed the three models"
+    assert max(attention_rows) == len(jobs)
     for name in ("base", "ft1", "ft2"):
         solo = Engine(family[name], dtype=dtype, max_total_tokens=2048)
         outs = solo.generate(PROMPTS, GREEDY)

@@ -51,14 +51,6 @@ class _WriteJob:
     e: dict[int, torch.Tensor]
 
 
-def _single_threaded_torch() -> None:
-    """The store's background threads run their torch work (codec, copies) without
-    an OpenMP team of their own: a second team on a small machine stops the
-    scheduler thread's team from spinning between parallel regions, which slows
-    every decode step (see server/async_engine.py)."""
-    torch.set_num_threads(1)
-
-
 class KVOffloader:
     def __init__(self, store: TieredStore, kv_pool: KVPool, e_pool: HiddenPool | None,
                  namespace_of: Callable[[int], Namespace | None], chunk_size: int = 256,
@@ -82,10 +74,8 @@ class KVOffloader:
         self._known: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._known_lock = threading.Lock()
         self._queue: queue.Queue[_WriteJob | None] = queue.Queue(WRITE_QUEUE)
-        self._pool = ThreadPoolExecutor(LOAD_WINDOW, thread_name_prefix="kv-store-load",
-                                        initializer=_single_threaded_torch)
-        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kv-store-prefetch",
-                                              initializer=_single_threaded_torch)
+        self._pool = ThreadPoolExecutor(LOAD_WINDOW, thread_name_prefix="kv-store-load")
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kv-store-prefetch")
         self._writer = threading.Thread(target=self._write_loop, name="kv-store-writer", daemon=True)
         self._writer.start()
 
@@ -158,7 +148,6 @@ class KVOffloader:
                 self.counters["chunks_dropped"] += 1
 
     def _write_loop(self) -> None:
-        _single_threaded_torch()
         while True:
             job = self._queue.get()
             try:

@@ -19,7 +19,6 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
-    import torch
     import uvicorn
 
     from droidspeak.engine.engine import Engine
@@ -28,10 +27,6 @@ def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
 
     aengine = AsyncEngine(factory=lambda: Engine(**engine_kwargs))
     aengine.start()
-    # The HTTP thread runs no model work; should a handler ever run a large torch
-    # op, it runs inline instead of starting a second OpenMP team (see
-    # server/async_engine.py). The scheduler thread keeps its own thread count.
-    torch.set_num_threads(1)
     engine = aengine.engine
     app = create_app(ServerState(aengine, api_key=args.api_key, log_requests=args.log_requests))
     logger.info("serving %s on http://%s:%d", ", ".join(engine.model_names), args.host, args.port)
