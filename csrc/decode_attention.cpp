@@ -1,7 +1,8 @@
 // Decode attention straight from the token-slot pool: one query token per request,
 // K/V gathered by slot index on the fly (no copy), online softmax over blocks of
-// tokens, one task per request so each K/V row is read and widened to fp32 once
-// (vectorised) for every query head.
+// tokens. bf16 with a common head shape runs a register-tiled task per (request,
+// KV head) (decode_bf16_grouped); otherwise one task per request widens each K/V
+// row to fp32 once (vectorised) for every query head.
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -150,6 +151,116 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   });
 }
 
+// out[0:V] = the 16 * V bf16 values at src, widened to fp32 vectors.
+template <int V>
+inline void widen_bf16(const at::BFloat16* src, at::vec::Vectorized<float> (&out)[V]) {
+  for (int v = 0; v < V; v += 2) {
+    auto halves = at::vec::convert_bfloat16_float(at::vec::Vectorized<at::BFloat16>::loadu(src + v * 16));
+    out[v] = std::get<0>(halves);
+    out[v + 1] = std::get<1>(halves);
+  }
+}
+
+// bf16 fast path: one task per (request, KV head), the query-head group's queries
+// and output accumulators held in registers (G heads x V vectors of 16 floats),
+// each K/V head slice widened once straight into registers.
+template <int G, int V>
+void decode_bf16_grouped(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& table, const at::Tensor& rows, const at::Tensor& lens,
+                         float scale, at::Tensor& out) {
+  using fVec = at::vec::Vectorized<float>;
+  static_assert(V % 2 == 0, "V counts float vectors; bf16 loads come in pairs");
+  constexpr int64_t D = V * 16;
+  const int64_t B = q.size(0), hkv = k_cache.size(1), width = table.size(1), row_len = hkv * D;
+  const auto* qp = q.data_ptr<at::BFloat16>();
+  const auto* kc = k_cache.data_ptr<at::BFloat16>();
+  const auto* vc = v_cache.data_ptr<at::BFloat16>();
+  const int32_t* tab = table.data_ptr<int32_t>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  auto* op = out.data_ptr<at::BFloat16>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
+
+  at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
+    float sc[G][kBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / hkv, g = task % hkv;
+      const int64_t n = lp[b];
+      const int32_t* slots = tab + rp[b] * width;
+      fVec qv[G][V], acc[G][V];
+      float m[G], l[G];
+      for (int h = 0; h < G; ++h) {
+        widen_bf16<V>(qp + b * qs0 + (g * G + h) * qs1, qv[h]);
+        for (int v = 0; v < V; ++v) {
+          qv[h][v] = qv[h][v] * fVec(scale);
+          acc[h][v] = fVec(0.f);
+        }
+        m[h] = -std::numeric_limits<float>::infinity();
+        l[h] = 0.f;
+      }
+      for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
+        const int64_t nb = std::min(kBlock, n - t0);
+        for (int64_t j = 0; j < nb; ++j) {
+          fVec kv[V];
+          widen_bf16<V>(kc + static_cast<int64_t>(slots[t0 + j]) * row_len + g * D, kv);
+          for (int h = 0; h < G; ++h) {
+            fVec d = qv[h][0] * kv[0];
+            for (int v = 1; v < V; ++v) d = at::vec::fmadd(qv[h][v], kv[v], d);
+#ifdef CPU_CAPABILITY_AVX512
+            sc[h][j] = _mm512_reduce_add_ps(d);
+#else
+            float lanes[fVec::size()];
+            d.store(lanes);
+            float sum = 0.f;
+            for (int i = 0; i < fVec::size(); ++i) sum += lanes[i];
+            sc[h][j] = sum;
+#endif
+          }
+        }
+        for (int h = 0; h < G; ++h) {
+          const float block_max = *std::max_element(sc[h], sc[h] + nb);
+          const float new_m = std::max(m[h], block_max);
+          const float corr = std::exp(m[h] - new_m);
+          l[h] = l[h] * corr + exp_shifted(sc[h], nb, new_m);
+          for (int v = 0; v < V; ++v) acc[h][v] = acc[h][v] * fVec(corr);
+          m[h] = new_m;
+        }
+        for (int64_t j = 0; j < nb; ++j) {
+          fVec vv[V];
+          widen_bf16<V>(vc + static_cast<int64_t>(slots[t0 + j]) * row_len + g * D, vv);
+          for (int h = 0; h < G; ++h) {
+            const fVec p(sc[h][j]);
+            for (int v = 0; v < V; ++v) acc[h][v] = at::vec::fmadd(p, vv[v], acc[h][v]);
+          }
+        }
+      }
+      for (int h = 0; h < G; ++h) {
+        const fVec inv(l[h] > 0.f ? 1.f / l[h] : 0.f);
+        at::BFloat16* dst = op + (b * G * hkv + g * G + h) * D;
+        for (int v = 0; v < V; v += 2)
+          at::vec::convert_float_bfloat16(acc[h][v] * inv, acc[h][v + 1] * inv).store(dst + v * 16);
+      }
+    }
+  });
+}
+
+// The (query heads per KV head, head dim / 16) shapes with a register-tiled path.
+bool decode_bf16_fast(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& table, const at::Tensor& rows, const at::Tensor& lens, float scale,
+                      at::Tensor& out) {
+  if (q.scalar_type() != at::kBFloat16) return false;
+  const int64_t G = q.size(1) / k_cache.size(1), D = q.size(2);
+#define DS_DECODE_CASE(GG, VV)                                                      \
+  if (G == GG && D == VV * 16) {                                                    \
+    decode_bf16_grouped<GG, VV>(q, k_cache, v_cache, table, rows, lens, scale, out); \
+    return true;                                                                    \
+  }
+  DS_DECODE_CASE(1, 4) DS_DECODE_CASE(2, 4) DS_DECODE_CASE(3, 4) DS_DECODE_CASE(4, 4)
+  DS_DECODE_CASE(1, 8) DS_DECODE_CASE(2, 8)
+#undef DS_DECODE_CASE
+  return false;
+}
+
 }  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -164,6 +275,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   auto rows = req_pool_indices.to(at::kLong).contiguous();
   auto lens = seq_lens.to(at::kLong).contiguous();
   auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  if (decode_bf16_fast(q, k_cache, v_cache, req_to_token, rows, lens, static_cast<float>(scale), out)) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
     decode_impl<scalar_t>(q, k_cache, v_cache, req_to_token, rows, lens, static_cast<float>(scale), out);
   });
