@@ -8,13 +8,8 @@ from typing import Any
 
 import torch
 
+from droidspeak import kernels
 from droidspeak.kvcache.pool import HiddenPool, KVPool
-
-
-# A member with at most this many rows in a decode batch runs its linear layers
-# through the grouped decode kernel (csrc/grouped_linear.cpp); beyond it, torch's
-# blocked matmul is as fast (benchmark/bench_one_batch.py).
-GROUPED_KERNEL_MAX_ROWS = 32
 
 
 class ForwardMode(enum.Enum):
@@ -87,10 +82,10 @@ class RowGroups:
     def build(cls, row_members: torch.Tensor, decode_kernel: bool) -> "RowGroups | None":
         """Groups of `row_members` ([T] model id per row); None when one member runs
         every row with torch's matmuls (nothing to group). `decode_kernel`: groups
-        of at most GROUPED_KERNEL_MAX_ROWS rows use the native kernel."""
+        of at most kernels.GROUPED_KERNEL_MAX_ROWS rows use the native kernel."""
         members = sorted(set(row_members.tolist()))
         rows = [(row_members == m).nonzero().flatten() for m in members]
-        native = [decode_kernel and r.numel() <= GROUPED_KERNEL_MAX_ROWS for r in rows]
+        native = [decode_kernel and r.numel() <= kernels.GROUPED_KERNEL_MAX_ROWS for r in rows]
         if len(members) == 1 and not native[0]:
             return None
         row_group = torch.empty_like(row_members)
