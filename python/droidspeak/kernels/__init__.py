@@ -84,27 +84,28 @@ def rans_decode(data, seg_lens, freqs, table_lens):
 GROUPED_KERNEL_MAX_ROWS = 32
 
 
-def grouped_linear_native(x: torch.Tensor) -> bool:
-    """Whether `grouped_linear` runs the native kernel for `x` (bf16 on the CPU)."""
+def native_bf16(x: torch.Tensor) -> bool:
+    """Whether the bf16-only native ops (grouped_linear, rmsnorm, silu_and_mul)
+    run natively for `x`: the extension is built, and `x` is bf16 on the CPU."""
     return _supported(x) and x.dtype == torch.bfloat16
 
 
 def grouped_linear(x, weights, biases, rows):
     """See `reference.grouped_linear`; native for bf16 (csrc/grouped_linear.cpp)."""
-    if grouped_linear_native(x):
+    if native_bf16(x):
         return _native.grouped_linear(x, weights, biases, rows)
     return reference.grouped_linear(x, weights, biases, rows)
 
 
 def rmsnorm(x, weight, row_group, eps):
     """See `reference.rmsnorm`; native for bf16."""
-    if _supported(x) and x.dtype == torch.bfloat16:
+    if native_bf16(x):
         return _native.rmsnorm(x, weight, row_group, float(eps))
     return reference.rmsnorm(x, weight, row_group, eps)
 
 
 def silu_and_mul(gate_up):
     """See `reference.silu_and_mul`; native for bf16."""
-    if _supported(gate_up) and gate_up.dtype == torch.bfloat16:
+    if native_bf16(gate_up):
         return _native.silu_and_mul(gate_up)
     return reference.silu_and_mul(gate_up)

@@ -23,7 +23,7 @@ def grouped_linear(mates: list[nn.Module], x: torch.Tensor, groups: "RowGroups |
     biases = [getattr(m, "bias", None) for m in mates]
     if groups is None:
         return F.linear(x, weights[0], biases[0])
-    native = [g for g, n in enumerate(groups.native) if n] if kernels.grouped_linear_native(x) else []
+    native = [g for g, n in enumerate(groups.native) if n] if kernels.native_bf16(x) else []
     if native:
         out = kernels.grouped_linear(x, [weights[g] for g in native], [biases[g] for g in native],
                                      [groups.rows[g] for g in native])

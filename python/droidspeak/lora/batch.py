@@ -21,7 +21,7 @@ class LoRABatch:
             if w is None:
                 continue
             xr = x.index_select(0, rows)
-            if rows.numel() <= kernels.GROUPED_KERNEL_MAX_ROWS and kernels.grouped_linear_native(xr):
+            if rows.numel() <= kernels.GROUPED_KERNEL_MAX_ROWS and kernels.native_bf16(xr):
                 # decode: two tiny matmuls, cheaper through the grouped kernel
                 # than through a general GEMM call each
                 whole = [torch.arange(rows.numel())]
