@@ -79,6 +79,20 @@ def test_corrupt_truncated_and_foreign_bytes_are_refused():
         decode("DSKV")
 
 
+@pytest.mark.parametrize("level", ["high", "low"])
+def test_a_layer_part_decodes_to_the_same_values_as_the_whole_chunk(level):
+    """The store keeps KV in layer parts: a part encoded with its place in the
+    model gets the model's step schedule (finer early layers), so its values are
+    exactly those of the whole chunk's layers, not a schedule of its own."""
+    x = kv_like(L=6, T=40, C=16)
+    whole = decode(encode(x, level))
+    for lo, hi in ((0, 2), (2, 4), (4, 6), (3, 6)):
+        assert torch.equal(decode(encode(x[lo:hi], level, layers=(lo, 6))), whole[lo:hi])
+    assert not torch.equal(decode(encode(x[4:6], level)), whole[4:6])  # as a model of its own: finer steps
+    with pytest.raises(ValueError, match="part"):
+        encode(x[4:6], level, layers=(5, 6))
+
+
 def with_crc(buf: bytearray) -> bytes:
     """`buf` with its checksum recomputed, as a peer forging a chunk would send it."""
     import zlib
@@ -92,7 +106,8 @@ def test_header_fields_are_checked_even_with_a_matching_checksum():
     still validated, and a lying shape cannot make decode read out of bounds."""
     buf = encode(kv_like(), "high")
     fields = list(HEADER.unpack_from(buf))
-    for index, value in ((7, 10_000), (7, 3), (8, 1), (2, 9), (4, 7)):  # tokens, channels, level, coder
+    # tokens, channels, level, coder, first layer past the model's layers, a model smaller than the chunk
+    for index, value in ((9, 10_000), (9, 3), (10, 1), (2, 9), (4, 7), (6, 100), (7, 1)):
         forged = list(fields)
         forged[index] = value
         with pytest.raises(CodecError):

@@ -3,6 +3,7 @@ its references, the E cache, shared slots, the policy and profile files."""
 import json
 import logging
 import os
+import time
 
 import pytest
 import torch
@@ -468,13 +469,16 @@ def test_abort_during_cross_hit_frees_everything(engine):
     assert again["meta_info"]["cached_tokens"] == ctx
 
 
-def test_cross_model_hit_from_the_kv_store(family, tmp_path):
+@pytest.mark.parametrize("part_layers", [6, 1])
+def test_cross_model_hit_from_the_kv_store(family, tmp_path, part_layers):
     """One engine runs the sender and writes its KV and E cache through to a disk
     tier; another engine's receiver, whose prompt shares the context, loads the
     sender's chunks and reuses them with its group recomputed, exactly as if the
-    sender's entry had been in its own tree."""
+    sender's entry had been in its own tree. Loading is pipelined: the E cache is
+    fetched first, and the recompute runs while later layers still stream in."""
+    from droidspeak.kvstore.link import ThrottledTier
     store = dict(kv_store=f"disk:{tmp_path}", kv_store_write="through", kv_store_levels="lossless",
-                 kv_store_load="always", kv_store_chunk_size=16)
+                 kv_store_load="always", kv_store_chunk_size=16, kv_store_part_layers=part_layers)
     first = make_engine(family, **store)
     try:
         ids = ids_of(first, CONTEXT + QUESTIONS[0])
@@ -485,8 +489,28 @@ def test_cross_model_hit_from_the_kv_store(family, tmp_path):
         first.shutdown()
     second = make_engine(family, **store)
     try:
+        state = second.offloader.store.states[0]
+        state.tier = ThrottledTier(state.tier, bandwidth_bytes_per_s=1e9, latency_s=0.01)
+        fetched, fetch = [], second.offloader._fetch
+
+        def spy(tier, key, level, shape):
+            out = fetch(tier, key, level, shape)
+            fetched.append((key.split(":")[-2], time.perf_counter()))
+            return out
+        second.offloader._fetch = spy
+        recompute_starts, recompute = [], second.runner.recompute
+
+        def spy_recompute(*args, **kw):
+            recompute_starts.append(time.perf_counter())
+            return recompute(*args, **kw)
+        second.runner.recompute = spy_recompute
         out = run(second, "b", ids, ctx)
         span = ctx // 16 * 16  # whole chunks of the shared context
+        e_parts = [i for i, (part, _) in enumerate(fetched) if part.startswith("e")]
+        assert e_parts and max(e_parts) <= len(e_parts)  # the E cache comes first (two fetches run at once)
+        assert len(recompute_starts) == 1
+        if part_layers == 1:
+            assert recompute_starts[0] < fetched[-1][1]       # recompute began before the last layer arrived
         meta = out["meta_info"]
         assert span >= 32 and meta["kv_store_cached_tokens"] == span
         assert meta["cached_tokens"] == meta["cross_model_cached_tokens"] == span

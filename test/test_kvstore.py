@@ -68,6 +68,10 @@ def test_throttled_link_takes_at_least_size_over_bandwidth():
     start = time.perf_counter()
     assert t.get("k") == bytes(50_000)
     assert time.perf_counter() - start >= 0.01 + 50_000 / 1e6
+    # A chunk's layer parts are looked up in one round trip, not one per key.
+    start = time.perf_counter()
+    assert t.sizes(["k", "absent"] * 10) == [50_000, None] * 10
+    assert time.perf_counter() - start < 5 * 0.01
 
 
 def test_level_choice_follows_bandwidth_and_falls_back_to_recompute():
@@ -404,6 +408,109 @@ def test_a_slow_store_load_does_not_hold_up_running_requests(tiny_llama):
             sched.step()
         assert b.store_tokens == 96 and b.cached_tokens == 96
         assert b.output_ids == tokens(expected)
+        assert_no_leak(e)
+    finally:
+        e.shutdown()
+
+
+def throttle(engine, latency_s):
+    """Each lookup and read of the engine's first tier takes `latency_s` from now on."""
+    state = engine.offloader.store.states[0]
+    state.tier = ThrottledTier(state.tier, bandwidth_bytes_per_s=1e9, latency_s=latency_s)
+
+
+def record_fetches(engine) -> list[tuple[str, float]]:
+    """(key, time it arrived) of every fetch from the store, in the order they started."""
+    arrivals, fetch = [], engine.offloader._fetch
+
+    def spy(state, key, level, shape):
+        arrivals.append([key, None])
+        entry = arrivals[-1]
+        out = fetch(state, key, level, shape)
+        entry[1] = time.perf_counter()
+        return out
+    engine.offloader._fetch = spy
+    return arrivals
+
+
+def record_layer_starts(model) -> list[tuple[int, float]]:
+    starts = []
+    for i, layer in enumerate(model.layers):
+        def spy(*args, _i=i, _forward=layer.forward, **kw):
+            starts.append((_i, time.perf_counter()))
+            return _forward(*args, **kw)
+        layer.forward = spy
+    return starts
+
+
+def test_stored_prefix_streams_in_layer_by_layer_under_the_prefill(tiny_llama):
+    """With nothing else running, a request is admitted as soon as its load is
+    planned: its prefill runs layer 0 while later layers' parts are still on the
+    way, and the answer is the one computed without the store."""
+    e = store_engine(tiny_llama, kv_store="ram", kv_store_write="through", kv_store_part_layers=1)
+    try:
+        ids = prompt(40)
+        expected = run(e, ids)
+        e.offloader.flush()
+        e.flush_cache()
+        throttle(e, 0.03)
+        arrivals = record_fetches(e)
+        layers = record_layer_starts(e.runner.model)
+        got = run(e, ids)
+        assert got["kv_store_cached_tokens"] == 96 and tokens(got) == tokens(expected)
+        num_layers = len(e.runner.model.layers)
+        assert len(arrivals) == num_layers * 96 // CHUNK   # one fetch per (layer part, chunk)
+        # Parts are fetched in layer order, and the prefill's first layer ran before the last arrived.
+        order = [int(key.split(":kv")[1].split("-")[0]) for key, _ in arrivals]
+        assert order == sorted(order)
+        first_layer_0 = min(t for i, t in layers if i == 0)
+        assert first_layer_0 < max(t for _, t in arrivals)
+        assert_no_leak(e)
+    finally:
+        e.shutdown()
+
+
+def test_without_the_pipeline_a_request_waits_for_its_whole_prefix(tiny_llama):
+    e = store_engine(tiny_llama, kv_store="ram", kv_store_write="through", kv_store_part_layers=1,
+                     disable_kv_store_pipeline=True)
+    try:
+        ids = prompt(41)
+        expected = run(e, ids)
+        e.offloader.flush()
+        e.flush_cache()
+        throttle(e, 0.02)
+        arrivals = record_fetches(e)
+        layers = record_layer_starts(e.runner.model)
+        got = run(e, ids)
+        assert got["kv_store_cached_tokens"] == 96 and tokens(got) == tokens(expected)
+        assert min(t for i, t in layers if i == 0) > max(t for _, t in arrivals)
+        assert_no_leak(e)
+    finally:
+        e.shutdown()
+
+
+def test_a_part_lost_mid_stream_sends_the_request_back_to_be_prefilled(tiny_llama, caplog):
+    """The request was admitted while its parts streamed in; the last layer's part
+    of one chunk turns out corrupt. The request drops what it holds, goes back to
+    the queue and is prefilled from scratch: same answer, nothing leaked."""
+    e = store_engine(tiny_llama, kv_store="ram", kv_store_write="through", kv_store_part_layers=1)
+    try:
+        ids = prompt(42)
+        expected = run(e, ids)
+        e.offloader.flush()
+        e.flush_cache()
+        ram = e.offloader.store.states[0].tier
+        last = len(e.runner.model.layers) - 1
+        key = next(k for k in ram._data if f":kv{last}-{last + 1}:" in k)
+        data = bytearray(ram._data[key])
+        data[len(data) // 2] ^= 0xFF
+        ram._data[key] = bytes(data)
+        with caplog.at_level(logging.WARNING):
+            got = run(e, ids)
+        assert tokens(got) == tokens(expected)
+        assert got["kv_store_cached_tokens"] == 0 and got["cached_tokens"] == 0
+        assert e.offloader.counters["chunks_corrupt"] == 1 and e.offloader.counters["chunks_loaded"] == 0
+        assert any("prefilling it from scratch" in r.getMessage() for r in caplog.records)
         assert_no_leak(e)
     finally:
         e.shutdown()

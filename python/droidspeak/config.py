@@ -112,6 +112,15 @@ class EngineConfig:
                           "the fastest), never recompute what the store holds."})
     kv_store_bandwidth_mbps: float | None = field(
         default=None, metadata={"help": "Assume this link bandwidth (MB/s) instead of measuring it."})
+    kv_store_part_layers: int = field(
+        default=6,
+        metadata={"help": "Layers per stored KV part: loading runs ahead of compute by this unit (the prefill "
+                          "waits for a layer's part only when it reaches that layer)."})
+    disable_kv_store_pipeline: bool = field(
+        default=False,
+        metadata={"help": "Admit a request only once its whole stored prefix has arrived. By default, when "
+                          "nothing else is running, it is admitted at once and its prefill (and a cross-model "
+                          "recompute, E cache first) runs while the later layers still stream in."})
     random_seed: int = field(
         default=0,
         metadata={"help": "Seed of the per-request samplers of requests that give no sampling_seed."})
@@ -139,6 +148,8 @@ class EngineConfig:
             raise InvalidRequestError("kv_store_write must be auto, evict or through", "kv_store_write")
         if self.kv_store_load not in ("adaptive", "always"):
             raise InvalidRequestError("kv_store_load must be adaptive or always", "kv_store_load")
+        if self.kv_store_part_layers < 1:
+            raise InvalidRequestError("kv_store_part_layers must be >= 1", "kv_store_part_layers")
         if self.kv_store_chunk_size < 16:
             raise InvalidRequestError("kv_store_chunk_size must be >= 16", "kv_store_chunk_size")
         if self.kv_store and self.disable_radix_cache:

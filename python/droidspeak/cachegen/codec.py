@@ -13,8 +13,13 @@ The lossless level codes the raw bytes plane by plane with one categorical
 distribution per (layer, byte plane), or stores a plane raw where coding would not
 make it smaller (low mantissa bytes are close to uniform).
 
-Format (little-endian): magic "DSKV", version, level, dtype, group size, shape,
-payload length, CRC-32 of everything after the CRC field, payload. `decode`
+A chunk may hold a range of a model's layers (the store keeps KV in layer parts,
+so that loading can run ahead of compute layer by layer): the header names the
+first layer and the model's layer count, and the step schedule is the model's,
+not the part's.
+
+Format (little-endian): magic "DSKV", version, level, dtype, coder, group size,
+first layer, model layers, shape, payload length, CRC-32 of everything after the CRC field, payload. `decode`
 checks all of it before trusting a byte, and never unpickles.
 """
 from __future__ import annotations
@@ -31,9 +36,9 @@ from droidspeak import kernels
 from droidspeak.kernels import native_available
 
 MAGIC = b"DSKV"
-VERSION = 3
-# magic, version, level, dtype, coder, group, L, T, C, payload length, crc
-HEADER = struct.Struct("<4sHBBBHIIIII")
+VERSION = 4
+# magic, version, level, dtype, coder, group, first layer, model layers, L, T, C, payload length, crc
+HEADER = struct.Struct("<4sHBBBHHHIIIII")
 CODER_RANGE, CODER_RANS = 0, 1  # constriction's range coder; our rANS (csrc/rans.cpp)
 DEFAULT_GROUP = 10
 MAX_ELEMENTS = 1 << 31
@@ -67,9 +72,11 @@ def default_coder() -> int:
 
 
 def encode(x: torch.Tensor, level: int | str = "medium", group: int = DEFAULT_GROUP,
-           coder: int | None = None) -> bytes:
+           coder: int | None = None, layers: tuple[int, int] | None = None) -> bytes:
     """Encode `x` [layers, tokens, channels] (fp32, bf16 or fp16) at `level`, with
-    the native rANS coder when the extension is built (else constriction's)."""
+    the native rANS coder when the extension is built (else constriction's).
+    `layers` = (first layer, the model's layer count) when `x` holds a part of a
+    model's layers (default: all of them)."""
     level = LEVEL_NAMES[level] if isinstance(level, str) else level
     if level != LOSSLESS and level not in LEVELS:
         raise ValueError(f"unknown level {level}; levels: {sorted(LEVEL_NAMES)}")
@@ -81,28 +88,33 @@ def encode(x: torch.Tensor, level: int | str = "medium", group: int = DEFAULT_GR
     if coder == CODER_RANS and not native_available():
         raise ValueError("the rANS coder needs the native extension droidspeak._C")
     L, T, C = x.shape
+    first, total = layers or (0, L)
+    if not (0 <= first and first + L <= total <= 0xFFFF):
+        raise ValueError(f"layers {layers} do not hold a part of {L} layers")
     x = x.detach().cpu().contiguous()
-    payload = _encode_lossless(x, coder) if level == LOSSLESS else _encode_lossy(x, LEVELS[level], group, coder)
-    body = HEADER.pack(MAGIC, VERSION, level, DTYPE_CODES[x.dtype], coder, group, L, T, C, len(payload), 0)[:-4]
+    payload = (_encode_lossless(x, coder) if level == LOSSLESS
+               else _encode_lossy(x, LEVELS[level], group, coder, first, total))
+    body = HEADER.pack(MAGIC, VERSION, level, DTYPE_CODES[x.dtype], coder, group, first, total, L, T, C,
+                       len(payload), 0)[:-4]
     crc = zlib.crc32(payload, zlib.crc32(body))
     return body + struct.pack("<I", crc) + payload
 
 
 def decode(buf: bytes) -> torch.Tensor:
     header, payload = _check(buf)
-    level, dtype, coder, group, shape = header
+    level, dtype, coder, group, layers, shape = header
     if level == LOSSLESS:
         return _decode_lossless(payload, dtype, shape, coder)
-    return _decode_lossy(payload, dtype, shape, LEVELS[level], group, coder)
+    return _decode_lossy(payload, dtype, shape, LEVELS[level], group, coder, *layers)
 
 
 def error_bound(buf: bytes) -> torch.Tensor:
     """[layers, channels] largest absolute error `decode(buf)` may have (0: lossless)."""
-    (level, _, _, _, (L, _, C)), payload = _check(buf)
+    (level, _, _, _, layers, (L, _, C)), payload = _check(buf)
     if level == LOSSLESS:
         return torch.zeros(L, C)
     stats = _read_stats(payload, L, C)
-    anchor, delta = _steps(stats[1], LEVELS[level])
+    anchor, delta = _steps(stats[1], LEVELS[level], *layers)
     return torch.from_numpy(np.maximum(anchor, delta) / 2)
 
 
@@ -113,7 +125,7 @@ def _check(buf: bytes):
     buf = bytes(buf)
     if len(buf) < HEADER.size:
         raise CodecError(f"truncated: {len(buf)} bytes, a header alone is {HEADER.size}")
-    magic, version, level, dtype, coder, group, L, T, C, length, crc = HEADER.unpack_from(buf)
+    magic, version, level, dtype, coder, group, first, total, L, T, C, length, crc = HEADER.unpack_from(buf)
     if magic != MAGIC:
         raise CodecError("not a droidspeak KV chunk (bad magic)")
     if version != VERSION:
@@ -129,12 +141,14 @@ def _check(buf: bytes):
                          "droidspeak._C is not built here")
     if group < 1 or min(L, T, C) < 1 or L * T * C > MAX_ELEMENTS:
         raise CodecError(f"bad shape or group: [{L}, {T}, {C}], group {group}")
+    if first + L > total:
+        raise CodecError(f"layers {first}..{first + L} of a {total}-layer model")
     if len(buf) != HEADER.size + length:
         raise CodecError(f"truncated or padded: {len(buf) - HEADER.size} payload bytes, header says {length}")
     payload = buf[HEADER.size:]
     if zlib.crc32(payload, zlib.crc32(buf[:HEADER.size - 4])) != crc:
         raise CodecError("checksum mismatch: the chunk is corrupt")
-    return (level, DTYPES[dtype], coder, group, (L, T, C)), payload
+    return (level, DTYPES[dtype], coder, group, (first, total), (L, T, C)), payload
 
 
 class _Reader:
@@ -159,9 +173,10 @@ def _words(compressed: np.ndarray) -> bytes:
 
 
 # ---- lossy ----------------------------------------------------------------------
-def _steps(std: np.ndarray, level: Level) -> tuple[np.ndarray, np.ndarray]:
+def _steps(std: np.ndarray, level: Level, first: int, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Steps of layers [first, first + len(std)) of a `total`-layer model."""
     L = std.shape[0]
-    third = np.minimum(np.arange(L) * 3 // L, 2)
+    third = np.minimum((first + np.arange(L)) * 3 // total, 2)
     delta = np.array(level.delta_steps, dtype=np.float32)[third][:, None] * std
     return (level.anchor_step * std).astype(np.float32), delta.astype(np.float32)
 
@@ -334,12 +349,12 @@ def _rows_decode(reader: _Reader, num_rows: int, n: int, coder: int) -> np.ndarr
 
 
 # ---- lossy ----------------------------------------------------------------------
-def _encode_lossy(x: torch.Tensor, level: Level, group: int, coder: int) -> bytes:
+def _encode_lossy(x: torch.Tensor, level: Level, group: int, coder: int, first: int, total: int) -> bytes:
     v = x.float().numpy()
     L, T, C = v.shape
     mean = v.mean(axis=1).astype(np.float16).astype(np.float32)
     std = np.maximum(v.std(axis=1), MIN_STD).astype(np.float16).astype(np.float32)
-    anchor_step, delta_step = _steps(std, level)
+    anchor_step, delta_step = _steps(std, level, first, total)
     anchors = v[:, ::group]                                        # [L, nA, C]
     a_sym = np.rint((anchors - mean[:, None]) / anchor_step[:, None]).astype(np.int64)
     a_hat = mean[:, None] + a_sym * anchor_step[:, None]
@@ -351,13 +366,14 @@ def _encode_lossy(x: torch.Tensor, level: Level, group: int, coder: int) -> byte
     return stats.tobytes() + _rows_code(rows(a_sym), coder) + _rows_code(rows(d_sym), coder)
 
 
-def _decode_lossy(payload: bytes, dtype: torch.dtype, shape, level: Level, group: int, coder: int) -> torch.Tensor:
+def _decode_lossy(payload: bytes, dtype: torch.dtype, shape, level: Level, group: int, coder: int,
+                  first: int, total: int) -> torch.Tensor:
     L, T, C = shape
     reader = _Reader(payload)
     mean, std = reader.take("<f2", 2 * L * C).astype(np.float32).reshape(2, L, C)
     if not (np.isfinite(std).all() and (std > 0).all() and np.isfinite(mean).all()):
         raise CodecError("bad quantization statistics")
-    anchor_step, delta_step = _steps(std, level)
+    anchor_step, delta_step = _steps(std, level, first, total)
     n_anchor = (T + group - 1) // group
     mask = np.arange(T) % group != 0
     n_delta = int(mask.sum())

@@ -124,11 +124,11 @@ class Engine:
             offloader = KVOffloader(store, self.runner.kv_pool, self.runner.e_pool, self._namespaces.get,
                                     c.kv_store_chunk_size, levels,
                                     None if c.kv_store_ttft_ms is None else c.kv_store_ttft_ms / 1e3,
-                                    adaptive=c.kv_store_load == "adaptive")
+                                    adaptive=c.kv_store_load == "adaptive", part_layers=c.kv_store_part_layers)
         except ValueError as e:
             raise InvalidRequestError(str(e), "kv_store_levels") from None
-        logger.info("KV store: tiers %s, %d-token chunks at levels %s", [t.name for t in tiers],
-                    c.kv_store_chunk_size, list(offloader.levels))
+        logger.info("KV store: tiers %s, %d-token chunks in parts of %d layers at levels %s",
+                    [t.name for t in tiers], c.kv_store_chunk_size, c.kv_store_part_layers, list(offloader.levels))
         return offloader
 
     def _fingerprint(self, path: str) -> str:

@@ -42,6 +42,9 @@ class ThrottledTier(Tier):
     def size(self, key: str) -> int | None:
         return self._transfer(lambda: self.inner.size(key), lambda _: 0)
 
+    def sizes(self, keys: list[str]) -> list[int | None]:
+        return self._transfer(lambda: self.inner.sizes(keys), lambda _: 0)  # one round trip
+
     def delete(self, key: str) -> None:
         self.inner.delete(key)
 

@@ -5,8 +5,18 @@ tree misses gets the chunks the store holds, fetched at the level the streamer
 picks, decoded, validated and written into fresh pool slots.
 
 A chunk is `chunk_size` tokens at a multiple of `chunk_size` from the prompt's
-start, stored per model as one KV part (all layers) at each configured level, and,
-for models whose E cache is kept, one lossless part per E-cache layer."""
+start, stored per model as KV layer parts (`part_layers` layers each) at each
+configured level, and, for models whose E cache is kept, one lossless part per
+E-cache layer.
+
+Loading is pipelined by layer with compute. A load is planned (which chunks, at
+which level) and its fetches queued, E cache first and then the KV parts in
+layer order; the scheduler admits the request with fresh slots for the loaded
+span, and its prefill waits, layer by layer, only for the part that layer reads
+(`PoolLoad.ensure`). A cross-model hit's recompute starts as soon as the E cache
+is in, while the reused layers stream on. A part that does not arrive (a tier
+failed, a corrupt entry) fails the load: the scheduler drops what the request
+holds and prefills it from scratch."""
 from __future__ import annotations
 
 import logging
@@ -23,24 +33,120 @@ import torch
 from droidspeak.cachegen.codec import CodecError, decode, encode
 from droidspeak.kvcache.pool import HiddenPool, KVPool
 from droidspeak.kvstore.keys import Namespace, chunk_hashes, e_part, kv_part
-from droidspeak.kvstore.store import TieredStore
+from droidspeak.kvstore.store import TieredStore, TierState
 from droidspeak.kvstore.streamer import LEVEL_ORDER, CostModel, choose_level
 
 logger = logging.getLogger(__name__)
 
-LOAD_WINDOW = 2           # chunks fetched and decoded at once while loading
+LOAD_WINDOW = 2           # fetches (and decodes) in flight at once
 WRITE_QUEUE = 64          # chunks waiting for the writer; more are dropped (counted)
 KNOWN_CHUNKS = 1 << 16    # (model, chunk) pairs remembered as stored, to skip re-encoding
+PART_LAYERS = 6           # layers per stored KV part: the unit that loading runs ahead of compute by
 
 
-@dataclass
-class Loaded:
-    """KV (and E cache) for tokens [start, end) of a prompt, read from the store."""
-    start: int
-    end: int
-    kv: torch.Tensor            # [layers, end - start, 2 * kv_heads * head_dim]
-    e: torch.Tensor | None      # [E layers, end - start, hidden] or None
-    levels: list[str]
+class StoreLoad:
+    """A planned load of one model's KV for tokens [start, end) of a prompt, in
+    flight: per KV layer part and per E-cache layer, one fetch per chunk (each a
+    Future of the decoded tensor, None if it did not arrive)."""
+
+    def __init__(self, ns: Namespace, hashes: list[str], start: int, end: int, chunk_start: int,
+                 parts: list[tuple[int, int]], kv: list[list[Future]], e: list[list[Future]] | None,
+                 levels: list[str]):
+        self.ns, self.hashes = ns, hashes
+        self.start, self.end = start, end
+        self.skip = start - chunk_start  # tokens of the first chunk before `start`
+        self.parts, self.kv, self.e, self.levels = parts, kv, e, levels
+
+    @property
+    def has_e(self) -> bool:
+        return self.e is not None
+
+    def futures(self) -> list[Future]:
+        return [f for fs in self.kv + (self.e or []) for f in fs]
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures())
+
+    def cancel(self) -> None:
+        for f in self.futures():
+            f.cancel()
+
+    def _join(self, futures: list[Future]) -> torch.Tensor | None:
+        """The chunks' tensors joined along tokens from `start`, or None if one is missing."""
+        parts = [f.result() for f in futures]
+        if any(p is None for p in parts):
+            return None
+        return torch.cat(parts, dim=1)[:, self.skip:]
+
+    def part(self, index: int) -> torch.Tensor | None:
+        """[layers of the part, end - start, channels] (waits for it)."""
+        return self._join(self.kv[index])
+
+    def e_cache(self) -> torch.Tensor | None:
+        """[E layers, end - start, hidden] (waits for it)."""
+        if self.e is None:
+            return None
+        layers = [self._join(fs) for fs in self.e]
+        return None if any(x is None for x in layers) else torch.cat(layers, dim=0)
+
+
+class PoolLoad:
+    """A StoreLoad bound to pool slots at admission: tokens [start, load.end) go
+    to `slots` [G, n], the E cache to `erows` [E, n] (None: not kept;
+    `temporary_erows`: rows the scheduler frees after the forward, for a
+    recompute that reads another model's E cache). The forward calls
+    `ensure(layer)` before each layer and `ensure_e()` before a recompute reads
+    the E cache; each writes its part once, when it is in."""
+
+    def __init__(self, offloader: "KVOffloader", load: StoreLoad, skip: int, slots: torch.Tensor,
+                 erows: torch.Tensor | None, temporary_erows: bool):
+        self.offloader, self.load, self.skip = offloader, load, skip
+        self.slots, self.erows, self.temporary_erows = slots, erows, temporary_erows
+        num_layers = offloader.kv_pool.num_layers
+        self.part_of = [0] * num_layers
+        for p, (lo, hi) in enumerate(load.parts):
+            for layer in range(lo, hi):
+                self.part_of[layer] = p
+        self.written = [False] * len(load.parts)
+        self.e_written = erows is None
+        self.failed = False
+
+    @property
+    def tokens(self) -> int:
+        return int(self.slots.shape[1])
+
+    def ensure(self, layer: int) -> None:
+        p = self.part_of[layer]
+        if self.written[p]:
+            return
+        self.written[p] = True
+        kv = None if self.failed else self.load.part(p)
+        if kv is None:
+            self.failed = True
+            return
+        lo, hi = self.load.parts[p]
+        self.offloader.scatter(kv[:, self.skip:], lo, hi, self.slots)
+
+    def ensure_e(self) -> None:
+        if self.e_written:
+            return
+        self.e_written = True
+        e = None if self.failed else self.load.e_cache()
+        if e is None:
+            self.failed = True
+            return
+        pool = self.offloader.e_pool
+        for j in range(self.erows.shape[0]):
+            pool.h[j].index_copy_(0, self.erows[j], e[j, self.skip:].to(pool.h.dtype))
+
+    def finish(self) -> bool:
+        """Write whatever the forward did not ask for; True if everything arrived."""
+        self.ensure_e()
+        for layer in range(len(self.part_of)):
+            self.ensure(layer)
+        if not self.failed:
+            self.offloader._loaded(self.load, self.tokens)
+        return not self.failed
 
 
 @dataclass
@@ -55,10 +161,12 @@ class KVOffloader:
     def __init__(self, store: TieredStore, kv_pool: KVPool, e_pool: HiddenPool | None,
                  namespace_of: Callable[[int], Namespace | None], chunk_size: int = 256,
                  levels: tuple[str, ...] = ("high", "low"), ttft_target_s: float | None = None,
-                 cost: CostModel | None = None, adaptive: bool = True):
+                 cost: CostModel | None = None, adaptive: bool = True, part_layers: int = PART_LAYERS):
         bad = [lv for lv in levels if lv not in LEVEL_ORDER]
         if bad or not levels:
             raise ValueError(f"KV store levels must be among {LEVEL_ORDER}, got {list(levels)}")
+        if part_layers < 1:
+            raise ValueError(f"KV store layer parts need at least one layer, got {part_layers}")
         self.store = store
         self.kv_pool, self.e_pool = kv_pool, e_pool
         self.namespace_of = namespace_of
@@ -67,7 +175,8 @@ class KVOffloader:
         self.ttft_target_s = ttft_target_s
         self.cost = cost or CostModel()
         self.adaptive = adaptive  # False: always load what the store holds
-        self.part = kv_part(0, kv_pool.num_layers)
+        L = kv_pool.num_layers
+        self.parts = [(lo, min(lo + part_layers, L)) for lo in range(0, L, part_layers)]
         self.counters = {"chunks_offered": 0, "chunks_written": 0, "chunks_dropped": 0, "chunks_loaded": 0,
                          "tokens_loaded": 0, "chunks_recompute_chosen": 0, "chunks_corrupt": 0}
         self.level_counts = {lv: 0 for lv in self.levels}
@@ -97,14 +206,16 @@ class KVOffloader:
             parts.append(torch.cat([k, v], dim=2))
         return torch.cat(parts, dim=0)
 
-    def _scatter(self, kv: torch.Tensor, slots: torch.Tensor) -> None:
-        pool, bounds = self.kv_pool, self.kv_pool.segments.bounds
+    def scatter(self, kv: torch.Tensor, lo: int, hi: int, slots: torch.Tensor) -> None:
+        """Write `kv` [hi - lo, n, 2*H*D], layers [lo, hi), to `slots` ([G, n])."""
+        pool, segment_of = self.kv_pool, self.kv_pool.segments.segment_of
         half = kv.shape[2] // 2
         shape = pool.k.shape[2:]
-        for g in range(len(bounds) - 1):
-            for layer in range(bounds[g], bounds[g + 1]):
-                pool.k[layer].index_copy_(0, slots[g], kv[layer, :, :half].reshape(-1, *shape))
-                pool.v[layer].index_copy_(0, slots[g], kv[layer, :, half:].reshape(-1, *shape))
+        kv = kv.to(pool.dtype)
+        for layer in range(lo, hi):
+            g = segment_of[layer]
+            pool.k[layer].index_copy_(0, slots[g], kv[layer - lo, :, :half].reshape(-1, *shape))
+            pool.v[layer].index_copy_(0, slots[g], kv[layer - lo, :, half:].reshape(-1, *shape))
 
     def _remember(self, ns: Namespace, chunk_hash: str) -> None:
         with self._known_lock:
@@ -160,10 +271,12 @@ class KVOffloader:
                 self._queue.task_done()
 
     def _write(self, job: _WriteJob) -> None:
-        keys = {lv: job.ns.key(job.chunk_hash, self.part, lv) for lv in self.levels}
-        if self.store.locate(list(keys.values())) is None:
-            for lv, key in keys.items():
-                self.store.put(key, encode(job.kv, lv))
+        L = self.kv_pool.num_layers
+        for lo, hi in self.parts:
+            keys = {lv: job.ns.key(job.chunk_hash, kv_part(lo, hi), lv) for lv in self.levels}
+            if self.store.locate(list(keys.values())) is None:
+                for lv, key in keys.items():
+                    self.store.put(key, encode(job.kv[lo:hi], lv, layers=(lo, L)))
         for layer, e in job.e.items():
             key = job.ns.key(job.chunk_hash, e_part(layer), "lossless")
             if not self.store.has(key):
@@ -191,92 +304,78 @@ class KVOffloader:
         """Start loading in the background, so the scheduler never waits on a tier:
         `candidates` are (variant, cached prefix length, E layers) in order of
         preference (the request's own model, then cross-model senders). The
-        future's result is (variant, Loaded) for the first that the store holds,
-        or None."""
+        future's result, once the load is planned (its fetches then run on), is
+        (variant, StoreLoad) for the first that the store holds, or None."""
         return self._prefetcher.submit(self._prefetch, key, limit, candidates)
 
     def _prefetch(self, key, limit, candidates):
         try:
             for variant, start, e_layers in candidates:
-                loaded = self.load(variant, key, start, limit, e_layers)
-                if loaded is not None:
-                    return variant, loaded
+                load = self.plan(variant, key, start, limit, e_layers)
+                if load is not None:
+                    return variant, load
         except Exception:  # a failed prefetch costs a recompute, never the request
             logger.exception("KV store: prefetch failed")
         return None
 
-    def load(self, variant: int, tokens: list[int], start: int, limit: int,
-             e_layers: tuple[int, ...] = ()) -> Loaded | None:
-        """KV of `variant` for tokens [start, end) from the store, end <= limit on a
-        chunk boundary, chunk by chunk while the store holds them and loading beats
-        recomputing. `e_layers`: the E-cache layers to bring too (all of them or the
-        load carries none)."""
+    def plan(self, variant: int, tokens: list[int], start: int, limit: int,
+             e_layers: tuple[int, ...] = ()) -> "StoreLoad | None":
+        """Plan and start loading `variant`'s KV for tokens [start, end), end <=
+        limit on a chunk boundary: chunk by chunk while the store holds every
+        layer part and loading beats recomputing, each chunk at the level the
+        streamer picks. The fetches are queued E cache first (`e_layers`: all of
+        them or the load carries none), then the KV parts in layer order."""
         ns = self.namespace_of(variant)
         C = self.chunk_size
         if ns is None or (start // C + 1) * C > limit:
             return None
         hashes = chunk_hashes(tokens, C, limit // C)
         budget = None if self.ttft_target_s is None else self.ttft_target_s * C / max(limit - start, 1)
-        shape = (self.kv_pool.num_layers, C, self.channels)
-        # Chunks are planned one at a time, with what the last transfers measured,
-        # and fetched + decoded two at a time (the decoder releases the GIL).
-        pending: list[tuple[Future, str, list | None]] = []
-        kvs, es, levels = [], [], []
-        with_e = bool(e_layers)
-        stop = False
+        chunks: list[tuple[int, TierState, str]] = []
         for k in range(start // C, len(hashes)):
-            if len(pending) >= LOAD_WINDOW:
-                stop = not self._collect(pending.pop(0), kvs, es, levels)
-                if stop:
-                    break
-            keys = {lv: ns.key(hashes[k], self.part, lv) for lv in self.levels}
-            found = self.store.locate(list(keys.values()))
+            found = self.store.locate_complete(
+                {lv: [ns.key(hashes[k], kv_part(lo, hi), lv) for lo, hi in self.parts] for lv in self.levels})
             if found is None:
                 break
-            state, sizes = found
-            by_level = {lv: sizes[key] for lv, key in keys.items() if key in sizes}
+            state, by_level = found
             level = choose_level(by_level, self.store.bandwidth(state), 0.0, self.cost, budget,
                                   self.cost.prefill_s(k * C, limit - k * C), len(hashes) - k, self.adaptive,
-                                  loading=bool(kvs or pending))
+                                  loading=bool(chunks))
             if level is None:
                 self.counters["chunks_recompute_chosen"] += 1
                 break
-            kv = self._pool.submit(self._fetch, state, keys[level], level, shape)
-            e = [self._pool.submit(self._fetch_e, ns, hashes[k], layer) for layer in e_layers] if with_e else None
-            pending.append((kv, level, e))
-        for job in pending:  # in order; everything after a failed chunk is dropped
-            if stop or not self._collect(job, kvs, es, levels):
-                stop = True
-                job[0].cancel()
-        if es and len(es) != len(kvs):
-            es = []
-        if not kvs:
+            chunks.append((k, state, level))
+        if not chunks:
             return None
-        for k in range(start // C, start // C + len(kvs)):
-            self._remember(ns, hashes[k])
-        first = start - (start // C) * C
-        end = (start // C + len(kvs)) * C
-        kv = torch.cat(kvs, dim=1)[:, first:]
-        e = torch.cat(es, dim=1)[:, first:] if es else None
-        for lv in levels:
-            self.level_counts[lv] += 1
-        self.counters["chunks_loaded"] += len(kvs)
-        self.counters["tokens_loaded"] += end - start
-        return Loaded(start, end, kv, e, levels)
+        e_keys = [[ns.key(hashes[k], e_part(layer), "lossless") for k, _, _ in chunks] for layer in e_layers]
+        e_found = self.store.locate_complete({"e": sum(e_keys, [])}) if e_layers else None
+        e = None
+        if e_found is not None:
+            e_shape = (1, C, self.e_pool.h.shape[2])
+            e = [[self._pool.submit(self._fetch, e_found[0], key, "lossless", e_shape) for key in keys]
+                 for keys in e_keys]
+        kv = [[self._pool.submit(self._fetch, state, ns.key(hashes[k], kv_part(lo, hi), level), level,
+                                 (hi - lo, C, self.channels)) for k, state, level in chunks]
+              for lo, hi in self.parts]
+        first = chunks[0][0] * C
+        return StoreLoad(ns, [hashes[k] for k, _, _ in chunks], start, first + len(chunks) * C, first,
+                         self.parts, kv, e, [level for _, _, level in chunks])
 
-    @staticmethod
-    def _collect(job, kvs: list, es: list, levels: list) -> bool:
-        """Append one planned chunk's results; False if its KV did not arrive."""
-        kv_future, level, e_futures = job
-        kv = kv_future.result()
-        if kv is None:
-            return False
-        e = [f.result() for f in e_futures] if e_futures is not None else None
-        if e is not None and all(x is not None for x in e) and len(es) == len(kvs):
-            es.append(torch.cat(e, dim=0))
-        kvs.append(kv)
-        levels.append(level)
-        return True
+    def bind(self, load: "StoreLoad", start: int, slots: torch.Tensor, erows: torch.Tensor | None,
+             temporary_erows: bool = False) -> "PoolLoad":
+        """Point `load`'s tokens [start, load.end) at pool `slots` [G, n] and its E
+        cache at `erows` [E, n] (None: not kept); they are written as the forward
+        reaches each layer (`PoolLoad.ensure`)."""
+        return PoolLoad(self, load, start - load.start, slots, erows, temporary_erows)
+
+    def _loaded(self, load: "StoreLoad", tokens: int) -> None:
+        """Count a load the pool received whole."""
+        for chunk_hash in load.hashes:
+            self._remember(load.ns, chunk_hash)
+        for lv in load.levels:
+            self.level_counts[lv] += 1
+        self.counters["chunks_loaded"] += len(load.levels)
+        self.counters["tokens_loaded"] += tokens
 
     def _fetch(self, state, key: str, level: str, shape: tuple[int, int, int]) -> torch.Tensor | None:
         data = self.store.get(state, key)
@@ -295,22 +394,9 @@ class KVOffloader:
         self.cost.observe_decode(level, len(data), time.perf_counter() - t0)
         return x
 
-    def _fetch_e(self, ns: Namespace, chunk_hash: str, layer: int) -> torch.Tensor | None:
-        key = ns.key(chunk_hash, e_part(layer), "lossless")
-        found = self.store.locate([key])
-        if found is None:
-            return None
-        return self._fetch(found[0], key, "lossless", (1, self.chunk_size, self.e_pool.h.shape[2]))
-
-    def write(self, loaded: Loaded, slots: torch.Tensor, erows: torch.Tensor | None) -> None:
-        """Put a load's KV into pool `slots` [G, n] and its E cache into `erows` [E, n]."""
-        self._scatter(loaded.kv.to(self.kv_pool.dtype), slots)
-        if erows is not None and loaded.e is not None:
-            for j in range(erows.shape[0]):
-                self.e_pool.h[j].index_copy_(0, erows[j], loaded.e[j].to(self.e_pool.h.dtype))
-
     def stats(self) -> dict:
         return {"chunk_size": self.chunk_size, "levels": list(self.levels), "adaptive": self.adaptive,
                 "ttft_target_ms": None if self.ttft_target_s is None else 1e3 * self.ttft_target_s,
+                "part_layers": self.parts[0][1] - self.parts[0][0],
                 "prefill_ms_per_chunk_at_4k": 1e3 * self.cost.prefill_s(4096, self.chunk_size),
                 **self.counters, "chunks_by_level": dict(self.level_counts), "tiers": self.store.stats()}

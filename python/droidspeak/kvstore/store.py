@@ -63,12 +63,21 @@ class TieredStore:
 
     def locate(self, keys: list[str]) -> tuple[TierState, dict[str, int]] | None:
         """The first working tier holding any of `keys`, with the sizes it holds."""
+        return self.locate_complete({k: [k] for k in keys})
+
+    def locate_complete(self, groups: dict[str, list[str]]) -> tuple[TierState, dict[str, int]] | None:
+        """The first working tier holding every key of at least one group (a chunk's
+        layer parts at one level), with the total size of each complete group. One
+        lookup per tier (one round trip on a network tier)."""
         for state in self._up():
+            keys = [k for group in groups.values() for k in group]
             try:
-                sizes = {k: n for k in keys if (n := state.tier.size(k)) is not None}
+                found = dict(zip(keys, state.tier.sizes(keys)))
             except TierError as e:
                 self._fail(state, e)
                 continue
+            sizes = {name: sum(found[k] for k in group) for name, group in groups.items()
+                     if all(found[k] is not None for k in group)}
             if sizes:
                 return state, sizes
         return None

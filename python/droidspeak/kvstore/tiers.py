@@ -35,6 +35,10 @@ class Tier(abc.ABC):
     def size(self, key: str) -> int | None:
         """Bytes stored under `key` (None: absent), without reading them."""
 
+    def sizes(self, keys: list[str]) -> list[int | None]:
+        """`size` of each key; a network tier answers them in one round trip."""
+        return [self.size(k) for k in keys]
+
     @abc.abstractmethod
     def delete(self, key: str) -> None: ...
 
@@ -233,6 +237,14 @@ class RedisTier(Tier):
     def size(self, key: str) -> int | None:
         n = self._call(self._client.strlen, key)
         return int(n) if n else None
+
+    def sizes(self, keys: list[str]) -> list[int | None]:
+        def lookup():
+            pipe = self._client.pipeline(transaction=False)
+            for k in keys:
+                pipe.strlen(k)
+            return pipe.execute()
+        return [int(n) if n else None for n in self._call(lookup)]
 
     def delete(self, key: str) -> None:
         self._call(self._client.delete, key)

@@ -76,6 +76,8 @@ class LlamaForCausalLM(nn.Module):
         group g (default: this model runs every row)."""
         members = members or [self]
         for i in range(start, end):
+            for load in batch.loads:  # prefix KV streaming in from the KV store: wait for this layer's
+                load.ensure(i)
             if batch.e_loc is not None:
                 batch.e_pool.store(i, batch.e_loc, hidden)
             hidden = self.layers[i](hidden, batch, self.cos_sin, [m.layers[i] for m in members])

@@ -44,6 +44,7 @@ class ForwardBatch:
     e_loc: torch.Tensor | None = None   # [E, T] rows of e_pool for each token's E cache (0: keep none)
     recompute: list["Recompute"] = field(default_factory=list)  # cross-model spans, run first
     groups: "RowGroups | None" = None   # which member runs each row (None: one member, plain matmuls)
+    loads: list = field(default_factory=list)  # KV-store loads still streaming in (kvstore.offload.PoolLoad)
 
     @property
     def batch_size(self) -> int:

@@ -103,9 +103,9 @@ class ModelRunner:
         each layer once: norms, attention and the KV store over every row, each
         linear layer per member over its own rows (one grouped call in decode).
         Cross-model recomputes (`batch.recompute`) run first: the extend reads
-        their KV."""
+        their KV. KV-store loads (`batch.loads`) are waited for layer by layer."""
         if batch.recompute:
-            self.recompute(batch.recompute)
+            self.recompute(batch.recompute, batch.loads)
         ids = batch.model_ids or [0] * batch.batch_size
         row_members = torch.repeat_interleave(torch.tensor(ids, dtype=torch.int64),
                                               torch.tensor(batch.extend_lens, dtype=torch.int64))
@@ -126,9 +126,15 @@ class ModelRunner:
         return lead.logits(hidden.index_select(0, index), groups and groups.of_rows(index), members)
 
     @torch.inference_mode()
-    def recompute(self, jobs: list[Recompute]) -> None:
+    def recompute(self, jobs: list[Recompute], loads: list | None = None) -> None:
         """Run each job's receiver layers over its span from the sender's E cache,
-        one ragged batch per (model, layer group)."""
+        one ragged batch per (model, layer group). `loads`: KV-store loads in
+        flight; the E cache they bring for a recompute is waited for first, their
+        KV parts layer by layer."""
+        loads = loads or []
+        for load in loads:
+            if load.temporary_erows:
+                load.ensure_e()
         groups: dict[tuple[int, int, int], list[Recompute]] = {}
         for job in jobs:
             groups.setdefault((job.model_id, job.layer_start, job.layer_end), []).append(job)
@@ -143,7 +149,7 @@ class ModelRunner:
                 seq_lens=torch.tensor([j.end for j in group], dtype=torch.int64),
                 prefix_lens=[j.start for j in group], extend_lens=[j.end - j.start for j in group],
                 kv_pool=self.kv_pool, req_to_token=table, model_ids=[model_id] * len(group),
-                lora_ids=[j.lora_id for j in group])
+                lora_ids=[j.lora_id for j in group], loads=loads)
             if any(j.lora_id is not None for j in group):
                 sub.lora = LoRABatch.build(sub.lora_ids, sub.extend_lens, self.adapters)
             model = self.models[model_id]

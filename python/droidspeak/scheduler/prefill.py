@@ -2,15 +2,16 @@
 the token budgets, chunking, and slot allocation."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from droidspeak.kvcache.base import PrefixCache, rows_from
+from droidspeak.kvcache.base import PrefixCache
 from droidspeak.kvcache.pool import ReqToTokenPool, SlotAllocator
 from droidspeak.runner.batch import ForwardBatch, ForwardMode, Recompute, recompute_start
 from droidspeak.scheduler.request import Req
+
+WAIT_FOR_MEMORY = object()  # a usable KV-store load that does not fit yet: admit the request later
 
 # Decode tokens reserved per running request are capped here: a request asking for
 # 100K new tokens should not block admission of everything else.
@@ -77,14 +78,18 @@ class PrefillAdder:
         if not self.req_pool.can_allocate():
             return False
         req.recompute = None
-        if self.offloader is not None and req.store_prefetch is not None:
-            self._load_from_store(req)
         senders = self.cross_policy.senders_for(req.cache_variant) if self.cross_policy and allow_cross else None
         match = self.cache.match_prefix(req.cache_key[:req.max_prefix_len], req.cache_variant, senders)
+        stored = self._stored_load(req, match)
+        if stored is WAIT_FOR_MEMORY:
+            return False
+        if stored is not None:
+            match = match._replace(cross=None)  # the load reaches further than the tree's cross hit
         prefix_len = match.length + (match.cross.length if match.cross else 0)
-        if match.other_variants and self.cross_policy is not None:
+        if match.other_variants and self.cross_policy is not None and stored is None:
             self.cross_policy.note_missed(match.other_variants, req.cache_variant)
-        extend = req.seq_len - prefix_len
+        loaded = stored[1].end - prefix_len if stored else 0
+        extend = req.seq_len - prefix_len - loaded
         take = min(extend, self.rem_chunk, self.rem_tokens)
         if take < 1:
             return False  # this batch's token or chunk budget is spent
@@ -92,11 +97,11 @@ class PrefillAdder:
         if chunked and self.new_chunked_req is not None:
             return False  # one request is chunked at a time
         reserve = 0.0 if chunked else decode_reserve(req, self.ratio)
-        if take + reserve > self.budget:
+        if loaded + take + reserve > self.budget:
             if self.entries or not self.nothing_running:
                 return False
             # Nothing else holds memory: make progress by chunking to fit.
-            take, reserve, chunked = min(take, int(self.budget)), 0.0, True
+            take, reserve, chunked = min(take, int(self.budget) - loaded), 0.0, True
             if take < 1 or self.new_chunked_req is not None:
                 return False
         self.cache.lock(match.last_node)
@@ -108,58 +113,100 @@ class PrefillAdder:
             # unlock it and admit the request as a plain miss (evicting may then help).
             self.cache.release_req(req)
             return self.add(req, allow_cross=False)
-        if not self._allocate(req, take):
+        if (stored is not None and not self._bind_stored(req, *stored)) or not self._allocate(req, take):
+            self.unbind(self.cache, req)
             self.cache.release_req(req)
             return False
+        if stored is not None:
+            req.store_prefetch = None
         if not req.admitted_once:
-            req.cached_tokens, req.admitted_once = req.prefix_len, True
-            req.cross_model_tokens = req.prefix_len - match.length
+            req.cached_tokens, req.admitted_once = req.kv_len, True
+            own_load = stored is not None and stored[0] == req.cache_variant
+            req.cross_model_tokens = 0 if own_load else req.kv_len - match.length
+            req.store_tokens = loaded
         if chunked:
             self.new_chunked_req = req
         self._commit(req, take, reserve)
         return True
 
-    def _load_from_store(self, req: Req) -> None:
-        """Put what the request's KV-store prefetch brought (its own model's chunks,
-        or a cross-model sender's with the E cache) into fresh slots and the tree,
-        so the match that follows sees an ordinary hit (exact, or cross-model with
-        the usual recompute). The scheduler admits a request only once its
-        prefetch is done."""
-        future, req.store_prefetch = req.store_prefetch, None
-        result = future.result() if future is not None else None
+    def _stored_load(self, req: Req, match):
+        """(variant, StoreLoad) of the request's KV-store prefetch if it continues
+        the tree's match, further than the tree's own cross-model hit, and can be
+        used; else None. A load that can never be used is cancelled; one that only
+        has to wait for memory stays with the request."""
+        future = req.store_prefetch
+        if self.offloader is None or future is None:
+            return None
+        result = future.result()
         if result is not None:
-            req.store_tokens = self._insert_loaded(req.cache_key[:req.max_prefix_len], *result)
+            variant, load = result
+            start = match.length
+            reaches = match.cross.start + match.cross.length if match.cross is not None else start
+            usable = load.start <= start < load.end and load.end > reaches
+            if usable and variant != req.cache_variant:
+                usable = self._cross_load_usable(req, variant, load, load.end - start)
+            if usable:
+                return result if load.end - start < self.budget else WAIT_FOR_MEMORY
+            load.cancel()
+        req.store_prefetch = None
+        return None
 
-    def _insert_loaded(self, key: list[int], variant: int, loaded) -> int:
-        """Insert `loaded` as `variant`'s KV of `key`, from where the tree's entry
-        ends now (the tree may have gained or lost tokens since the prefetch
-        started; a gap before the load makes it unusable). Returns tokens inserted."""
-        match = self.cache.match_prefix(key, variant)
-        start = match.length
-        if start < loaded.start or start >= loaded.end:
-            return 0
-        skip = start - loaded.start
-        loaded = dataclasses.replace(loaded, start=start, kv=loaded.kv[:, skip:],
-                                     e=None if loaded.e is None else loaded.e[:, skip:])
-        self.cache.lock(match.last_node)
-        try:
-            n = loaded.end - loaded.start
-            if not self._make_room(n):
-                return 0
-            slots = self.allocator.allocate(n)
-            erows = None
-            if loaded.e is not None and self.cache.e_allocator.can_allocate(n):
-                erows = self.cache.e_allocator.allocate(n)
-            self.offloader.write(loaded, slots, erows)
-            self.cache.insert(key[:loaded.end], variant, torch.cat([match.indices, slots], dim=1),
-                              None if erows is None else rows_from(erows, loaded.start))
-            self.allocator.free(slots)
-            if erows is not None:
-                self.cache.e_allocator.free(erows)
-            self.budget -= n  # now held by the tree, and soon locked by the request
-            return n
-        finally:
-            self.cache.unlock(match.last_node)
+    def _cross_load_usable(self, req: Req, sender: int, load, tokens: int) -> bool:
+        """A cross-model load needs a profile for the pair and, for a group above
+        layer 0, the sender's E cache at its start and rows to put it in."""
+        policy = self.cross_policy
+        if policy is None or sender not in policy.senders_for(req.cache_variant):
+            return False
+        choice = policy.choose(sender, req.cache_variant, self.idle, tokens)
+        if choice.start == 0 or choice.start >= choice.end:
+            return True
+        return (policy.e_index(choice.start) is not None and load.has_e
+                and self.cache.e_allocator.can_allocate(tokens))
+
+    def _bind_stored(self, req: Req, variant: int, load) -> bool:
+        """Give the request fresh slots for the load's tokens [kv_len, load.end),
+        which it owns like computed ones (a failed load drops them with it), and
+        bind the load to them; on a cross-model load, queue the recompute of the
+        receiver's group over them (from the sender's E cache above layer 0)."""
+        start, end = req.kv_len, load.end
+        n = end - start
+        if not self._make_room(n):
+            return False
+        row = req.req_pool_idx
+        slots = self.allocator.allocate(n)
+        self.req_pool.table[:, row, start:end] = slots.to(torch.int32)
+        req.kv_len = end
+        erows, temporary = None, False
+        policy, e_alloc = self.cross_policy, self.cache.e_allocator
+        if variant == req.cache_variant:
+            if load.has_e and policy is not None and policy.is_sender(variant) and e_alloc.can_allocate(n):
+                erows = e_alloc.allocate(n)  # its own E cache, kept with its KV
+                req.erows.append(erows)
+        else:
+            choice = policy.choose(variant, req.cache_variant, self.idle, n)
+            if choice.start < choice.end:
+                e_index = policy.e_index(choice.start)
+                if e_index is not None:
+                    erows, temporary = e_alloc.allocate(n), True  # the sender's, for this forward only
+                first = recompute_start(start, end, choice.tail)
+                req.recompute = Recompute(row, first, end, choice.start, choice.end,
+                                          None if erows is None else erows[e_index, first - start:].clone(),
+                                          torch.tensor(req.fill_ids[first:end], dtype=torch.int64),
+                                          req.model_id, req.lora_id)
+            policy.record_hit(variant, req.cache_variant, n, (choice.start, choice.end), req.origin_input_ids,
+                              end, choice.tail)
+        req.store_load = self.offloader.bind(load, start, slots, erows, temporary)
+        self.budget -= n
+        return True
+
+    @staticmethod
+    def unbind(cache: PrefixCache, req: Req) -> None:
+        """Drop the request's bound load (its slots stay with the request) and the
+        E-cache rows it held for a recompute only."""
+        load, req.store_load = req.store_load, None
+        if load is not None and load.temporary_erows:
+            cache.e_allocator.free(load.erows)
+        req.recompute = None
 
     def _start_recompute(self, req: Req, match) -> bool:
         """Point the row at the sender's KV for the cross-model hit, with fresh
@@ -249,6 +296,7 @@ def build_prefill_batch(entries: list[PrefillEntry], runner) -> tuple[ForwardBat
         recompute=[e.req.recompute for e in entries if e.req.recompute is not None],
     )
     batch.e_pool, batch.e_loc = runner.e_pool, stack_e_loc(e_locs, [e.num_tokens for e in entries])
+    batch.loads = [e.req.store_load for e in entries if e.req.store_load is not None]
     return batch, torch.tensor(extra_rows, dtype=torch.int64), extra_pos
 
 

@@ -63,7 +63,8 @@ class Req:
     cached_tokens: int = 0        # prompt tokens served from the prefix cache
     cross_model_tokens: int = 0   # of those, tokens reused from another model
     store_tokens: int = 0         # of those, tokens loaded from the KV store's tiers
-    store_prefetch: Any = None    # Future of the KV store load started on arrival (kvstore.offload)
+    store_prefetch: Any = None    # Future of the KV store load planned on arrival (kvstore.offload)
+    store_load: Any = None        # its load bound to the row's slots, for the next forward (kvstore.offload.PoolLoad)
     admitted_once: bool = False
     num_retractions: int = 0
 

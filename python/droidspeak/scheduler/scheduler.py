@@ -47,6 +47,7 @@ class Scheduler:
         self.cache = cache_cls(self.req_pool, self.allocator, runner.e_allocator)
         self.cross_policy = cross_policy
         self.offloader = offloader
+        self.pipeline = not config.disable_kv_store_pipeline
         if offloader is not None:
             self.cache.offloader = offloader
             mode = config.kv_store_write
@@ -116,6 +117,9 @@ class Scheduler:
         return None
 
     def _abort(self, req: Req, message: str) -> RequestOutput:
+        future, req.store_prefetch = req.store_prefetch, None
+        if future is not None and not future.cancel() and future.done() and future.result() is not None:
+            future.result()[1].cancel()  # its fetches still queued
         finish(req, FinishReason("abort", message=message))
         self.cache.release_req(req)
         return RequestOutput(req, finished=True)
@@ -148,10 +152,9 @@ class Scheduler:
             self._run_prefill(entries, outputs)
         elif self.running:
             self._run_decode(outputs)
-        elif self._prefetching():
+        elif waits := [f for r in self.waiting for f in self._store_waits(r)]:
             # Only requests whose KV-store loads are in flight: wait for one.
-            wait([r.store_prefetch for r in self.waiting if r.store_prefetch is not None],
-                 timeout=1.0, return_when=FIRST_COMPLETED)
+            wait(waits, timeout=1.0, return_when=FIRST_COMPLETED)
         elif self.has_work:
             # With nothing running, the whole pool is free or evictable and every
             # queued request was validated to fit: not admitting one is a bug.
@@ -160,8 +163,21 @@ class Scheduler:
         self.num_forward_steps += 1
         return outputs
 
-    def _prefetching(self) -> bool:
-        return any(r.store_prefetch is not None and not r.store_prefetch.done() for r in self.waiting)
+    def _store_waits(self, req: Req) -> list:
+        """The futures `req` waits on before admission: its KV-store lookup, then,
+        unless its load can stream in under its prefill (pipelined, and nothing
+        else running that a wait for a layer would hold up), the load's fetches."""
+        future = req.store_prefetch
+        if future is None:
+            return []
+        if not future.done():
+            return [future]
+        result = future.result()
+        if result is None or result[1].done():
+            return []
+        if self.pipeline and not self.running and self.chunked_req is None:
+            return []
+        return [f for f in result[1].futures() if not f.done()]
 
     def _schedule_prefill(self):
         if not self.waiting and self.chunked_req is None:
@@ -181,7 +197,7 @@ class Scheduler:
         for req in order_waiting(self.waiting, self.config.schedule_policy, self.cache, self._last_admitted):
             if len(self.running) + len(adder.entries) >= self.config.max_running_requests:
                 break
-            if req.store_prefetch is not None and not req.store_prefetch.done():
+            if self._store_waits(req):
                 continue  # its KV is still on the way from the store; others go first
             if not adder.model_fits(req):
                 # Head-of-line model blocked by the model cap: admit nothing more, so
@@ -197,11 +213,13 @@ class Scheduler:
         batch, extra_rows, extra_pos = build_prefill_batch(entries, self.runner)
         start = time.perf_counter()
         logits = self.runner.forward(batch, extra_rows)
-        if self.cross_policy is not None:
+        failed = self._finish_loads(entries)
+        # A forward that waited for the KV store is not a sample of prefill cost.
+        if self.cross_policy is not None and not batch.loads:
             token_layers = batch.num_tokens * self.runner.model_config.num_layers + sum(
                 (j.end - j.start) * (j.layer_end - j.layer_start) for j in batch.recompute)
             self.cross_policy.observe_prefill(time.perf_counter() - start, token_layers)
-        if self.offloader is not None and not batch.recompute:
+        if self.offloader is not None and not batch.recompute and not batch.loads:
             attended = sum(e.num_tokens * (e.req.kv_len + e.num_tokens / 2) for e in entries)
             self.offloader.cost.observe_prefill(batch.num_tokens, attended, time.perf_counter() - start)
         to_sample, sample_rows = [], []
@@ -210,6 +228,9 @@ class Scheduler:
             req = entry.req
             req.recompute = None
             positions = extra_pos[i]
+            if req in failed:
+                extra_offset += len(positions)
+                continue
             # Token 0 has no logprob; it is listed (as None) only when asked for from 0.
             if req.wants_input_logprobs and req.logprob_start_len == 0 and req.kv_len == 0 \
                     and not req.input_token_logprobs:
@@ -231,6 +252,27 @@ class Scheduler:
         if to_sample:
             self._sample_and_append(to_sample, logits.next_token_logits[sample_rows], outputs)
             self.running.extend(r for r in to_sample if not r.finished)
+
+    def _finish_loads(self, entries) -> list[Req]:
+        """Complete the batch's KV-store loads. A request whose load lost a part
+        (a tier failed, a corrupt entry) drops everything it holds and goes back
+        to the queue's front, to be prefilled from scratch; those are returned."""
+        failed = []
+        for entry in entries:
+            req, load = entry.req, entry.req.store_load
+            if load is None:
+                continue
+            ok = load.finish()
+            PrefillAdder.unbind(self.cache, req)
+            if not ok:
+                logger.warning("KV store: part of request %s's stored prefix did not arrive; "
+                               "prefilling it from scratch", req.rid)
+                req.kv_len += entry.num_tokens
+                self.cache.release_req(req)
+                req.admitted_once, req.store_tokens, req.cross_model_tokens = False, 0, 0
+                self.waiting.insert(0, req)
+                failed.append(req)
+        return failed
 
     def _record_input_logprobs(self, req: Req, positions: list[int], logits: torch.Tensor) -> None:
         logprobs = torch.log_softmax(logits, dim=-1)
