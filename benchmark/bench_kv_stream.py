@@ -13,8 +13,9 @@ Receiver TTFT, one request at a time, at each bandwidth, three ways in one run:
               and prefill wait per layer only for the part that layer reads, so
               compute runs while later layers stream in (the default)
 
-The two store modes load the same bytes and give the same tokens (checked). Both
-use the adaptive streamer (at a slow link it may choose to recompute).
+Both store modes use the adaptive streamer (per chunk a level, or recompute at a
+slow link); where they load the same chunks at the same levels they give the
+same tokens (checked).
 
     python scripts/make_finetunes.py     # once (profiles: bench_cross_model.py makes them)
     python benchmark/bench_kv_stream.py [--contexts 3] [--context-tokens 2048]
@@ -72,15 +73,18 @@ def main() -> int:
     link = ThrottledTier(state.tier, BANDWIDTHS_MBPS[0] * 1e6, latency_s=0.002)
     state.tier = link
 
-    def ttft(receiver: str, h: dict, mode: str) -> tuple[float, dict, list[int]]:
+    def ttft(receiver: str, h: dict, mode: str) -> tuple[float, dict, tuple]:
         engine.flush_cache()
+        levels = dict(offloader.level_counts)
         sched.offloader = None if mode == "recompute" else offloader
         sched.pipeline = mode == "pipelined"
         start = time.perf_counter()
         out = engine.generate(h["context"] + h["questions"][args.receivers.index(receiver) + 1], one,
                               model=receiver)
+        seconds = time.perf_counter() - start
         sched.offloader = offloader
-        return time.perf_counter() - start, out["meta_info"], out["output_ids"]
+        chosen = tuple(offloader.level_counts[lv] - levels[lv] for lv in levels)
+        return seconds, out["meta_info"], (out["output_ids"], chosen)
 
     for h in handoffs:  # warm-up: one of each, so first-use costs land nowhere
         for mode in ("recompute", "whole", "pipelined"):
@@ -99,8 +103,9 @@ def main() -> int:
                     seconds, meta, ids = ttft(receiver, h, mode)
                     sums[mode] += seconds
                     loaded[mode] += meta["kv_store_cached_tokens"]
-                    outs[mode] = (ids, meta["kv_store_cached_tokens"])
-                if outs["whole"][1] == outs["pipelined"][1] and outs["whole"][0] != outs["pipelined"][0]:
+                    outs[mode] = ids
+                (whole_ids, whole_levels), (piped_ids, piped_levels) = outs["whole"], outs["pipelined"]
+                if whole_levels == piped_levels and whole_ids != piped_ids:
                     raise SystemExit("whole and pipelined loads of the same chunks gave different tokens")
                 n += 1
         for mode in sums:
