@@ -59,28 +59,6 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
-// s[j] = exp(s[j] - shift) for j < n, vectorised; returns the sum.
-inline float exp_shifted(float* s, int64_t n, float shift) {
-  using Vec = at::vec::Vectorized<float>;
-  const Vec vshift(shift);
-  Vec vsum(0.f);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    Vec x = (Vec::loadu(s + j) - vshift).exp_u20();
-    x.store(s + j);
-    vsum = vsum + x;
-  }
-  float lanes[Vec::size()];
-  vsum.store(lanes);
-  float sum = 0.f;
-  for (int64_t i = 0; i < Vec::size(); ++i) sum += lanes[i];
-  for (; j < n; ++j) {
-    s[j] = std::exp(s[j] - shift);
-    sum += s[j];
-  }
-  return sum;
-}
-
 template <typename scalar_t>
 void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                  const at::Tensor& table, const at::Tensor& rows, const at::Tensor& lens,

@@ -5,6 +5,118 @@
 // The cross-model recompute of a layer span over a stored prefix runs through it
 // (its prefix is the part of the span already recomputed plus the receiver's own).
 #include "ops.h"
+#include "vec.h"  // before any ATen header that pulls in Vectorized<>
+
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// Causal bf16 attention of one request, blocked over queries: per (KV head, block
+// of BQ queries) the block's G query heads are stacked into one [G * BQ, D] matrix,
+// scores against every key the block sees come from one brgemm with fp32 output
+// (as exact as SDPA's flash kernel, which also keeps scores in fp32), one pass per
+// row applies scale, the causal limit and softmax and writes bf16 probabilities,
+// and oneDNN's bf16 matmul multiplies them by V. Per layer at 2,048 tokens on the
+// default model (9 query / 3 KV heads of 64), SDPA's CPU flash kernel took 38 ms,
+// this path 23-25 (with a prefix of 2,000 and 64 new tokens: 2.2 -> 1.8 ms).
+constexpr int64_t BQ = 64;
+
+inline float row_max(const float* s, int64_t n) {
+  using Vec = at::vec::Vectorized<float>;
+  Vec m(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) m = at::vec::maximum(m, Vec::loadu(s + j));
+  float lanes[Vec::size()];
+  m.store(lanes);
+  float top = *std::max_element(lanes, lanes + Vec::size());
+  for (; j < n; ++j) top = std::max(top, s[j]);
+  return top;
+}
+
+// Softmax of s[0..n) * scale, in place in fp32, then written to p as bf16.
+inline void softmax_to_bf16(float* s, at::BFloat16* p, int64_t n, float scale) {
+  using fVec = at::vec::Vectorized<float>;
+  const float shift = row_max(s, n) * scale;
+  const fVec vshift(shift), vscale(scale);
+  fVec vsum(0.f);
+  int64_t j = 0;
+  for (; j + fVec::size() <= n; j += fVec::size()) {
+    fVec x = at::vec::fmsub(fVec::loadu(s + j), vscale, vshift).exp_u20();
+    x.store(s + j);
+    vsum = vsum + x;
+  }
+  float lanes[fVec::size()];
+  vsum.store(lanes);
+  float sum = 0.f;
+  for (int64_t i = 0; i < fVec::size(); ++i) sum += lanes[i];
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] * scale - shift);
+    sum += s[j];
+  }
+  const float inv = 1.f / sum;
+  const fVec vinv(inv);
+  j = 0;
+  for (; j + 2 * fVec::size() <= n; j += 2 * fVec::size())
+    at::vec::convert_float_bfloat16(fVec::loadu(s + j) * vinv, fVec::loadu(s + j + fVec::size()) * vinv)
+        .store(p + j);
+  for (; j < n; ++j) p[j] = at::BFloat16(s[j] * inv);
+}
+
+void blocked_causal_bf16(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t p,
+                         float scale, at::Tensor out) {
+  // q, out: [n, Hq, D] (strided views); keys, values: [p + n, Hk, D]; query j sits
+  // at position p + j and sees keys 0 .. p + j.
+  const int64_t n = q.size(0), hq = q.size(1), D = q.size(2), hk = keys.size(1), L = keys.size(0);
+  const int64_t G = hq / hk, nb = (n + BQ - 1) / BQ;
+  std::vector<at::Tensor> kt(hk), vh(hk);
+  for (int64_t h = 0; h < hk; ++h) {
+    kt[h] = keys.select(1, h).t().contiguous();   // [D, L]
+    vh[h] = values.select(1, h).contiguous();     // [L, D]
+  }
+  const at::BFloat16* qp = q.data_ptr<at::BFloat16>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), os0 = out.stride(0), os1 = out.stride(1);
+  // Task t: KV head t % hk, query block zigzag(t / hk) (0, nb-1, 1, nb-2, ...), so
+  // that the contiguous halves parallel_for hands out carry similar causal work.
+  at::parallel_for(0, hk * nb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<at::BFloat16> qbuf(G * BQ * D);
+    std::vector<float> sbuf(G * BQ * L);
+    auto pbuf = at::empty({G * BQ * L}, q.options());
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t h = t % hk, i = t / hk;
+      const int64_t blk = (i % 2 == 0) ? i / 2 : nb - 1 - i / 2;
+      const int64_t s0 = blk * BQ, bq = std::min(BQ, n - s0), M = G * bq, kend = p + s0 + bq;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t j = 0; j < bq; ++j)
+          std::copy_n(qp + (s0 + j) * qs0 + (h * G + g) * qs1, D, qbuf.data() + (g * bq + j) * D);
+      at::native::cpublas::brgemm(M, kend, D, D, L, kend, false, qbuf.data(), kt[h].data_ptr<at::BFloat16>(),
+                                  sbuf.data(), false);
+      at::BFloat16* pp = pbuf.data_ptr<at::BFloat16>();
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t visible = p + s0 + r % bq + 1;
+        at::BFloat16* pr = pp + r * kend;
+        softmax_to_bf16(sbuf.data() + r * kend, pr, visible, scale);
+        std::fill(pr + visible, pr + kend, at::BFloat16(0.f));
+      }
+      // P @ V through oneDNN's bf16 matmul (about twice brgemm's rate here without
+      // AMX): fp32 accumulation, rounded once to bf16.
+      auto o = at::mm(pbuf.narrow(0, 0, M * kend).view({M, kend}), vh[h].narrow(0, 0, kend));
+      const at::BFloat16* ob = o.data_ptr<at::BFloat16>();
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t j = 0; j < bq; ++j)
+          std::copy_n(ob + (g * bq + j) * D, D, op + (s0 + j) * os0 + (h * G + g) * os1);
+    }
+    at::native::cpublas::brgemm_release(false);
+  });
+}
+
+}  // namespace
 
 at::Tensor extend_attention(at::Tensor q, at::Tensor k, const at::Tensor& v, const at::Tensor& positions,
                             const at::Tensor& cos_sin_cache, at::Tensor k_cache, at::Tensor v_cache,
@@ -22,6 +134,9 @@ at::Tensor extend_attention(at::Tensor q, at::Tensor k, const at::Tensor& v, con
   rope_and_store(q, k, v, positions, cos_sin_cache, k_cache, v_cache, out_loc);
 
   const bool gqa = q.size(1) != k.size(1);
+  // bf16 takes the blocked path (fp32 scores through brgemm); fp32 keeps SDPA.
+  const bool blocked = q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
+                       q.size(1) % k.size(1) == 0;
   auto out = at::empty_like(q);
   auto rows = req_pool_indices.accessor<int64_t, 1>();
   int64_t start = 0;
@@ -29,9 +144,7 @@ at::Tensor extend_attention(at::Tensor q, at::Tensor k, const at::Tensor& v, con
     const int64_t n = extend_lens[b], p = prefix_lens[b];
     if (n == 0) continue;
     TORCH_CHECK(p >= 0 && p + n <= req_to_token.size(1), "sequence longer than req_to_token");
-    auto qi = q.narrow(0, start, n).transpose(0, 1).unsqueeze(0);  // [1, Hq, n, D]
     at::Tensor ki, vi;
-    std::optional<at::Tensor> mask;
     if (p == 0) {  // the whole sequence is in this call: attend to the fresh K/V
       ki = k.narrow(0, start, n);
       vi = v.narrow(0, start, n);
@@ -39,9 +152,16 @@ at::Tensor extend_attention(at::Tensor q, at::Tensor k, const at::Tensor& v, con
       auto slots = req_to_token[rows[b]].narrow(0, 0, p + n).to(at::kLong);
       ki = k_cache.index_select(0, slots);
       vi = v_cache.index_select(0, slots);
-      // query j (position p + j) sees keys 0 .. p + j
-      mask = at::arange(p + n).unsqueeze(0) <= (at::arange(n) + p).unsqueeze(1);
     }
+    if (blocked && p + n >= BQ) {  // a few fresh tokens are as fast through SDPA
+      blocked_causal_bf16(q.narrow(0, start, n), ki, vi, p, static_cast<float>(scale), out.narrow(0, start, n));
+      start += n;
+      continue;
+    }
+    auto qi = q.narrow(0, start, n).transpose(0, 1).unsqueeze(0);  // [1, Hq, n, D]
+    std::optional<at::Tensor> mask;
+    if (p > 0)  // query j (position p + j) sees keys 0 .. p + j
+      mask = at::arange(p + n).unsqueeze(0) <= (at::arange(n) + p).unsqueeze(1);
     // 4-D [1, H, n, D] inputs: the CPU flash kernel takes only 4-D.
     auto oi = at::scaled_dot_product_attention(qi, ki.transpose(0, 1).unsqueeze(0), vi.transpose(0, 1).unsqueeze(0),
                                                mask, 0.0, /*is_causal=*/p == 0, scale, gqa);
