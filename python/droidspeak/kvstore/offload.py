@@ -73,7 +73,11 @@ class StoreLoad:
 
     def _join(self, futures: list[Future]) -> torch.Tensor | None:
         """The chunks' tensors joined along tokens from `start`, or None if one is missing."""
-        parts = [f.result() for f in futures]
+        try:
+            parts = [f.result() for f in futures]
+        except Exception:  # a fetch that broke (cancelled, a bug) costs a recompute, not the engine
+            logger.exception("KV store: a fetch failed")
+            return None
         if any(p is None for p in parts):
             return None
         return torch.cat(parts, dim=1)[:, self.skip:]

@@ -213,7 +213,7 @@ class Scheduler:
         batch, extra_rows, extra_pos = build_prefill_batch(entries, self.runner)
         start = time.perf_counter()
         logits = self.runner.forward(batch, extra_rows)
-        failed = self._finish_loads(entries)
+        failed = {id(r) for r in self._finish_loads(entries)}
         # A forward that waited for the KV store is not a sample of prefill cost.
         if self.cross_policy is not None and not batch.loads:
             token_layers = batch.num_tokens * self.runner.model_config.num_layers + sum(
@@ -228,7 +228,7 @@ class Scheduler:
             req = entry.req
             req.recompute = None
             positions = extra_pos[i]
-            if req in failed:
+            if id(req) in failed:
                 extra_offset += len(positions)
                 continue
             # Token 0 has no logprob; it is listed (as None) only when asked for from 0.
