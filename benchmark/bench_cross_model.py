@@ -83,6 +83,22 @@ def ensure_profiles(args, names: dict[str, str], root: str) -> str:
     return out
 
 
+def load_family(args):
+    """(root path, root name, receiver name -> path, profile directory) for the
+    default model and `args.receivers` from our fine-tune script, profiling pairs
+    that have no profile yet; None (with a message) if a fine-tune is missing."""
+    from droidspeak.models.default_model import cache_dir, resolve_model_path
+    root_path = resolve_model_path(None)
+    root = os.path.basename(os.path.normpath(root_path))
+    ft = args.finetunes or os.path.join(cache_dir(), "finetunes")
+    names = {n: os.path.join(ft, n) for n in args.receivers}
+    missing = [p for p in names.values() if not os.path.isdir(p)]
+    if missing:
+        print(f"missing fine-tunes {missing}: run python scripts/make_finetunes.py first", file=sys.stderr)
+        return None
+    return root_path, root, names, ensure_profiles(args, names, root)
+
+
 def model_flags(names: dict[str, str]) -> list[str]:
     flags = []
     for name, path in names.items():
@@ -183,17 +199,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from droidspeak.models.default_model import cache_dir, resolve_model_path
     from droidspeak.tokenizer.tokenizer import load_tokenizer
-    root_path = resolve_model_path(None)
-    root = os.path.basename(os.path.normpath(root_path))
-    ft = args.finetunes or os.path.join(cache_dir(), "finetunes")
-    names = {n: os.path.join(ft, n) for n in args.receivers}
-    missing = [p for p in names.values() if not os.path.isdir(p)]
-    if missing:
-        print(f"missing fine-tunes {missing}: run python scripts/make_finetunes.py first", file=sys.stderr)
+    family = load_family(args)
+    if family is None:
         return 1
-    profiles = ensure_profiles(args, names, root)
+    root_path, root, names, profiles = family
     for png in os.listdir(profiles):
         if png.endswith(".png") and png.startswith(root + "__"):
             shutil.copy(os.path.join(profiles, png), os.path.join(RESULTS_DIR, "profile_" + png))

@@ -23,12 +23,11 @@ same tokens (checked).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 from common import machine, print_table, write_json
-from bench_cross_model import build_handoffs, ensure_profiles
+from bench_cross_model import build_handoffs, load_family
 
 BANDWIDTHS_MBPS = (400, 100, 40, 20)
 
@@ -47,17 +46,11 @@ def main() -> int:
 
     from droidspeak import Engine
     from droidspeak.kvstore.link import ThrottledTier
-    from droidspeak.models.default_model import cache_dir, resolve_model_path
     from droidspeak.tokenizer.tokenizer import load_tokenizer
-    root_path = resolve_model_path(None)
-    root = os.path.basename(os.path.normpath(root_path))
-    ft = args.finetunes or os.path.join(cache_dir(), "finetunes")
-    names = {n: os.path.join(ft, n) for n in args.receivers}
-    missing = [p for p in names.values() if not os.path.isdir(p)]
-    if missing:
-        print(f"missing fine-tunes {missing}: run python scripts/make_finetunes.py first", file=sys.stderr)
+    family = load_family(args)
+    if family is None:
         return 1
-    profiles = ensure_profiles(args, names, root)
+    root_path, root, names, profiles = family
     handoffs = build_handoffs(load_tokenizer(root_path), args.contexts, args.context_tokens, args.seed, 0)
     pool = 3 * (args.context_tokens + 256) * (len(args.receivers) + 1)
     engine = Engine(None, models=tuple(f"{n}={p}" for n, p in names.items()), cross_model_profiles=profiles,

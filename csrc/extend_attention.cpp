@@ -42,26 +42,10 @@ inline float row_max(const float* s, int64_t n) {
 // Softmax of s[0..n) * scale, in place in fp32, then written to p as bf16.
 inline void softmax_to_bf16(float* s, at::BFloat16* p, int64_t n, float scale) {
   using fVec = at::vec::Vectorized<float>;
-  const float shift = row_max(s, n) * scale;
-  const fVec vshift(shift), vscale(scale);
-  fVec vsum(0.f);
-  int64_t j = 0;
-  for (; j + fVec::size() <= n; j += fVec::size()) {
-    fVec x = at::vec::fmsub(fVec::loadu(s + j), vscale, vshift).exp_u20();
-    x.store(s + j);
-    vsum = vsum + x;
-  }
-  float lanes[fVec::size()];
-  vsum.store(lanes);
-  float sum = 0.f;
-  for (int64_t i = 0; i < fVec::size(); ++i) sum += lanes[i];
-  for (; j < n; ++j) {
-    s[j] = std::exp(s[j] * scale - shift);
-    sum += s[j];
-  }
+  const float sum = exp_shifted(s, n, row_max(s, n) * scale, scale);
   const float inv = 1.f / sum;
   const fVec vinv(inv);
-  j = 0;
+  int64_t j = 0;
   for (; j + 2 * fVec::size() <= n; j += 2 * fVec::size())
     at::vec::convert_float_bfloat16(fVec::loadu(s + j) * vinv, fVec::loadu(s + j + fVec::size()) * vinv)
         .store(p + j);

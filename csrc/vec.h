@@ -9,14 +9,14 @@
 #endif
 #include <ATen/cpu/vec/vec.h>
 
-// s[j] = exp(s[j] - shift) for j < n, vectorised; returns the sum.
-inline float exp_shifted(float* s, int64_t n, float shift) {
+// s[j] = exp(s[j] * scale - shift) for j < n, vectorised; returns the sum.
+inline float exp_shifted(float* s, int64_t n, float shift, float scale = 1.f) {
   using Vec = at::vec::Vectorized<float>;
-  const Vec vshift(shift);
+  const Vec vshift(shift), vscale(scale);
   Vec vsum(0.f);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
-    Vec x = (Vec::loadu(s + j) - vshift).exp_u20();
+    Vec x = at::vec::fmsub(Vec::loadu(s + j), vscale, vshift).exp_u20();
     x.store(s + j);
     vsum = vsum + x;
   }
@@ -25,7 +25,7 @@ inline float exp_shifted(float* s, int64_t n, float shift) {
   float sum = 0.f;
   for (int64_t i = 0; i < Vec::size(); ++i) sum += lanes[i];
   for (; j < n; ++j) {
-    s[j] = std::exp(s[j] - shift);
+    s[j] = std::exp(s[j] * scale - shift);
     sum += s[j];
   }
   return sum;

@@ -443,50 +443,44 @@ def record_layer_starts(model) -> list[tuple[int, float]]:
     return starts
 
 
+def reload_through_slow_link(path, seed: int, latency_s: float, **kw):
+    """Answer a prompt, drop the tree, and answer it again from the store (one KV
+    part per layer) behind a link where each lookup and read takes `latency_s`.
+    Returns both answers, the fetches and the layers' start times of the second."""
+    e = store_engine(path, kv_store="ram", kv_store_write="through", kv_store_part_layers=1, **kw)
+    try:
+        ids = prompt(seed)
+        expected = run(e, ids)
+        e.offloader.flush()
+        e.flush_cache()
+        throttle(e, latency_s)
+        arrivals = record_fetches(e)
+        layers = record_layer_starts(e.runner.model)
+        got = run(e, ids)
+        assert_no_leak(e)
+        return expected, got, arrivals, layers, len(e.runner.model.layers)
+    finally:
+        e.shutdown()
+
+
 def test_stored_prefix_streams_in_layer_by_layer_under_the_prefill(tiny_llama):
     """With nothing else running, a request is admitted as soon as its load is
     planned: its prefill runs layer 0 while later layers' parts are still on the
     way, and the answer is the one computed without the store."""
-    e = store_engine(tiny_llama, kv_store="ram", kv_store_write="through", kv_store_part_layers=1)
-    try:
-        ids = prompt(40)
-        expected = run(e, ids)
-        e.offloader.flush()
-        e.flush_cache()
-        throttle(e, 0.03)
-        arrivals = record_fetches(e)
-        layers = record_layer_starts(e.runner.model)
-        got = run(e, ids)
-        assert got["kv_store_cached_tokens"] == 96 and tokens(got) == tokens(expected)
-        num_layers = len(e.runner.model.layers)
-        assert len(arrivals) == num_layers * 96 // CHUNK   # one fetch per (layer part, chunk)
-        # Parts are fetched in layer order, and the prefill's first layer ran before the last arrived.
-        order = [int(key.split(":kv")[1].split("-")[0]) for key, _ in arrivals]
-        assert order == sorted(order)
-        first_layer_0 = min(t for i, t in layers if i == 0)
-        assert first_layer_0 < max(t for _, t in arrivals)
-        assert_no_leak(e)
-    finally:
-        e.shutdown()
+    expected, got, arrivals, layers, num_layers = reload_through_slow_link(tiny_llama, 40, 0.03)
+    assert got["kv_store_cached_tokens"] == 96 and tokens(got) == tokens(expected)
+    assert len(arrivals) == num_layers * 96 // CHUNK   # one fetch per (layer part, chunk)
+    # Parts are fetched in layer order, and the prefill's first layer ran before the last arrived.
+    order = [int(key.split(":kv")[1].split("-")[0]) for key, _ in arrivals]
+    assert order == sorted(order)
+    assert min(t for i, t in layers if i == 0) < max(t for _, t in arrivals)
 
 
 def test_without_the_pipeline_a_request_waits_for_its_whole_prefix(tiny_llama):
-    e = store_engine(tiny_llama, kv_store="ram", kv_store_write="through", kv_store_part_layers=1,
-                     disable_kv_store_pipeline=True)
-    try:
-        ids = prompt(41)
-        expected = run(e, ids)
-        e.offloader.flush()
-        e.flush_cache()
-        throttle(e, 0.02)
-        arrivals = record_fetches(e)
-        layers = record_layer_starts(e.runner.model)
-        got = run(e, ids)
-        assert got["kv_store_cached_tokens"] == 96 and tokens(got) == tokens(expected)
-        assert min(t for i, t in layers if i == 0) > max(t for _, t in arrivals)
-        assert_no_leak(e)
-    finally:
-        e.shutdown()
+    expected, got, arrivals, layers, _ = reload_through_slow_link(tiny_llama, 41, 0.02,
+                                                                  disable_kv_store_pipeline=True)
+    assert got["kv_store_cached_tokens"] == 96 and tokens(got) == tokens(expected)
+    assert min(t for i, t in layers if i == 0) > max(t for _, t in arrivals)
 
 
 def test_a_part_lost_mid_stream_sends_the_request_back_to_be_prefilled(tiny_llama, caplog):
