@@ -83,6 +83,15 @@ def ensure_profiles(args, names: dict[str, str], root: str) -> str:
     return out
 
 
+def add_family_args(parser: argparse.ArgumentParser) -> None:
+    """The fine-tunes, their profiles and the seed of the held-out hand-offs."""
+    parser.add_argument("--finetunes", default=None, help="default: $DROIDSPEAK_CACHE/finetunes")
+    parser.add_argument("--receivers", nargs="+", default=["math", "code"])
+    parser.add_argument("--profiles", default=None)
+    parser.add_argument("--profile-per-domain", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def load_family(args):
     """(root path, root name, receiver name -> path, profile directory) for the
     default model and `args.receivers` from our fine-tune script, profiling pairs
@@ -187,16 +196,12 @@ def quality(engine, handoffs, root: str, receivers: list[str], mode: str, tokens
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--finetunes", default=None, help="default: $DROIDSPEAK_CACHE/finetunes")
-    parser.add_argument("--receivers", nargs="+", default=["math", "code"])
+    add_family_args(parser)
     parser.add_argument("--contexts", type=int, default=6)
     parser.add_argument("--context-tokens", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--task-questions", type=int, default=8, help="extra math problems per math context")
     parser.add_argument("--quality-tokens", type=int, default=16, help="generated tokens scored per prompt")
-    parser.add_argument("--profiles", default=None)
-    parser.add_argument("--profile-per-domain", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     from droidspeak.tokenizer.tokenizer import load_tokenizer

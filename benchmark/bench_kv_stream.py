@@ -27,21 +27,17 @@ import sys
 import time
 
 from common import machine, print_table, write_json
-from bench_cross_model import build_handoffs, load_family
+from bench_cross_model import add_family_args, build_handoffs, load_family
 
 BANDWIDTHS_MBPS = (400, 100, 40, 20)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--finetunes", default=None, help="default: $DROIDSPEAK_CACHE/finetunes")
-    parser.add_argument("--receivers", nargs="+", default=["math", "code"])
+    add_family_args(parser)
     parser.add_argument("--contexts", type=int, default=4)
     parser.add_argument("--context-tokens", type=int, default=2048)
     parser.add_argument("--levels", default="high,low", help="levels the sender's chunks are stored at")
-    parser.add_argument("--profiles", default=None)
-    parser.add_argument("--profile-per-domain", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     from droidspeak import Engine
