@@ -508,3 +508,58 @@ def test_a_part_lost_mid_stream_sends_the_request_back_to_be_prefilled(tiny_llam
         assert_no_leak(e)
     finally:
         e.shutdown()
+
+
+def test_a_streamed_prefix_followed_by_a_chunked_prefill(tiny_llama):
+    """A stored prefix of 96 tokens, then 88 more prompt tokens prefilled in chunks of
+    32: the load binds to the first chunk's forward, the later chunks read it from
+    the tree, and the answer is the one computed without the store."""
+    head = prompt(50)
+    ids = head + prompt(51, 84)
+    plain = Engine(tiny_llama, dtype="float32", max_total_tokens=512)
+    try:
+        expected = run(plain, ids)
+    finally:
+        plain.shutdown()
+    e = Engine(tiny_llama, dtype="float32", max_total_tokens=512, chunked_prefill_size=32, kv_store="ram",
+               kv_store_write="through", kv_store_levels="lossless", kv_store_load="always",
+               kv_store_chunk_size=CHUNK, kv_store_part_layers=1)
+    try:
+        run(e, head)  # only the head's chunks go to the store
+        e.offloader.flush()
+        e.flush_cache()
+        prefills, forward = [], e.runner.forward
+
+        def spy(batch, *args, **kw):
+            if batch.mode.name == "EXTEND":
+                prefills.append((batch.num_tokens, len(batch.loads)))
+            return forward(batch, *args, **kw)
+        e.runner.forward = spy
+        got = run(e, ids)
+        assert got["kv_store_cached_tokens"] == 96 and tokens(got) == tokens(expected)
+        assert prefills == [(32, 1), (32, 0), (24, 0)]  # 88 tokens after the load, in chunks of 32
+        assert_no_leak(e)
+    finally:
+        e.shutdown()
+
+
+def test_aborting_a_request_whose_prefix_is_streaming_in_frees_everything(tiny_llama):
+    e = store_engine(tiny_llama, kv_store="ram", kv_store_write="through", kv_store_part_layers=1)
+    try:
+        ids = prompt(52)
+        run(e, ids)
+        e.offloader.flush()
+        e.flush_cache()
+        throttle(e, 0.02)
+        sched = e.scheduler
+        (req,), _ = e.make_requests(input_ids=ids, sampling_params=GREEDY)
+        sched.add_request(req)
+        while not req.store_prefetch.done():  # planned; its parts still on the way
+            time.sleep(0.005)
+        assert sched.abort_request(req.rid) is not None
+        assert req.store_prefetch is None and not sched.has_work
+        assert_no_leak(e)
+        again = run(e, ids)  # the store still serves the prefix afterwards
+        assert again["kv_store_cached_tokens"] == 96
+    finally:
+        e.shutdown()
