@@ -349,8 +349,27 @@ def _rows_decode(reader: _Reader, num_rows: int, n: int, coder: int) -> np.ndarr
 
 
 # ---- lossy ----------------------------------------------------------------------
+def _as_float32(x: torch.Tensor) -> np.ndarray:
+    """fp32 values of a CPU tensor, widened by numpy. The codec runs on the KV
+    store's background threads, where a torch op would start a second OpenMP team
+    that competes with the engine's forward passes."""
+    if x.dtype == torch.bfloat16:
+        return (x.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return x.numpy().astype(np.float32, copy=False)
+
+
+def _from_float32(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """`a` (finite fp32) as a tensor of `dtype`, narrowed by numpy (see _as_float32):
+    bf16 with round-to-nearest-even, as torch rounds."""
+    if dtype == torch.bfloat16:
+        u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+        rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+        return torch.from_numpy(rounded.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float16 if dtype == torch.float16 else np.float32))
+
+
 def _encode_lossy(x: torch.Tensor, level: Level, group: int, coder: int, first: int, total: int) -> bytes:
-    v = x.float().numpy()
+    v = _as_float32(x)
     L, T, C = v.shape
     mean = v.mean(axis=1).astype(np.float16).astype(np.float32)
     std = np.maximum(v.std(axis=1), MIN_STD).astype(np.float16).astype(np.float32)
@@ -385,7 +404,7 @@ def _decode_lossy(payload: bytes, dtype: torch.dtype, shape, level: Level, group
     a_hat = mean[:, None] + a_sym * anchor_step[:, None]
     out = np.repeat(a_hat, group, axis=1)[:, :T].astype(np.float32)
     out[:, mask] += d_sym * delta_step[:, None]
-    return torch.from_numpy(out).to(dtype)
+    return _from_float32(out, dtype)
 
 
 # ---- lossless -------------------------------------------------------------------
