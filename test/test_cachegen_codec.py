@@ -177,3 +177,18 @@ def test_restored_kv_reproduces_the_model(tiny_engine):
             assert (logits - ref).abs().mean() < 0.1 * ref.abs().mean()
             assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
     assert runner.allocator.num_referenced == runner.allocator.refs.sum() and tiny_engine.scheduler.is_idle
+
+
+def test_numpy_dtype_conversions_round_as_torch_does():
+    """The codec converts dtypes with numpy (no torch op on the store's threads):
+    bf16 widening is exact and narrowing rounds to nearest even, as torch does."""
+    import numpy as np
+
+    from droidspeak.cachegen.codec import _as_float32, _from_float32
+    x = torch.randn(3, 500, 64, generator=torch.Generator().manual_seed(3)) * 10
+    x[0, 0, :3] = torch.tensor([1.00390625, 1.01171875, -2.0078125])  # exact ties between bf16 neighbours
+    b = x.to(torch.bfloat16)
+    assert np.array_equal(_as_float32(b), b.float().numpy())
+    assert torch.equal(_from_float32(x.numpy(), torch.bfloat16), b)
+    assert torch.equal(_from_float32(x.numpy(), torch.float16), x.to(torch.float16))
+    assert torch.equal(_from_float32(x.numpy(), torch.float32), x)
