@@ -74,6 +74,19 @@ def test_throttled_link_takes_at_least_size_over_bandwidth():
     assert time.perf_counter() - start < 5 * 0.01
 
 
+def test_bandwidth_is_measured_as_link_throughput_over_concurrent_reads():
+    """Loads run two fetches at once, each seeing half the link: the estimate is
+    what the link moves per second, not what one read saw."""
+    from concurrent.futures import ThreadPoolExecutor
+    store = TieredStore([ThrottledTier(RamTier(1 << 24), bandwidth_bytes_per_s=2e6)])
+    for i in range(6):
+        store.put(f"k{i}", bytes(100_000))
+    state = store.states[0]
+    with ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(lambda i: store.get(state, f"k{i}") is not None, range(6)))
+    assert store.bandwidth(state) == pytest.approx(2e6, rel=0.25)
+
+
 def test_level_choice_follows_bandwidth_and_falls_back_to_recompute():
     cost = CostModel()
     cost.decode_s_per_byte = {"lossless": 1e-8, "high": 1e-8, "low": 1e-8}

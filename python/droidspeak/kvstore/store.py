@@ -21,7 +21,12 @@ DEFAULT_BANDWIDTH = {"ram": 4e9, "disk": 1e9, "redis": 2e8}
 class TierState:
     tier: Tier
     down_until: float = 0.0
-    s_per_byte: float | None = None  # measured transfer time per byte (EWMA; its inverse is the bandwidth)
+    s_per_byte: float | None = None  # measured link time per byte (its inverse is the bandwidth)
+    # Link throughput over overlapping reads: decayed sums of busy seconds and bytes,
+    # and the end of the last read counted (see TieredStore._observe).
+    busy_s: float = 0.0
+    busy_bytes: float = 0.0
+    busy_until: float = 0.0
     counters: dict = field(default_factory=lambda: {"hits": 0, "misses": 0, "errors": 0,
                                                     "bytes_read": 0, "bytes_written": 0})
 
@@ -89,20 +94,31 @@ class TieredStore:
         except TierError as e:
             self._fail(state, e)
             return None
-        seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
         if data is None:
             state.counters["misses"] += 1
             return None
         state.counters["hits"] += 1
         state.counters["bytes_read"] += len(data)
-        if len(data) >= 64 << 10 and seconds > 0:
-            # Averaged as time per byte: a burst of fast reads must not hide a slow link.
-            rate = seconds / len(data)
-            state.s_per_byte = rate if state.s_per_byte is None else 0.7 * state.s_per_byte + 0.3 * rate
+        if len(data) >= 64 << 10:
+            self._observe(state, t0, t1, len(data))
         # Promote into the faster tiers so the next read is local.
         for faster in self.states[:self.states.index(state)]:
             self._put_one(faster, key, data)
         return data
+
+    def _observe(self, state: TierState, t0: float, t1: float, nbytes: int) -> None:
+        """Fold one read into the link's throughput: the time the link was busy
+        (reads that overlap count their shared time once: two fetches in flight each
+        see half the link, and the link is not half as fast) over the bytes moved,
+        as decayed sums, so a burst of fast reads does not hide a slow link."""
+        with self._lock:
+            busy = t1 - max(t0, min(state.busy_until, t1))
+            state.busy_until = max(state.busy_until, t1)
+            state.busy_s = 0.7 * state.busy_s + busy
+            state.busy_bytes = 0.7 * state.busy_bytes + nbytes
+            if state.busy_s > 0:
+                state.s_per_byte = state.busy_s / state.busy_bytes
 
     def has(self, key: str) -> bool:
         return self.locate([key]) is not None
