@@ -32,5 +32,6 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up);
 // with frequency table s (int32, summing to 2^15) of `freqs`, split by `table_lens`.
 at::Tensor rans_encode(const at::Tensor& symbols, const at::Tensor& seg_lens, const at::Tensor& freqs,
                        const at::Tensor& table_lens);
+at::Tensor fp32_to_bf16(const at::Tensor& x);  // single-threaded, for the codec's threads
 at::Tensor rans_decode(const at::Tensor& data, const at::Tensor& seg_lens, const at::Tensor& freqs,
                        const at::Tensor& table_lens);

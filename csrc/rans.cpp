@@ -7,6 +7,7 @@
 // table must sum to 2^15, and the final state must equal the initial one (a
 // consistency check rANS gives for free), else it throws.
 #include "ops.h"
+#include "vec.h"
 
 #include <cstdint>
 #include <stdexcept>
@@ -143,4 +144,22 @@ at::Tensor rans_decode(const at::Tensor& data, const at::Tensor& seg_lens, const
   }
   if (x != kLow || p != end) throw std::invalid_argument("rANS: stream does not end where it should");
   return result;
+}
+
+// fp32 -> bf16 (round to nearest even) on the calling thread only. The codec runs
+// on the KV store's background threads, where torch's conversion would start an
+// OpenMP team of its own beside the engine's.
+at::Tensor fp32_to_bf16(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "fp32_to_bf16 takes a CPU float32 tensor");
+  auto src = x.contiguous();
+  auto out = at::empty(src.sizes(), src.options().dtype(at::kBFloat16));
+  const float* s = src.data_ptr<float>();
+  at::BFloat16* d = out.data_ptr<at::BFloat16>();
+  const int64_t n = src.numel();
+  using fVec = at::vec::Vectorized<float>;
+  int64_t i = 0;
+  for (; i + 2 * fVec::size() <= n; i += 2 * fVec::size())
+    at::vec::convert_float_bfloat16(fVec::loadu(s + i), fVec::loadu(s + i + fVec::size())).store(d + i);
+  for (; i < n; ++i) d[i] = at::BFloat16(s[i]);
+  return out;
 }

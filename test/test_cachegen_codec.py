@@ -179,12 +179,17 @@ def test_restored_kv_reproduces_the_model(tiny_engine):
     assert runner.allocator.num_referenced == runner.allocator.refs.sum() and tiny_engine.scheduler.is_idle
 
 
-def test_numpy_dtype_conversions_round_as_torch_does():
-    """The codec converts dtypes with numpy (no torch op on the store's threads):
-    bf16 widening is exact and narrowing rounds to nearest even, as torch does."""
+@pytest.mark.parametrize("native", [True, False])
+def test_codec_dtype_conversions_round_as_torch_does(native, monkeypatch):
+    """The codec converts dtypes without torch's parallel ops (none on the store's
+    threads): bf16 widening is exact and narrowing rounds to nearest even, as
+    torch does, by the native single-threaded op and by numpy without it."""
     import numpy as np
 
+    from droidspeak.cachegen import codec
     from droidspeak.cachegen.codec import _as_float32, _from_float32
+    if not native:
+        monkeypatch.setattr(codec, "native_available", lambda: False)
     x = torch.randn(3, 500, 64, generator=torch.Generator().manual_seed(3)) * 10
     x[0, 0, :3] = torch.tensor([1.00390625, 1.01171875, -2.0078125])  # exact ties between bf16 neighbours
     b = x.to(torch.bfloat16)

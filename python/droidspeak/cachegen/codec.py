@@ -359,8 +359,11 @@ def _as_float32(x: torch.Tensor) -> np.ndarray:
 
 
 def _from_float32(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """`a` (finite fp32) as a tensor of `dtype`, narrowed by numpy (see _as_float32):
-    bf16 with round-to-nearest-even, as torch rounds."""
+    """`a` (finite fp32) as a tensor of `dtype`, narrowed without torch's parallel
+    ops (see _as_float32): bf16 by the native single-threaded op, or numpy without
+    the extension, with round-to-nearest-even as torch rounds."""
+    if dtype == torch.bfloat16 and native_available():
+        return kernels.fp32_to_bf16(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)))
     if dtype == torch.bfloat16:
         u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
         rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)

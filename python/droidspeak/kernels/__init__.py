@@ -78,6 +78,12 @@ def rans_decode(data, seg_lens, freqs, table_lens):
     return _native.rans_decode(data, seg_lens, freqs, table_lens)
 
 
+def fp32_to_bf16(x):
+    """fp32 -> bf16 on the calling thread (no OpenMP team); callers check
+    `native_available()` first."""
+    return _native.fp32_to_bf16(x)
+
+
 # A decode group (one family member's rows) of at most this many rows runs its
 # linear layers through the grouped kernel; beyond it torch's blocked matmul is as
 # fast (measured on this kernel against F.linear by rows per group).
