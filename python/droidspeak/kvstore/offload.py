@@ -106,11 +106,6 @@ class PoolLoad:
                  erows: torch.Tensor | None, temporary_erows: bool):
         self.offloader, self.load, self.skip = offloader, load, skip
         self.slots, self.erows, self.temporary_erows = slots, erows, temporary_erows
-        num_layers = offloader.kv_pool.num_layers
-        self.part_of = [0] * num_layers
-        for p, (lo, hi) in enumerate(load.parts):
-            for layer in range(lo, hi):
-                self.part_of[layer] = p
         self.written = [False] * len(load.parts)
         self.e_written = erows is None
         self.failed = False
@@ -120,7 +115,7 @@ class PoolLoad:
         return int(self.slots.shape[1])
 
     def ensure(self, layer: int) -> None:
-        p = self.part_of[layer]
+        p = self.offloader.part_of[layer]
         if self.written[p]:
             return
         self.written[p] = True
@@ -146,8 +141,8 @@ class PoolLoad:
     def finish(self) -> bool:
         """Write whatever the forward did not ask for; True if everything arrived."""
         self.ensure_e()
-        for layer in range(len(self.part_of)):
-            self.ensure(layer)
+        for lo, _ in self.load.parts:
+            self.ensure(lo)
         if not self.failed:
             self.offloader._loaded(self.load, self.tokens)
         return not self.failed
@@ -180,7 +175,9 @@ class KVOffloader:
         self.cost = cost or CostModel()
         self.adaptive = adaptive  # False: always load what the store holds
         L = kv_pool.num_layers
+        self.part_layers = part_layers
         self.parts = [(lo, min(lo + part_layers, L)) for lo in range(0, L, part_layers)]
+        self.part_of = [layer // part_layers for layer in range(L)]  # layer -> its part
         self.counters = {"chunks_offered": 0, "chunks_written": 0, "chunks_dropped": 0, "chunks_loaded": 0,
                          "tokens_loaded": 0, "chunks_recompute_chosen": 0, "chunks_corrupt": 0}
         self.level_counts = {lv: 0 for lv in self.levels}
@@ -401,6 +398,6 @@ class KVOffloader:
     def stats(self) -> dict:
         return {"chunk_size": self.chunk_size, "levels": list(self.levels), "adaptive": self.adaptive,
                 "ttft_target_ms": None if self.ttft_target_s is None else 1e3 * self.ttft_target_s,
-                "part_layers": self.parts[0][1] - self.parts[0][0],
+                "part_layers": self.part_layers,
                 "prefill_ms_per_chunk_at_4k": 1e3 * self.cost.prefill_s(4096, self.chunk_size),
                 **self.counters, "chunks_by_level": dict(self.level_counts), "tiers": self.store.stats()}

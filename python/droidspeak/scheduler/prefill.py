@@ -130,7 +130,8 @@ class PrefillAdder:
         return True
 
     def _stored_load(self, req: Req, match):
-        """(variant, StoreLoad) of the request's KV-store prefetch if it continues
+        """(variant, StoreLoad, the group to recompute on a cross-model load, else
+        None) of the request's KV-store prefetch if it continues
         the tree's match, further than the tree's own cross-model hit, and can be
         used; else None. A load that can never be used is cancelled; one that only
         has to wait for memory stays with the request."""
@@ -143,27 +144,31 @@ class PrefillAdder:
             start = match.length
             reaches = match.cross.start + match.cross.length if match.cross is not None else start
             usable = load.start <= start < load.end and load.end > reaches
+            choice = None
             if usable and variant != req.cache_variant:
-                usable = self._cross_load_usable(req, variant, load, load.end - start)
+                choice = self._cross_load_choice(req, variant, load, load.end - start)
+                usable = choice is not None
             if usable:
-                return result if load.end - start < self.budget else WAIT_FOR_MEMORY
+                return (variant, load, choice) if load.end - start < self.budget else WAIT_FOR_MEMORY
             load.cancel()
         req.store_prefetch = None
         return None
 
-    def _cross_load_usable(self, req: Req, sender: int, load, tokens: int) -> bool:
-        """A cross-model load needs a profile for the pair and, for a group above
+    def _cross_load_choice(self, req: Req, sender: int, load, tokens: int):
+        """The group the policy recomputes for a cross-model load, or None if the
+        load cannot serve: it needs a profile for the pair and, for a group above
         layer 0, the sender's E cache at its start and rows to put it in."""
         policy = self.cross_policy
         if policy is None or sender not in policy.senders_for(req.cache_variant):
-            return False
+            return None
         choice = policy.choose(sender, req.cache_variant, self.idle, tokens)
         if choice.start == 0 or choice.start >= choice.end:
-            return True
-        return (policy.e_index(choice.start) is not None and load.has_e
-                and self.cache.e_allocator.can_allocate(tokens))
+            return choice
+        usable = (policy.e_index(choice.start) is not None and load.has_e
+                  and self.cache.e_allocator.can_allocate(tokens))
+        return choice if usable else None
 
-    def _bind_stored(self, req: Req, variant: int, load) -> bool:
+    def _bind_stored(self, req: Req, variant: int, load, choice) -> bool:
         """Give the request fresh slots for the load's tokens [kv_len, load.end),
         which it owns like computed ones (a failed load drops them with it), and
         bind the load to them; on a cross-model load, queue the recompute of the
@@ -172,9 +177,8 @@ class PrefillAdder:
         n = end - start
         if not self._make_room(n):
             return False
-        row = req.req_pool_idx
         slots = self.allocator.allocate(n)
-        self.req_pool.table[:, row, start:end] = slots.to(torch.int32)
+        self.req_pool.table[:, req.req_pool_idx, start:end] = slots.to(torch.int32)
         req.kv_len = end
         erows, temporary = None, False
         policy, e_alloc = self.cross_policy, self.cache.e_allocator
@@ -183,18 +187,9 @@ class PrefillAdder:
                 erows = e_alloc.allocate(n)  # its own E cache, kept with its KV
                 req.erows.append(erows)
         else:
-            choice = policy.choose(variant, req.cache_variant, self.idle, n)
-            if choice.start < choice.end:
-                e_index = policy.e_index(choice.start)
-                if e_index is not None:
-                    erows, temporary = e_alloc.allocate(n), True  # the sender's, for this forward only
-                first = recompute_start(start, end, choice.tail)
-                req.recompute = Recompute(row, first, end, choice.start, choice.end,
-                                          None if erows is None else erows[e_index, first - start:].clone(),
-                                          torch.tensor(req.fill_ids[first:end], dtype=torch.int64),
-                                          req.model_id, req.lora_id)
-            policy.record_hit(variant, req.cache_variant, n, (choice.start, choice.end), req.origin_input_ids,
-                              end, choice.tail)
+            if choice.start < choice.end and policy.e_index(choice.start) is not None:
+                erows, temporary = e_alloc.allocate(n), True  # the sender's, for this forward only
+            self._queue_recompute(req, variant, choice, start, recompute_start(start, end, choice.tail), end, erows)
         req.store_load = self.offloader.bind(load, start, slots, erows, temporary)
         self.budget -= n
         return True
@@ -213,8 +208,7 @@ class PrefillAdder:
         slots for the recompute group's segments, and queue the recompute."""
         hit = match.cross
         choice = self.cross_policy.choose(hit.sender, req.cache_variant, self.idle, hit.length)
-        group = (choice.start, choice.end)
-        spaces = self.cross_policy.segments.covering(*group)
+        spaces = self.cross_policy.segments.covering(choice.start, choice.end)
         end = hit.start + hit.length
         # Only the last `tail` share of the span is recomputed; before it the
         # sender's KV serves every layer.
@@ -227,15 +221,24 @@ class PrefillAdder:
         if spaces:
             table[spaces.start:spaces.stop, row, first:end] = \
                 self.allocator.allocate(end - first, spaces).to(torch.int32)
-            e_index = self.cross_policy.e_index(group[0])
-            req.recompute = Recompute(row, first, end, group[0], group[1],
-                                      None if e_index is None else hit.erows[e_index, first - hit.start:].clone(),
+            self.budget -= end - first
+        self._queue_recompute(req, hit.sender, choice, hit.start, first, end, hit.erows)
+        return True
+
+    def _queue_recompute(self, req: Req, sender: int, choice, start: int, first: int, end: int,
+                         erows: torch.Tensor | None) -> None:
+        """Queue the receiver's recompute of `choice`'s layer group over [first, end)
+        of a cross-model hit [start, end) (nothing for an empty group), from the
+        sender's E-cache rows `erows` [E, end - start] when the group starts above
+        layer 0, and count the hit."""
+        if choice.start < choice.end:
+            e_index = self.cross_policy.e_index(choice.start)
+            req.recompute = Recompute(req.req_pool_idx, first, end, choice.start, choice.end,
+                                      None if e_index is None else erows[e_index, first - start:].clone(),
                                       torch.tensor(req.fill_ids[first:end], dtype=torch.int64),
                                       req.model_id, req.lora_id)
-            self.budget -= end - first
-        self.cross_policy.record_hit(hit.sender, req.cache_variant, hit.length, group, req.origin_input_ids, end,
-                                     choice.tail)
-        return True
+        self.cross_policy.record_hit(sender, req.cache_variant, end - start, (choice.start, choice.end),
+                                     req.origin_input_ids, end, choice.tail)
 
     def _make_room(self, n: int) -> bool:
         short = n - self.allocator.available_size
