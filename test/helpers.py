@@ -3,6 +3,7 @@ corpus, and randomly initialised Llama / Qwen2 checkpoints saved by transformers
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -151,3 +152,21 @@ def merge_lora(base: str, adapter: str, path: str) -> str:
             weights[key] = (weights[key].float() + scale * b @ lora[a_key]).contiguous()
     save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     return path
+
+
+def record_fetches(offloader) -> list[list]:
+    """[key, time it arrived] of every fetch a KV-store load queues, in queue order
+    (the loader runs them first in, first out)."""
+    fetches, submit = [], offloader._pool.submit
+
+    def spy(fn, state, key, *args):
+        entry = [key, None]
+        fetches.append(entry)
+
+        def timed(*a):
+            out = fn(*a)
+            entry[1] = time.perf_counter()
+            return out
+        return submit(timed, state, key, *args)
+    offloader._pool.submit = spy
+    return fetches

@@ -11,7 +11,7 @@ import torch
 from droidspeak import Engine
 from droidspeak.crossmodel.profile import GroupScore, Profile, ProfileError, fingerprint, profile_path
 from droidspeak.runner.sequence import Sequence
-from helpers import build_lora_adapter, build_tiny_model, derive_finetune
+from helpers import build_lora_adapter, build_tiny_model, derive_finetune, record_fetches
 from conftest import assert_no_leak
 
 NUM_LAYERS = 6
@@ -491,13 +491,7 @@ def test_cross_model_hit_from_the_kv_store(family, tmp_path, part_layers):
     try:
         state = second.offloader.store.states[0]
         state.tier = ThrottledTier(state.tier, bandwidth_bytes_per_s=1e9, latency_s=0.01)
-        fetched, fetch = [], second.offloader._fetch
-
-        def spy(tier, key, level, shape):
-            out = fetch(tier, key, level, shape)
-            fetched.append((key.split(":")[-2], time.perf_counter()))
-            return out
-        second.offloader._fetch = spy
+        fetched = record_fetches(second.offloader)
         recompute_starts, recompute = [], second.runner.recompute
 
         def spy_recompute(*args, **kw):
@@ -506,11 +500,11 @@ def test_cross_model_hit_from_the_kv_store(family, tmp_path, part_layers):
         second.runner.recompute = spy_recompute
         out = run(second, "b", ids, ctx)
         span = ctx // 16 * 16  # whole chunks of the shared context
-        e_parts = [i for i, (part, _) in enumerate(fetched) if part.startswith("e")]
-        assert e_parts and max(e_parts) <= len(e_parts)  # the E cache comes first (two fetches run at once)
+        e_parts = [i for i, (key, _) in enumerate(fetched) if key.split(":")[-2].startswith("e")]
+        assert e_parts == list(range(len(e_parts))) and e_parts  # the E cache is queued first
         assert len(recompute_starts) == 1
-        if part_layers == 1:
-            assert recompute_starts[0] < fetched[-1][1]       # recompute began before the last layer arrived
+        if part_layers == 1:  # recompute began before the last layer arrived
+            assert recompute_starts[0] < max(t for _, t in fetched)
         meta = out["meta_info"]
         assert span >= 32 and meta["kv_store_cached_tokens"] == span
         assert meta["cached_tokens"] == meta["cross_model_cached_tokens"] == span

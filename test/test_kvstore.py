@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import assert_no_leak
+from helpers import record_fetches
 from droidspeak import Engine
 from droidspeak.kvstore.keys import Namespace, chunk_hashes
 from droidspeak.kvstore.link import ThrottledTier
@@ -432,20 +433,6 @@ def throttle(engine, latency_s):
     state.tier = ThrottledTier(state.tier, bandwidth_bytes_per_s=1e9, latency_s=latency_s)
 
 
-def record_fetches(engine) -> list[tuple[str, float]]:
-    """(key, time it arrived) of every fetch from the store, in the order they started."""
-    arrivals, fetch = [], engine.offloader._fetch
-
-    def spy(state, key, level, shape):
-        arrivals.append([key, None])
-        entry = arrivals[-1]
-        out = fetch(state, key, level, shape)
-        entry[1] = time.perf_counter()
-        return out
-    engine.offloader._fetch = spy
-    return arrivals
-
-
 def record_layer_starts(model) -> list[tuple[int, float]]:
     starts = []
     for i, layer in enumerate(model.layers):
@@ -467,7 +454,7 @@ def reload_through_slow_link(path, seed: int, latency_s: float, **kw):
         e.offloader.flush()
         e.flush_cache()
         throttle(e, latency_s)
-        arrivals = record_fetches(e)
+        arrivals = record_fetches(e.offloader)
         layers = record_layer_starts(e.runner.model)
         got = run(e, ids)
         assert_no_leak(e)
@@ -483,7 +470,7 @@ def test_stored_prefix_streams_in_layer_by_layer_under_the_prefill(tiny_llama):
     expected, got, arrivals, layers, num_layers = reload_through_slow_link(tiny_llama, 40, 0.03)
     assert got["kv_store_cached_tokens"] == 96 and tokens(got) == tokens(expected)
     assert len(arrivals) == num_layers * 96 // CHUNK   # one fetch per (layer part, chunk)
-    # Parts are fetched in layer order, and the prefill's first layer ran before the last arrived.
+    # Parts are queued in layer order, and the prefill's first layer ran before the last arrived.
     order = [int(key.split(":kv")[1].split("-")[0]) for key, _ in arrivals]
     assert order == sorted(order)
     assert min(t for i, t in layers if i == 0) < max(t for _, t in arrivals)
