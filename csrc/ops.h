@@ -21,6 +21,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 at::Tensor grouped_linear(const at::Tensor& x, const std::vector<at::Tensor>& weights,
                           const std::vector<c10::optional<at::Tensor>>& biases,
                           const std::vector<at::Tensor>& rows);
+bool amx_available();  // whether grouped_linear runs on AMX tiles (K % 32 == 0, N % 16 == 0)
 
 // Row-wise decoder ops (norm_act.cpp): RMSNorm with one weight row per group of rows
 // (row_group) or one weight for all, and silu(gate) * up over a fused [T, 2 * I] input.

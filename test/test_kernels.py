@@ -132,8 +132,11 @@ def _grouped_case(T, K, N, G, bias, seed):
     return x, weights, biases, rows
 
 
+# AMX tiles where K % 32 == 0 and N % 16 == 0 (more than 16 rows per group, a
+# last task of one 16-feature tile, three row blocks), the dot-product path otherwise
 @pytest.mark.parametrize("T,K,N,G,bias", [(16, 576, 960, 4, False), (5, 64, 67, 2, True),
-                                           (40, 100, 130, 3, False), (1, 1536, 576, 1, True)])
+                                           (40, 100, 130, 3, False), (1, 1536, 576, 1, True),
+                                           (40, 576, 208, 2, True), (33, 64, 48, 1, False)])
 def test_grouped_linear_matches_reference(T, K, N, G, bias):
     x, weights, biases, rows = _grouped_case(T, K, N, G, bias, 0)
     got = kernels.grouped_linear(x, weights, biases, rows)
@@ -143,10 +146,18 @@ def test_grouped_linear_matches_reference(T, K, N, G, bias):
     torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=1e-2)
 
 
-def test_grouped_linear_row_is_independent_of_its_batch():
+def test_grouped_linear_uses_amx_where_the_cpu_has_it():
+    from droidspeak import _C
+    flags = open("/proc/cpuinfo").read().split()
+    assert _C.amx_available() == ("amx_bf16" in flags and "amx_tile" in flags)
+
+
+@pytest.mark.parametrize("T,K,N", [(24, 576, 192), (40, 576, 96), (24, 100, 60)])
+def test_grouped_linear_row_is_independent_of_its_batch(T, K, N):
     # a row's result must not depend on which rows or groups share the call: this
     # is what makes a co-batched request equal the same request served alone
-    x, weights, biases, rows = _grouped_case(24, 576, 192, 3, True, 1)
+    # (AMX tiles with one and two row blocks, and the dot-product path)
+    x, weights, biases, rows = _grouped_case(T, K, N, 3 if T < 40 else 1, True, 1)
     full = kernels.grouped_linear(x, weights, biases, rows)
     for g, r in enumerate(rows):
         alone = kernels.grouped_linear(x.index_select(0, r), [weights[g]], [biases[g]],
