@@ -30,3 +30,28 @@ inline float exp_shifted(float* s, int64_t n, float shift, float scale = 1.f) {
   }
   return sum;
 }
+
+// p[j] = bf16(exp(s[j] * scale - shift)) for j < n, vectorised; returns the sum of
+// the fp32 values (s is left as it was).
+inline float exp_shifted_to_bf16(const float* s, at::BFloat16* p, int64_t n, float shift, float scale) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec vshift(shift), vscale(scale);
+  Vec vsum(0.f);
+  int64_t j = 0;
+  for (; j + 2 * Vec::size() <= n; j += 2 * Vec::size()) {
+    const Vec a = at::vec::fmsub(Vec::loadu(s + j), vscale, vshift).exp_u20();
+    const Vec b = at::vec::fmsub(Vec::loadu(s + j + Vec::size()), vscale, vshift).exp_u20();
+    at::vec::convert_float_bfloat16(a, b).store(p + j);
+    vsum = vsum + a + b;
+  }
+  float lanes[Vec::size()];
+  vsum.store(lanes);
+  float sum = 0.f;
+  for (int64_t i = 0; i < Vec::size(); ++i) sum += lanes[i];
+  for (; j < n; ++j) {
+    const float e = std::exp(s[j] * scale - shift);
+    p[j] = at::BFloat16(e);
+    sum += e;
+  }
+  return sum;
+}
