@@ -35,7 +35,9 @@ def _warn_once() -> None:
 
 
 def _supported(*tensors) -> bool:
-    return _native is not None and all(t.device.type == "cpu" for t in tensors)
+    # `is_cpu` rather than `device.type`: called several times per layer, and
+    # building a device object each time showed up in decode profiles
+    return _native is not None and all(t.is_cpu for t in tensors)
 
 
 def rope_and_store(q, k, v, positions, cos_sin_cache, k_cache, v_cache, out_loc) -> None:

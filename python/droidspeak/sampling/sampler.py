@@ -61,6 +61,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], top_logprobs_nums: lis
     """logits [B, V] fp32 (modified in place)."""
     raw_logprobs = torch.log_softmax(logits, dim=-1)
     tokens: list[int] = []
+    greedy: list[int] = []
     for i, row in enumerate(rows):
         p = row.params
         li = logits[i]
@@ -69,10 +70,15 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], top_logprobs_nums: lis
         if row.banned_ids and len(row.output_ids) < p.min_new_tokens:
             li[torch.tensor(row.banned_ids, dtype=torch.int64)] = float("-inf")
         if p.is_greedy:
-            tokens.append(int(li.argmax()))
+            greedy.append(i)
+            tokens.append(-1)
             continue
         probs = filter_probs(torch.softmax(li / p.temperature, dim=-1), p)
         tokens.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+    if greedy:  # one argmax over the batch (after every row's penalties and masks)
+        best = logits.argmax(-1).tolist()
+        for i in greedy:
+            tokens[i] = best[i]
     token_tensor = torch.tensor(tokens, dtype=torch.int64)
     chosen = raw_logprobs.gather(1, token_tensor[:, None]).squeeze(1).tolist()
     top = None
