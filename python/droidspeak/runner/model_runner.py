@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from droidspeak import kernels
 from droidspeak.config import EngineConfig, available_memory_bytes
 from droidspeak.kvcache.pool import HiddenPool, KVPool, LayerSegments, ReqToTokenPool, SlotAllocator
 from droidspeak.lora.adapter import LoRAAdapter
@@ -109,7 +110,10 @@ class ModelRunner:
         ids = batch.model_ids or [0] * batch.batch_size
         row_members = torch.repeat_interleave(torch.tensor(ids, dtype=torch.int64),
                                               torch.tensor(batch.extend_lens, dtype=torch.int64))
-        batch.groups = RowGroups.build(row_members, batch.mode is ForwardMode.DECODE)
+        # the grouped kernel also serves an extend of few tokens (a short prompt
+        # over a cached prefix), where a general GEMM call costs 2-3x as much
+        few_rows = batch.num_tokens <= kernels.GROUPED_KERNEL_MAX_ROWS
+        batch.groups = RowGroups.build(row_members, batch.mode is ForwardMode.DECODE or few_rows)
         members = [self.models[m] for m in batch.groups.members] if batch.groups else [self.models[ids[0]]]
         if batch.lora_ids is not None and any(i is not None for i in batch.lora_ids):
             batch.lora = LoRABatch.build(batch.lora_ids, batch.extend_lens, self.adapters)
