@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from common import load_hf, print_table, rss_mib, timeit, write_json
+from common import load_hf, print_table, rss_mib, timeit_alternating, write_json
 
 
 def random_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -23,6 +23,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--quick", action="store_true", help="smaller sweep")
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed turns per case (the systems alternate; medians)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
 
@@ -53,7 +55,7 @@ def main() -> None:
             with torch.inference_mode():
                 hf(torch.tensor(prompts))
 
-        t_ours, t_hf = timeit(ours), timeit(theirs)
+        t_ours, t_hf = timeit_alternating([ours, theirs], repeat=args.repeat)
         tokens = batch * length
         rows.append({"phase": "prefill", "batch": batch, "input_len": length,
                      "ours_tok_s": tokens / t_ours, "hf_tok_s": tokens / t_hf,
@@ -74,8 +76,10 @@ def main() -> None:
                             max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
         # decode time = (prefill + N tokens) - (prefill + 1 token)
-        t_ours = timeit(lambda: ours_gen(steps + 1), repeat=2) - timeit(lambda: ours_gen(1), repeat=2)
-        t_hf = timeit(lambda: hf_gen(steps + 1), repeat=2) - timeit(lambda: hf_gen(1), repeat=2)
+        long_ours, short_ours, long_hf, short_hf = timeit_alternating(
+            [lambda: ours_gen(steps + 1), lambda: ours_gen(1), lambda: hf_gen(steps + 1), lambda: hf_gen(1)],
+            repeat=args.repeat)
+        t_ours, t_hf = long_ours - short_ours, long_hf - short_hf
         tokens = batch * steps
         rows.append({"phase": "decode", "batch": batch, "input_len": length,
                      "ours_tok_s": tokens / t_ours, "hf_tok_s": tokens / t_hf,

@@ -47,6 +47,22 @@ def timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def timeit_alternating(fns, repeat: int = 3, warmup: int = 1) -> list[float]:
+    """Median wall time in seconds of each of `fns`, run in turn `repeat` times
+    (after `warmup` turns): on a shared VM whose speed drifts within seconds,
+    timing one system's runs after the other's puts the drift into the ratio."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
