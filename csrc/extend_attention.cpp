@@ -78,11 +78,11 @@ void blocked_causal_bf16(const at::Tensor& q, const at::Tensor& keys, const at::
       ktpad.narrow(1, 0, L).copy_(kt[h]);
       auto vpad = at::zeros({Le, D}, values.options());
       vpad.narrow(0, 0, L).copy_(vh[h]);
-      auto kp = at::empty({nkb, D * kKB}, keys.options());
+      auto kp = at::empty({nkb * D * kKB}, keys.options());
       auto vp = at::empty({Le * D}, values.options());
       for (int64_t c = 0; c < nkb; ++c)
         at::native::cpublas::pack(D, kKB, Le, kKB, at::kBFloat16, at::kBFloat16,
-                                  ktpad.data_ptr<at::BFloat16>() + c * kKB, kp[c].data_ptr());
+                                  ktpad.data_ptr<at::BFloat16>() + c * kKB, kp.data_ptr<at::BFloat16>() + c * D * kKB);
       at::native::cpublas::pack(Le, D, D, D, at::kBFloat16, at::kBFloat16, vpad.data_ptr(), vp.data_ptr());
       kt[h] = kp;
       vh[h] = vp;
@@ -108,9 +108,10 @@ void blocked_causal_bf16(const at::Tensor& q, const at::Tensor& keys, const at::
       at::BFloat16* pp = pbuf.data_ptr<at::BFloat16>();
       if (vnni) {
         const int64_t kblocks = (kend + kKB - 1) / kKB, kpad = kblocks * kKB;  // P's row length
+        const at::BFloat16* ktp = kt[h].data_ptr<at::BFloat16>();
         for (int64_t c = 0; c < kblocks; ++c)
-          at::native::cpublas::brgemm(M, kKB, D, D, kKB, kpad, false, qbuf.data(),
-                                      kt[h][c].data_ptr<at::BFloat16>(), sbuf.data() + c * kKB, true);
+          at::native::cpublas::brgemm(M, kKB, D, D, kKB, kpad, false, qbuf.data(), ktp + c * D * kKB,
+                                      sbuf.data() + c * kKB, true);
         // unnormalised probabilities (exp of the shifted scores, at most 1) in
         // bf16, one pass per row; each output row is divided by its sum after P @ V
         for (int64_t r = 0; r < M; ++r) {
