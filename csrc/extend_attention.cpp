@@ -62,31 +62,30 @@ void blocked_causal_bf16(const at::Tensor& q, const at::Tensor& keys, const at::
   // at position p + j and sees keys 0 .. p + j.
   const int64_t n = q.size(0), hq = q.size(1), D = q.size(2), hk = keys.size(1), L = keys.size(0);
   const int64_t G = hq / hk, nb = (n + BQ - 1) / BQ;
-  // Where oneDNN's brgemm runs on AMX it wants B pair-interleaved (VNNI) in
-  // blocks of kKB columns: K^T is packed per block of kKB keys, V per block of
-  // kKB keys (padded with zero keys to whole blocks), once per head, and both
-  // products run as brgemm, block by block. Elsewhere K^T is plain and P @ V
-  // goes through oneDNN's matmul (about twice brgemm's rate without AMX).
+  // Where oneDNN's brgemm runs on AMX it wants B pair-interleaved (VNNI): K^T is
+  // packed per block of kKB keys (its ld_b is at most 64), V whole, both padded
+  // with zero keys to whole blocks, once per head, and both products run as
+  // brgemm. Elsewhere K^T is plain and P @ V goes through oneDNN's matmul (about
+  // twice brgemm's rate without AMX).
   const bool vnni = at::native::cpublas::could_pack(at::kBFloat16) && D % 2 == 0 && D <= kKB;
   const int64_t nkb = (L + kKB - 1) / kKB, Le = nkb * kKB;
   std::vector<at::Tensor> kt(hk), vh(hk);
   for (int64_t h = 0; h < hk; ++h) {
-    kt[h] = keys.select(1, h).t().contiguous();   // [D, L]
-    vh[h] = values.select(1, h).contiguous();     // [L, D]
-    if (vnni) {
-      auto ktpad = at::zeros({D, Le}, keys.options());
-      ktpad.narrow(1, 0, L).copy_(kt[h]);
-      auto vpad = at::zeros({Le, D}, values.options());
-      vpad.narrow(0, 0, L).copy_(vh[h]);
-      auto kp = at::empty({nkb * D * kKB}, keys.options());
-      auto vp = at::empty({Le * D}, values.options());
-      for (int64_t c = 0; c < nkb; ++c)
-        at::native::cpublas::pack(D, kKB, Le, kKB, at::kBFloat16, at::kBFloat16,
-                                  ktpad.data_ptr<at::BFloat16>() + c * kKB, kp.data_ptr<at::BFloat16>() + c * D * kKB);
-      at::native::cpublas::pack(Le, D, D, D, at::kBFloat16, at::kBFloat16, vpad.data_ptr(), vp.data_ptr());
-      kt[h] = kp;
-      vh[h] = vp;
+    if (!vnni) {
+      kt[h] = keys.select(1, h).t().contiguous();  // [D, L]
+      vh[h] = values.select(1, h).contiguous();    // [L, D]
+      continue;
     }
+    auto ktpad = at::zeros({D, Le}, keys.options());
+    ktpad.narrow(1, 0, L).copy_(keys.select(1, h).t());
+    auto vpad = at::zeros({Le, D}, values.options());
+    vpad.narrow(0, 0, L).copy_(values.select(1, h));
+    kt[h] = at::empty({nkb * D * kKB}, keys.options());
+    vh[h] = at::empty({Le * D}, values.options());
+    for (int64_t c = 0; c < nkb; ++c)
+      at::native::cpublas::pack(D, kKB, Le, kKB, at::kBFloat16, at::kBFloat16,
+                                ktpad.data_ptr<at::BFloat16>() + c * kKB, kt[h].data_ptr<at::BFloat16>() + c * D * kKB);
+    at::native::cpublas::pack(Le, D, D, D, at::kBFloat16, at::kBFloat16, vpad.data_ptr(), vh[h].data_ptr());
   }
   const at::BFloat16* qp = q.data_ptr<at::BFloat16>();
   at::BFloat16* op = out.data_ptr<at::BFloat16>();

@@ -139,7 +139,6 @@ inline void dot_tile(const uint16_t* const* xs, int64_t M, const uint16_t* w, in
 }
 #endif
 
-
 #ifdef DS_HAVE_AMX
 constexpr int64_t kAmxK = 32;        // K values per tile product (16 pairs)
 constexpr int64_t kAmxRows = 16;     // tile rows: output features of A, K pairs of B
