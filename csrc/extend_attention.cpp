@@ -12,7 +12,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -56,78 +59,193 @@ inline void softmax_to_bf16(float* s, at::BFloat16* p, int64_t n, float scale) {
   for (; j < n; ++j) p[j] = at::BFloat16(s[j] * inv);
 }
 
-void blocked_causal_bf16(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t p,
-                         float scale, at::Tensor out) {
-  // q, out: [n, Hq, D] (strided views); keys, values: [p + n, Hk, D]; query j sits
-  // at position p + j and sees keys 0 .. p + j.
-  const int64_t n = q.size(0), hq = q.size(1), D = q.size(2), hk = keys.size(1), L = keys.size(0);
+// Where a request's keys and values live: row j (position j of the sequence) of
+// head h starts at base + off[j] + h * head_stride, for the pool (slot * row
+// length) and for the call's own fresh K/V alike, so nothing is gathered first.
+struct KVRows {
+  const at::BFloat16* kbase;
+  const at::BFloat16* vbase;
+  std::vector<int64_t> koff, voff;
+  int64_t khs, vhs;  // head strides
+  const at::BFloat16* key(int64_t j, int64_t h) const { return kbase + koff[j] + h * khs; }
+  const at::BFloat16* value(int64_t j, int64_t h) const { return vbase + voff[j] + h * vhs; }
+};
+
+#ifdef CPU_CAPABILITY_AVX512
+// r[0..16) rows of 16 32-bit words -> r[w] = word w of each row (a 16 x 16 transpose).
+inline void transpose16x16_epi32(__m512i (&r)[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4i + c], 128-bit lane L: word 4L + c of rows 4i .. 4i + 3
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // a 4 x 4 transpose of 128-bit lanes
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+}
+#endif
+
+// Packs head h's keys kb*kKB .. +kKB (zero past L) as one VNNI block of K^T
+// ([D/2][kKB] pairs of head dims: a key's (d, d+1) pair is one 32-bit word of its
+// row, so this is a word transpose) and its values as VNNI rows of V ([kKB/2][D]
+// pairs of consecutive keys), the layouts cpublas::pack produces for brgemm.
+void pack_block_vnni(const KVRows& kv, int64_t h, int64_t kb, int64_t L, int64_t D, at::BFloat16* kt_block,
+                     at::BFloat16* v_block) {
+  const int64_t words = D / 2, j0 = kb * kKB;
+  auto* kout = reinterpret_cast<uint32_t*>(kt_block);
+  auto* vout = reinterpret_cast<uint16_t*>(v_block);
+#ifdef CPU_CAPABILITY_AVX512
+  if (D % 32 == 0) {
+    for (int64_t k0 = 0; k0 < kKB; k0 += 16)
+      for (int64_t w0 = 0; w0 < words; w0 += 16) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i)
+          r[i] = j0 + k0 + i < L ? _mm512_loadu_si512(kv.key(j0 + k0 + i, h) + 2 * w0) : _mm512_setzero_si512();
+        transpose16x16_epi32(r);
+        for (int w = 0; w < 16; ++w) _mm512_storeu_si512(kout + (w0 + w) * kKB + k0, r[w]);
+      }
+    alignas(64) int16_t lo_idx[32], hi_idx[32];
+    for (int i = 0; i < 16; ++i) {
+      lo_idx[2 * i] = i, lo_idx[2 * i + 1] = 32 + i;
+      hi_idx[2 * i] = 16 + i, hi_idx[2 * i + 1] = 48 + i;
+    }
+    const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+    for (int64_t pr = 0; pr < kKB / 2; ++pr) {
+      const int64_t ja = j0 + 2 * pr, jb = ja + 1;
+      uint16_t* o = vout + pr * D * 2;
+      for (int64_t d0 = 0; d0 < D; d0 += 32) {
+        const __m512i a = ja < L ? _mm512_loadu_si512(kv.value(ja, h) + d0) : _mm512_setzero_si512();
+        const __m512i b = jb < L ? _mm512_loadu_si512(kv.value(jb, h) + d0) : _mm512_setzero_si512();
+        _mm512_storeu_si512(o + 2 * d0, _mm512_permutex2var_epi16(a, lo, b));
+        _mm512_storeu_si512(o + 2 * d0 + 32, _mm512_permutex2var_epi16(a, hi, b));
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t n = 0; n < kKB; ++n) {
+    const int64_t j = j0 + n;
+    if (j < L) {
+      uint32_t row[kKB / 2];
+      std::memcpy(row, kv.key(j, h), D * sizeof(at::BFloat16));
+      for (int64_t w = 0; w < words; ++w) kout[w * kKB + n] = row[w];
+    } else {
+      for (int64_t w = 0; w < words; ++w) kout[w * kKB + n] = 0;
+    }
+  }
+  for (int64_t pr = 0; pr < kKB / 2; ++pr) {
+    const int64_t ja = j0 + 2 * pr, jb = ja + 1;
+    uint16_t a[kKB] = {}, b[kKB] = {};
+    if (ja < L) std::memcpy(a, kv.value(ja, h), D * sizeof(at::BFloat16));
+    if (jb < L) std::memcpy(b, kv.value(jb, h), D * sizeof(at::BFloat16));
+    uint16_t* o = vout + pr * D * 2;
+    for (int64_t d = 0; d < D; ++d) {
+      o[2 * d] = a[d];
+      o[2 * d + 1] = b[d];
+    }
+  }
+}
+
+void blocked_causal_bf16(const at::Tensor& q, const KVRows& kv, int64_t hk, int64_t p, float scale,
+                         at::Tensor out) {
+  // q, out: [n, Hq, D] (strided views); kv: p + n rows; query j sits at position
+  // p + j and sees keys 0 .. p + j.
+  const int64_t n = q.size(0), hq = q.size(1), D = q.size(2), L = p + n;
   const int64_t G = hq / hk, nb = (n + BQ - 1) / BQ;
   // Where oneDNN's brgemm runs on AMX it wants B pair-interleaved (VNNI): K^T is
-  // packed per block of kKB keys (its ld_b is at most 64), V whole, both padded
-  // with zero keys to whole blocks, once per head, and both products run as
-  // brgemm. Elsewhere K^T is plain and P @ V goes through oneDNN's matmul (about
-  // twice brgemm's rate without AMX).
+  // packed per block of kKB keys (its ld_b is at most 64) and V whole, both padded
+  // with zero keys to whole blocks, straight from where the rows lie (in parallel
+  // over heads and blocks), and both products run as brgemm. Elsewhere K^T and V
+  // are gathered plain and P @ V goes through oneDNN's matmul (about twice
+  // brgemm's rate without AMX).
   const bool vnni = at::native::cpublas::could_pack(at::kBFloat16) && D % 2 == 0 && D <= kKB;
   const int64_t nkb = (L + kKB - 1) / kKB, Le = nkb * kKB;
   std::vector<at::Tensor> kt(hk), vh(hk);
   for (int64_t h = 0; h < hk; ++h) {
-    if (!vnni) {
-      kt[h] = keys.select(1, h).t().contiguous();  // [D, L]
-      vh[h] = values.select(1, h).contiguous();    // [L, D]
-      continue;
-    }
-    auto ktpad = at::zeros({D, Le}, keys.options());
-    ktpad.narrow(1, 0, L).copy_(keys.select(1, h).t());
-    auto vpad = at::zeros({Le, D}, values.options());
-    vpad.narrow(0, 0, L).copy_(values.select(1, h));
-    kt[h] = at::empty({nkb * D * kKB}, keys.options());
-    vh[h] = at::empty({Le * D}, values.options());
-    for (int64_t c = 0; c < nkb; ++c)
-      at::native::cpublas::pack(D, kKB, Le, kKB, at::kBFloat16, at::kBFloat16,
-                                ktpad.data_ptr<at::BFloat16>() + c * kKB, kt[h].data_ptr<at::BFloat16>() + c * D * kKB);
-    at::native::cpublas::pack(Le, D, D, D, at::kBFloat16, at::kBFloat16, vpad.data_ptr(), vh[h].data_ptr());
+    kt[h] = at::empty({vnni ? Le * D : D * L}, q.options());
+    vh[h] = at::empty({vnni ? Le * D : L * D}, q.options());
+  }
+  if (vnni) {
+    at::parallel_for(0, hk * nkb, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t h = t / nkb, c = t % nkb;
+        pack_block_vnni(kv, h, c, L, D, kt[h].data_ptr<at::BFloat16>() + c * D * kKB,
+                        vh[h].data_ptr<at::BFloat16>() + c * kKB * D);
+      }
+    });
+  } else {
+    at::parallel_for(0, hk, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t h = begin; h < end; ++h) {
+        at::BFloat16* ktp = kt[h].data_ptr<at::BFloat16>();  // [D, L]
+        at::BFloat16* vp = vh[h].data_ptr<at::BFloat16>();   // [L, D]
+        for (int64_t j = 0; j < L; ++j) {
+          const at::BFloat16* kr = kv.key(j, h);
+          for (int64_t d = 0; d < D; ++d) ktp[d * L + j] = kr[d];
+          std::copy_n(kv.value(j, h), D, vp + j * D);
+        }
+      }
+    });
   }
   const at::BFloat16* qp = q.data_ptr<at::BFloat16>();
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), os0 = out.stride(0), os1 = out.stride(1);
-  // Task t: KV head t % hk, query block zigzag(t / hk) (0, nb-1, 1, nb-2, ...), so
-  // that the contiguous halves parallel_for hands out carry similar causal work.
-  at::parallel_for(0, hk * nb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<at::BFloat16> qbuf(G * BQ * D);
-    std::vector<float> sbuf(G * BQ * Le);
-    std::vector<float> obuf(vnni ? G * BQ * D : 0), rsum(vnni ? G * BQ : 0);
-    auto pbuf = at::empty({G * BQ * Le}, q.options());
+  // Task t: query heads part t % parts of KV head (t / parts) % hk, query block
+  // zigzag(t / parts / hk) (0, nb-1, 1, nb-2, ...), so that the contiguous halves
+  // parallel_for hands out carry similar causal work. A short extend (one block
+  // per head, e.g. a prompt over a cached prefix) splits each head's query-head
+  // group into one task per query head, or two threads would share 3 tasks.
+  const int64_t parts = hk * nb < 2 * at::get_num_threads() ? G : 1, gper = G / parts;
+  at::parallel_for(0, hk * nb * parts, 1, [&](int64_t begin, int64_t end) {
+    // sized for the largest task's rows (gper * min(BQ, n)); uninitialised
+    const int64_t rows_max = gper * std::min(BQ, n);
+    std::unique_ptr<at::BFloat16[]> qbuf(new at::BFloat16[rows_max * D]);
+    std::unique_ptr<float[]> sbuf(new float[rows_max * Le]);
+    std::unique_ptr<float[]> obuf(new float[vnni ? rows_max * D : 1]), rsum(new float[vnni ? rows_max : 1]);
+    auto pbuf = at::empty({rows_max * Le}, q.options());
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t h = t % hk, i = t / hk;
+      const int64_t g0 = (t % parts) * gper, h = (t / parts) % hk, i = t / parts / hk;
       const int64_t blk = (i % 2 == 0) ? i / 2 : nb - 1 - i / 2;
-      const int64_t s0 = blk * BQ, bq = std::min(BQ, n - s0), M = G * bq, kend = p + s0 + bq;
-      for (int64_t g = 0; g < G; ++g)
+      const int64_t s0 = blk * BQ, bq = std::min(BQ, n - s0), M = gper * bq, kend = p + s0 + bq;
+      for (int64_t g = 0; g < gper; ++g)
         for (int64_t j = 0; j < bq; ++j)
-          std::copy_n(qp + (s0 + j) * qs0 + (h * G + g) * qs1, D, qbuf.data() + (g * bq + j) * D);
+          std::copy_n(qp + (s0 + j) * qs0 + (h * G + g0 + g) * qs1, D, qbuf.get() + (g * bq + j) * D);
       at::BFloat16* pp = pbuf.data_ptr<at::BFloat16>();
       if (vnni) {
         const int64_t kblocks = (kend + kKB - 1) / kKB, kpad = kblocks * kKB;  // P's row length
         const at::BFloat16* ktp = kt[h].data_ptr<at::BFloat16>();
         for (int64_t c = 0; c < kblocks; ++c)
-          at::native::cpublas::brgemm(M, kKB, D, D, kKB, kpad, false, qbuf.data(), ktp + c * D * kKB,
-                                      sbuf.data() + c * kKB, true);
+          at::native::cpublas::brgemm(M, kKB, D, D, kKB, kpad, false, qbuf.get(), ktp + c * D * kKB,
+                                      sbuf.get() + c * kKB, true);
         // unnormalised probabilities (exp of the shifted scores, at most 1) in
         // bf16, one pass per row; each output row is divided by its sum after P @ V
         for (int64_t r = 0; r < M; ++r) {
           const int64_t visible = p + s0 + r % bq + 1;
           at::BFloat16* pr = pp + r * kpad;
-          const float* sr = sbuf.data() + r * kpad;
+          const float* sr = sbuf.get() + r * kpad;
           rsum[r] = exp_shifted_to_bf16(sr, pr, visible, row_max(sr, visible) * scale, scale);
           std::fill(pr + visible, pr + kpad, at::BFloat16(0.f));
         }
         at::native::cpublas::brgemm(M, D, kpad, kpad, D, D, false, pp, vh[h].data_ptr<at::BFloat16>(),
-                                    obuf.data(), true);
+                                    obuf.get(), true);
         using fVec = at::vec::Vectorized<float>;
-        for (int64_t g = 0; g < G; ++g)
+        for (int64_t g = 0; g < gper; ++g)
           for (int64_t j = 0; j < bq; ++j) {
             const int64_t r = g * bq + j;
-            const float* src = obuf.data() + r * D;
-            at::BFloat16* dst = op + (s0 + j) * os0 + (h * G + g) * os1;
+            const float* src = obuf.get() + r * D;
+            at::BFloat16* dst = op + (s0 + j) * os0 + (h * G + g0 + g) * os1;
             const fVec inv(1.f / rsum[r]);
             int64_t d = 0;
             for (; d + 2 * fVec::size() <= D; d += 2 * fVec::size())
@@ -137,19 +255,19 @@ void blocked_causal_bf16(const at::Tensor& q, const at::Tensor& keys, const at::
           }
         continue;
       }
-      at::native::cpublas::brgemm(M, kend, D, D, L, kend, false, qbuf.data(), kt[h].data_ptr<at::BFloat16>(),
-                                  sbuf.data(), false);
+      at::native::cpublas::brgemm(M, kend, D, D, L, kend, false, qbuf.get(), kt[h].data_ptr<at::BFloat16>(),
+                                  sbuf.get(), false);
       for (int64_t r = 0; r < M; ++r) {
         const int64_t visible = p + s0 + r % bq + 1;
         at::BFloat16* pr = pp + r * kend;
-        softmax_to_bf16(sbuf.data() + r * kend, pr, visible, scale);
+        softmax_to_bf16(sbuf.get() + r * kend, pr, visible, scale);
         std::fill(pr + visible, pr + kend, at::BFloat16(0.f));
       }
-      auto o = at::mm(pbuf.narrow(0, 0, M * kend).view({M, kend}), vh[h].narrow(0, 0, kend));
+      auto o = at::mm(pbuf.narrow(0, 0, M * kend).view({M, kend}), vh[h].narrow(0, 0, kend * D).view({kend, D}));
       const at::BFloat16* ob = o.data_ptr<at::BFloat16>();
-      for (int64_t g = 0; g < G; ++g)
+      for (int64_t g = 0; g < gper; ++g)
         for (int64_t j = 0; j < bq; ++j)
-          std::copy_n(ob + (g * bq + j) * D, D, op + (s0 + j) * os0 + (h * G + g) * os1);
+          std::copy_n(ob + (g * bq + j) * D, D, op + (s0 + j) * os0 + (h * G + g0 + g) * os1);
     }
     at::native::cpublas::brgemm_release(vnni);
   });
@@ -183,6 +301,37 @@ at::Tensor extend_attention(at::Tensor q, at::Tensor k, const at::Tensor& v, con
     const int64_t n = extend_lens[b], p = prefix_lens[b];
     if (n == 0) continue;
     TORCH_CHECK(p >= 0 && p + n <= req_to_token.size(1), "sequence longer than req_to_token");
+    if (blocked && p + n >= BQ) {  // a few fresh tokens are as fast through SDPA
+      KVRows kv;
+      kv.koff.resize(p + n);
+      kv.voff.resize(p + n);
+      if (p == 0) {  // the whole sequence is in this call: attend to the fresh K/V
+        kv.kbase = k.data_ptr<at::BFloat16>() + start * k.stride(0);
+        kv.vbase = v.data_ptr<at::BFloat16>() + start * v.stride(0);
+        kv.khs = k.stride(1);
+        kv.vhs = v.stride(1);
+        for (int64_t j = 0; j < n; ++j) {
+          kv.koff[j] = j * k.stride(0);
+          kv.voff[j] = j * v.stride(0);
+        }
+      } else {
+        kv.kbase = k_cache.data_ptr<at::BFloat16>();
+        kv.vbase = v_cache.data_ptr<at::BFloat16>();
+        kv.khs = k_cache.stride(1);
+        kv.vhs = v_cache.stride(1);
+        auto slots = req_to_token[rows[b]].narrow(0, 0, p + n).to(at::kLong).contiguous();
+        const int64_t* sp = slots.data_ptr<int64_t>();
+        for (int64_t j = 0; j < p + n; ++j) {
+          TORCH_CHECK(sp[j] >= 0 && sp[j] < k_cache.size(0), "req_to_token holds a slot outside the pool");
+          kv.koff[j] = sp[j] * k_cache.stride(0);
+          kv.voff[j] = sp[j] * v_cache.stride(0);
+        }
+      }
+      blocked_causal_bf16(q.narrow(0, start, n), kv, k.size(1), p, static_cast<float>(scale),
+                          out.narrow(0, start, n));
+      start += n;
+      continue;
+    }
     at::Tensor ki, vi;
     if (p == 0) {  // the whole sequence is in this call: attend to the fresh K/V
       ki = k.narrow(0, start, n);
@@ -191,11 +340,6 @@ at::Tensor extend_attention(at::Tensor q, at::Tensor k, const at::Tensor& v, con
       auto slots = req_to_token[rows[b]].narrow(0, 0, p + n).to(at::kLong);
       ki = k_cache.index_select(0, slots);
       vi = v_cache.index_select(0, slots);
-    }
-    if (blocked && p + n >= BQ) {  // a few fresh tokens are as fast through SDPA
-      blocked_causal_bf16(q.narrow(0, start, n), ki, vi, p, static_cast<float>(scale), out.narrow(0, start, n));
-      start += n;
-      continue;
     }
     auto qi = q.narrow(0, start, n).transpose(0, 1).unsqueeze(0);  // [1, Hq, n, D]
     std::optional<at::Tensor> mask;
