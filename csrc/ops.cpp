@@ -15,5 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "SwiGLU activation: silu(gate) * up over [T, 2 * I]");
   m.def("rans_encode", &rans_encode, "Static-model rANS: encode int32 symbols segment by segment");
   m.def("rans_decode", &rans_decode, "Static-model rANS: decode, validating the untrusted stream");
+  m.def("cachegen_dequantize", &cachegen_dequantize,
+        "CacheGen lossy levels: anchors + deltas times their steps, [L, T, C] fp32, on the calling thread");
   m.def("fp32_to_bf16", &fp32_to_bf16, "fp32 -> bf16 on the calling thread (no OpenMP)");
 }

@@ -1,14 +1,15 @@
 // A static-model rANS entropy coder for the CacheGen codec (byte-wise
-// renormalisation, 32-bit state, 15-bit probabilities). The symbols come in
+// renormalisation, two interleaved 32-bit states, 15-bit probabilities). The symbols come in
 // segments, each coded with its own frequency table; one stream holds them all.
 // Encoding runs backwards so decoding runs forwards through the segments.
 //
 // Decoding treats the stream as untrusted: every read is bounds-checked, every
-// table must sum to 2^15, and the final state must equal the initial one (a
+// table must sum to 2^15, and the final states must equal the initial ones (a
 // consistency check rANS gives for free), else it throws.
 #include "ops.h"
 #include "vec.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <vector>
@@ -85,13 +86,16 @@ at::Tensor rans_encode(const at::Tensor& symbols, const at::Tensor& seg_lens, co
   const int32_t* sym = symbols.data_ptr<int32_t>();
   std::vector<uint8_t> out;  // written backwards, reversed at the end
   out.reserve(static_cast<size_t>(n / 2 + 16));
-  uint32_t x = kLow;
+  // symbol i goes through state i % 2; encoding runs backwards, so the decoder's
+  // forward pass alternates the states the same way
+  uint32_t xs[2] = {kLow, kLow};
   for (int64_t s = static_cast<int64_t>(seg.len.size()) - 1; s >= 0; --s) {
     const int32_t* f = t.freq[s];
     const uint32_t* cum = t.cum[s].data();
     for (int64_t i = seg.start[s] + seg.len[s] - 1; i >= seg.start[s]; --i) {
       int32_t v = sym[i];
       TORCH_CHECK(v >= 0 && v < t.size[s] && f[v] > 0, "symbol outside its table");
+      uint32_t& x = xs[i & 1];
       uint32_t freq = static_cast<uint32_t>(f[v]);
       uint32_t x_max = ((kLow >> kScaleBits) << 8) * freq;
       while (x >= x_max) {
@@ -101,10 +105,11 @@ at::Tensor rans_encode(const at::Tensor& symbols, const at::Tensor& seg_lens, co
       x = ((x / freq) << kScaleBits) + (x % freq) + cum[v];
     }
   }
-  for (int b = 0; b < 4; ++b) {
-    out.push_back(static_cast<uint8_t>(x & 0xff));
-    x >>= 8;
-  }
+  for (int k = 1; k >= 0; --k)  // state 1, then state 0: the stream opens with state 0
+    for (int b = 0; b < 4; ++b) {
+      out.push_back(static_cast<uint8_t>(xs[k] & 0xff));
+      xs[k] >>= 8;
+    }
   at::Tensor result = at::empty({static_cast<int64_t>(out.size())}, at::kByte);
   uint8_t* dst = result.data_ptr<uint8_t>();
   for (size_t i = 0; i < out.size(); ++i) dst[i] = out[out.size() - 1 - i];
@@ -121,28 +126,40 @@ at::Tensor rans_decode(const at::Tensor& data, const at::Tensor& seg_lens, const
   int32_t* dst = result.data_ptr<int32_t>();
   const uint8_t* p = data.data_ptr<uint8_t>();
   const uint8_t* end = p + data.numel();
-  if (end - p < 4) throw std::invalid_argument("rANS: stream too short");
-  uint32_t x = 0;
-  for (int b = 0; b < 4; ++b) x = (x << 8) | *p++;
+  if (end - p < 8) throw std::invalid_argument("rANS: stream too short");
+  // two interleaved states (symbol i through state i % 2): xa decodes the next
+  // symbol, xb the one after, so two dependency chains overlap
+  uint32_t xa = 0, xb = 0;
+  for (int b = 0; b < 4; ++b) xa = (xa << 8) | *p++;
+  for (int b = 0; b < 4; ++b) xb = (xb << 8) | *p++;
   std::vector<uint16_t> lut(kTotal);
+  auto step = [&](uint32_t& x, const int32_t* f, const uint32_t* cum) {
+    if (x < kLow) throw std::invalid_argument("rANS: corrupt stream");
+    const uint32_t slot = x & (kTotal - 1);
+    const uint16_t v = lut[slot];
+    *dst++ = v;
+    x = static_cast<uint32_t>(f[v]) * (x >> kScaleBits) + slot - cum[v];
+    while (x < kLow) {
+      if (p == end) throw std::invalid_argument("rANS: stream ends early");
+      x = (x << 8) | *p++;
+    }
+  };
   for (size_t s = 0; s < seg.len.size(); ++s) {
     const int32_t* f = t.freq[s];
     const uint32_t* cum = t.cum[s].data();
     for (int64_t v = 0; v < t.size[s]; ++v)
       std::fill(lut.begin() + cum[v], lut.begin() + cum[v + 1], static_cast<uint16_t>(v));
-    for (int64_t i = 0; i < seg.len[s]; ++i) {
-      if (x < kLow) throw std::invalid_argument("rANS: corrupt stream");
-      uint32_t slot = x & (kTotal - 1);
-      uint16_t v = lut[slot];
-      *dst++ = v;
-      x = static_cast<uint32_t>(f[v]) * (x >> kScaleBits) + slot - cum[v];
-      while (x < kLow) {
-        if (p == end) throw std::invalid_argument("rANS: stream ends early");
-        x = (x << 8) | *p++;
-      }
+    int64_t i = 0;
+    for (; i + 2 <= seg.len[s]; i += 2) {
+      step(xa, f, cum);
+      step(xb, f, cum);
+    }
+    if (i < seg.len[s]) {
+      step(xa, f, cum);
+      std::swap(xa, xb);
     }
   }
-  if (x != kLow || p != end) throw std::invalid_argument("rANS: stream does not end where it should");
+  if (xa != kLow || xb != kLow || p != end) throw std::invalid_argument("rANS: stream does not end where it should");
   return result;
 }
 
@@ -161,5 +178,63 @@ at::Tensor fp32_to_bf16(const at::Tensor& x) {
   for (; i + 2 * fVec::size() <= n; i += 2 * fVec::size())
     at::vec::convert_float_bfloat16(fVec::loadu(s + i), fVec::loadu(s + i + fVec::size())).store(d + i);
   for (; i < n; ++i) d[i] = at::BFloat16(s[i]);
+  return out;
+}
+
+// The lossy CacheGen levels' reconstruction (cachegen/codec.py:_decode_lossy) in one
+// pass on the calling thread: element (l, t, c) of the [L, T, C] fp32 output is
+// mean + anchor * anchor_step, plus delta * delta_step unless t opens a group, where
+// the symbol rows are per (layer, channel): row l * C + c of `anchors` holds the
+// group anchors of its tokens and of `deltas` the other tokens in order. The
+// arithmetic is numpy's (products and sums in double, each stage rounded to fp32),
+// so both paths give the same bits (no contraction into FMAs, which round once).
+__attribute__((optimize("fp-contract=off"))) at::Tensor cachegen_dequantize(const at::Tensor& anchors, const at::Tensor& deltas, const at::Tensor& mean,
+                               const at::Tensor& anchor_step, const at::Tensor& delta_step, int64_t group,
+                               int64_t T) {
+  TORCH_CHECK(anchors.scalar_type() == at::kLong && deltas.scalar_type() == at::kLong &&
+                  anchors.is_contiguous() && deltas.is_contiguous() && anchors.dim() == 2 && deltas.dim() == 2,
+              "symbol rows must be contiguous int64 [L * C, n]");
+  TORCH_CHECK(mean.dim() == 2 && mean.scalar_type() == at::kFloat && mean.is_contiguous() &&
+                  anchor_step.sizes() == mean.sizes() && delta_step.sizes() == mean.sizes() &&
+                  anchor_step.scalar_type() == at::kFloat && delta_step.scalar_type() == at::kFloat &&
+                  anchor_step.is_contiguous() && delta_step.is_contiguous(),
+              "mean and steps must be contiguous float32 [L, C]");
+  TORCH_CHECK(group >= 1 && T >= 0, "bad group or token count");
+  const int64_t L = mean.size(0), C = mean.size(1), nA = (T + group - 1) / group, nD = T - nA;
+  TORCH_CHECK(anchors.size(0) == L * C && deltas.size(0) == L * C && anchors.size(1) == nA && deltas.size(1) == nD,
+              "symbol rows do not match the shape");
+  at::Tensor out = at::empty({L, T, C}, mean.options());
+  pybind11::gil_scoped_release no_gil;
+  const int64_t* a = anchors.data_ptr<int64_t>();
+  const int64_t* d = deltas.data_ptr<int64_t>();
+  const float* mu = mean.data_ptr<float>();
+  const float* as = anchor_step.data_ptr<float>();
+  const float* ds = delta_step.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  // blocks of 16 channels: reads run along 16 symbol rows, writes along each token's row
+  constexpr int64_t kCB = 16;
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t c0 = 0; c0 < C; c0 += kCB) {
+      const int64_t nc = std::min(kCB, C - c0);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t g = t / group;
+        float* dst = o + (l * T + t) * C + c0;
+        if (t % group == 0) {
+          for (int64_t j = 0; j < nc; ++j) {
+            const int64_t row = l * C + c0 + j;
+            dst[j] = static_cast<float>(static_cast<double>(mu[row]) +
+                                        static_cast<double>(a[row * nA + g]) * static_cast<double>(as[row]));
+          }
+        } else {
+          const float* base = o + (l * T + g * group) * C + c0;  // the group's anchor, written above
+          const int64_t k = t - g - 1;
+          for (int64_t j = 0; j < nc; ++j) {
+            const int64_t row = l * C + c0 + j;
+            dst[j] = static_cast<float>(static_cast<double>(base[j]) +
+                                        static_cast<double>(d[row * nD + k]) * static_cast<double>(ds[row]));
+          }
+        }
+      }
+    }
   return out;
 }

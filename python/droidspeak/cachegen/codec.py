@@ -36,7 +36,7 @@ from droidspeak import kernels
 from droidspeak.kernels import native_available
 
 MAGIC = b"DSKV"
-VERSION = 4
+VERSION = 5
 # magic, version, level, dtype, coder, group, first layer, model layers, L, T, C, payload length, crc
 HEADER = struct.Struct("<4sHBBBHHHIIIII")
 CODER_RANGE, CODER_RANS = 0, 1  # constriction's range coder; our rANS (csrc/rans.cpp)
@@ -397,17 +397,28 @@ def _decode_lossy(payload: bytes, dtype: torch.dtype, shape, level: Level, group
         raise CodecError("bad quantization statistics")
     anchor_step, delta_step = _steps(std, level, first, total)
     n_anchor = (T + group - 1) // group
-    mask = np.arange(T) % group != 0
-    n_delta = int(mask.sum())
-    cols = lambda r, n: r.reshape(L, C, n).transpose(0, 2, 1)      # noqa: E731
-    a_sym = cols(_rows_decode(reader, L * C, n_anchor, coder), n_anchor)
-    d_sym = cols(_rows_decode(reader, L * C, n_delta, coder), n_delta)
+    a_rows = _rows_decode(reader, L * C, n_anchor, coder)
+    d_rows = _rows_decode(reader, L * C, T - n_anchor, coder)
     if reader.pos != len(payload):
         raise CodecError("payload has trailing bytes")
-    a_hat = mean[:, None] + a_sym * anchor_step[:, None]
+    if native_available():
+        out = kernels.cachegen_dequantize(torch.from_numpy(a_rows), torch.from_numpy(d_rows), torch.from_numpy(mean),
+                                          torch.from_numpy(anchor_step), torch.from_numpy(delta_step), group, T)
+        return _from_float32(out.numpy(), dtype)
+    return _from_float32(_dequantize(a_rows, d_rows, mean, anchor_step, delta_step, group, T), dtype)
+
+
+def _dequantize(a_rows: np.ndarray, d_rows: np.ndarray, mean: np.ndarray, anchor_step: np.ndarray,
+                delta_step: np.ndarray, group: int, T: int) -> np.ndarray:
+    """[L, T, C] fp32 values from the symbol rows [(layer, channel), anchors / deltas]
+    (the reference of the native `cachegen_dequantize`, bit for bit)."""
+    L, C = mean.shape
+    mask = np.arange(T) % group != 0
+    cols = lambda r: r.reshape(L, C, -1).transpose(0, 2, 1)        # noqa: E731
+    a_hat = mean[:, None] + cols(a_rows) * anchor_step[:, None]
     out = np.repeat(a_hat, group, axis=1)[:, :T].astype(np.float32)
-    out[:, mask] += d_sym * delta_step[:, None]
-    return _from_float32(out, dtype)
+    out[:, mask] += cols(d_rows) * delta_step[:, None]
+    return out
 
 
 # ---- lossless -------------------------------------------------------------------
