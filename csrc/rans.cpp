@@ -6,6 +6,9 @@
 // Decoding treats the stream as untrusted: every read is bounds-checked, every
 // table must sum to 2^15, and the final states must equal the initial ones (a
 // consistency check rANS gives for free), else it throws.
+//
+// The codec's other native passes live here too: fp32 -> bf16 narrowing and the
+// lossy levels' reconstruction (cachegen_dequantize), both on the calling thread.
 #include "ops.h"
 #include "vec.h"
 
