@@ -34,18 +34,6 @@ namespace {
 constexpr int64_t BQ = 64;
 constexpr int64_t kKB = 64;  // keys per packed block (oneDNN's VNNI B takes ld_b <= 64)
 
-inline float row_max(const float* s, int64_t n) {
-  using Vec = at::vec::Vectorized<float>;
-  Vec m(-std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) m = at::vec::maximum(m, Vec::loadu(s + j));
-  float lanes[Vec::size()];
-  m.store(lanes);
-  float top = *std::max_element(lanes, lanes + Vec::size());
-  for (; j < n; ++j) top = std::max(top, s[j]);
-  return top;
-}
-
 // Softmax of s[0..n) * scale, in place in fp32, then written to p as bf16.
 inline void softmax_to_bf16(float* s, at::BFloat16* p, int64_t n, float scale) {
   using fVec = at::vec::Vectorized<float>;

@@ -9,6 +9,11 @@
 #endif
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
 // s[j] = exp(s[j] * scale - shift) for j < n, vectorised; returns the sum.
 inline float exp_shifted(float* s, int64_t n, float shift, float scale = 1.f) {
   using Vec = at::vec::Vectorized<float>;
@@ -31,19 +36,72 @@ inline float exp_shifted(float* s, int64_t n, float shift, float scale = 1.f) {
   return sum;
 }
 
+// max of s[0..n) (n >= 1). On AVX-512: plain vmaxps over two accumulators and a
+// masked tail; at::vec::maximum's NaN propagation (a compare and an or per vector)
+// made this loop a fifth of a long prefill's softmax. A NaN score still poisons its
+// row through exp.
+inline float row_max(const float* s, int64_t n) {
+#ifdef CPU_CAPABILITY_AVX512
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m0 = ninf, m1 = ninf;
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + j));
+    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + j + 16));
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    m0 = _mm512_max_ps(m0, _mm512_mask_loadu_ps(ninf, k, s + j));
+  }
+  return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+#else
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) top = std::max(top, s[j]);
+  return top;
+#endif
+}
+
 // p[j] = bf16(exp(s[j] * scale - shift)) for j < n, vectorised; returns the sum of
-// the fp32 values (s is left as it was).
+// the fp32 values (s is left as it was). With AVX512-BF16 the rounding is one
+// vcvtne2ps2bf16 (round to nearest even, as the generic path) and the last < 32
+// values run masked instead of through scalar expf.
 inline float exp_shifted_to_bf16(const float* s, at::BFloat16* p, int64_t n, float shift, float scale) {
   using Vec = at::vec::Vectorized<float>;
   const Vec vshift(shift), vscale(scale);
   Vec vsum(0.f);
   int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  Vec vsum2(0.f);  // two sums: one chain of adds per 32 values was the loop's limit
+  for (; j + 32 <= n; j += 32) {
+    const __m512 a = at::vec::fmsub(Vec::loadu(s + j), vscale, vshift).exp_u20();
+    const __m512 b = at::vec::fmsub(Vec::loadu(s + j + 16), vscale, vshift).exp_u20();
+    _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    vsum = vsum + Vec(a);
+    vsum2 = vsum2 + Vec(b);
+  }
+  if (j < n) {
+    const int64_t r = n - j;
+    const __mmask16 ka = r >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << r) - 1);
+    const __mmask16 kb = r <= 16 ? __mmask16(0) : __mmask16((1u << (r - 16)) - 1);
+    const __m512 a = _mm512_maskz_mov_ps(
+        ka, at::vec::fmsub(Vec(_mm512_maskz_loadu_ps(ka, s + j)), vscale, vshift).exp_u20());
+    const __m512 b = _mm512_maskz_mov_ps(
+        kb, at::vec::fmsub(Vec(_mm512_maskz_loadu_ps(kb, s + j + 16)), vscale, vshift).exp_u20());
+    const __mmask32 k = r >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << r) - 1);
+    _mm512_mask_storeu_epi16(p + j, k, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    vsum = vsum + Vec(a);
+    vsum2 = vsum2 + Vec(b);
+    j = n;
+  }
+  vsum = vsum + vsum2;
+#else
   for (; j + 2 * Vec::size() <= n; j += 2 * Vec::size()) {
     const Vec a = at::vec::fmsub(Vec::loadu(s + j), vscale, vshift).exp_u20();
     const Vec b = at::vec::fmsub(Vec::loadu(s + j + Vec::size()), vscale, vshift).exp_u20();
     at::vec::convert_float_bfloat16(a, b).store(p + j);
     vsum = vsum + a + b;
   }
+#endif
   float lanes[Vec::size()];
   vsum.store(lanes);
   float sum = 0.f;

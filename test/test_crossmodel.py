@@ -128,13 +128,24 @@ def test_empty_group_equals_wholesale_reuse_through_engine(engine):
 
 @pytest.mark.parametrize("sender,receiver,group,tail", [("a", "b", (2, 4), 1.0), ("a", "la", (0, 2), 1.0),
                                                        ("b", "la", (0, NUM_LAYERS), 0.5)])
-def test_cross_hit_recomputes_the_group(engine, sender, receiver, group, tail):
+def test_cross_hit_recomputes_the_group(engine, sender, receiver, group, tail, monkeypatch):
     engine.flush_cache()
     ids = ids_of(engine, CONTEXT + QUESTIONS[0])
     ctx = len(ids_of(engine, CONTEXT))
     first = run(engine, sender, ids_of(engine, CONTEXT + QUESTIONS[1]), ctx)
     assert first["meta_info"]["cached_tokens"] == 0
+    runner, batches = engine.runner, []
+    forward = runner.forward
+    monkeypatch.setattr(runner, "forward", lambda batch, *a: batches.append(batch) or forward(batch, *a))
     out = run(engine, receiver, ids, ctx)
+    monkeypatch.undo()
+    # A group of every layer from the receiver's embeddings runs as the head of its
+    # own extend (one pass); any other group runs before it, separately.
+    prefill = batches[0]
+    fused = group == (0, NUM_LAYERS)
+    assert [len(prefill.recompute), len(prefill.fused_recompute)] == ([0, 1] if fused else [1, 0])
+    job = (prefill.fused_recompute or prefill.recompute)[0]
+    assert prefill.extend_lens == [len(ids) - (job.start if fused else ctx)]
     assert out["meta_info"]["cached_tokens"] == ctx and out["meta_info"]["cross_model_cached_tokens"] == ctx
     expected = reference_logprobs(engine, sender, receiver, ids, ctx, group, tail)
     assert torch.allclose(engine_logprobs(out), expected, atol=1e-5)

@@ -43,6 +43,7 @@ class ForwardBatch:
     e_pool: HiddenPool | None = None    # where the E cache goes
     e_loc: torch.Tensor | None = None   # [E, T] rows of e_pool for each token's E cache (0: keep none)
     recompute: list["Recompute"] = field(default_factory=list)  # cross-model spans, run first
+    fused_recompute: list["Recompute"] = field(default_factory=list)  # spans run as the head of their extend
     groups: "RowGroups | None" = None   # which member runs each row (None: one member, plain matmuls)
     loads: list = field(default_factory=list)  # KV-store loads still streaming in (kvstore.offload.PoolLoad)
 

@@ -263,26 +263,53 @@ class PrefillAdder:
         self.rem_chunk -= take
 
 
+def fuses_with_extend(job: Recompute | None, req: Req, num_layers: int) -> bool:
+    """Whether a request's cross-model recompute can run as the head of its own
+    extend: a group of every layer from the receiver's embeddings, over a span
+    that ends where the extend begins, by the request's own model. The tokens
+    then simply extend through all layers over the sender's KV before them, as
+    one pass instead of two (the same attention, one set of per-layer calls)."""
+    return (job is not None and job.layer_start == 0 and job.layer_end == num_layers
+            and job.e_rows is None and job.end == req.kv_len and job.req_pool_idx == req.req_pool_idx
+            and job.model_id == req.model_id and job.lora_id == req.lora_id)
+
+
 def build_prefill_batch(entries: list[PrefillEntry], runner) -> tuple[ForwardBatch, torch.Tensor, list[list[int]]]:
     """ForwardBatch for the entries, plus the flat rows whose logits input-token
-    logprobs need and, per entry, the positions those rows stand for."""
+    logprobs need and, per entry, the positions those rows stand for. A
+    recompute that `fuses_with_extend` becomes the first rows of its request's
+    extend (listed in `batch.fused_recompute`, not `batch.recompute`)."""
     ids, positions, locs, extra_rows, extra_pos, e_locs = [], [], [], [], [], []
+    separate, fused, firsts, lens = [], [], [], []
     start = 0
     table = runner.req_to_token_pool.table
+    num_layers = runner.model_config.num_layers
     for e in entries:
         r, n = e.req, e.num_tokens
-        ids.extend(r.fill_ids[r.kv_len:r.kv_len + n])
-        positions.append(torch.arange(r.kv_len, r.kv_len + n))
-        locs.append(table[:, r.req_pool_idx, r.kv_len:r.kv_len + n])
-        e_locs.append(r.erows[-1] if r.erows else None)
+        first = r.kv_len
+        if fuses_with_extend(r.recompute, r, num_layers):
+            fused.append(r.recompute)
+            first = r.recompute.start
+        elif r.recompute is not None:
+            separate.append(r.recompute)
+        end = r.kv_len + n
+        ids.extend(r.fill_ids[first:end])
+        positions.append(torch.arange(first, end))
+        locs.append(table[:, r.req_pool_idx, first:end])
+        e_loc = r.erows[-1] if r.erows else None
+        if e_loc is not None and first < r.kv_len:  # no E cache kept for the recomputed rows
+            e_loc = torch.cat([torch.zeros((e_loc.shape[0], r.kv_len - first), dtype=e_loc.dtype), e_loc], 1)
+        e_locs.append(e_loc)
         pos_here = []
         if r.wants_input_logprobs:
             lo = max(r.kv_len, r.logprob_start_len - 1, 0)
-            hi = min(r.kv_len + n, len(r.origin_input_ids) - 1)
+            hi = min(end, len(r.origin_input_ids) - 1)
             pos_here = list(range(lo, hi))
-            extra_rows.extend(start + p - r.kv_len for p in pos_here)
+            extra_rows.extend(start + p - first for p in pos_here)
         extra_pos.append(pos_here)
-        start += n
+        firsts.append(first)
+        lens.append(end - first)
+        start += end - first
     batch = ForwardBatch(
         mode=ForwardMode.EXTEND,
         input_ids=torch.tensor(ids, dtype=torch.int64),
@@ -290,15 +317,16 @@ def build_prefill_batch(entries: list[PrefillEntry], runner) -> tuple[ForwardBat
         out_cache_loc=torch.cat(locs, dim=1).to(torch.int64),
         req_pool_indices=torch.tensor([e.req.req_pool_idx for e in entries], dtype=torch.int64),
         seq_lens=torch.tensor([e.req.kv_len + e.num_tokens for e in entries], dtype=torch.int64),
-        prefix_lens=[e.req.kv_len for e in entries],
-        extend_lens=[e.num_tokens for e in entries],
+        prefix_lens=firsts,
+        extend_lens=lens,
         kv_pool=runner.kv_pool,
         req_to_token=table,
         model_ids=[e.req.model_id for e in entries],
         lora_ids=[e.req.lora_id for e in entries],
-        recompute=[e.req.recompute for e in entries if e.req.recompute is not None],
+        recompute=separate,
+        fused_recompute=fused,
     )
-    batch.e_pool, batch.e_loc = runner.e_pool, stack_e_loc(e_locs, [e.num_tokens for e in entries])
+    batch.e_pool, batch.e_loc = runner.e_pool, stack_e_loc(e_locs, lens)
     batch.loads = [e.req.store_load for e in entries if e.req.store_load is not None]
     return batch, torch.tensor(extra_rows, dtype=torch.int64), extra_pos
 

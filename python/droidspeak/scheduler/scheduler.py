@@ -219,7 +219,7 @@ class Scheduler:
             token_layers = batch.num_tokens * self.runner.model_config.num_layers + sum(
                 (j.end - j.start) * (j.layer_end - j.layer_start) for j in batch.recompute)
             self.cross_policy.observe_prefill(time.perf_counter() - start, token_layers)
-        if self.offloader is not None and not batch.recompute and not batch.loads:
+        if self.offloader is not None and not batch.recompute and not batch.fused_recompute and not batch.loads:
             attended = sum(e.num_tokens * (e.req.kv_len + e.num_tokens / 2) for e in entries)
             self.offloader.cost.observe_prefill(batch.num_tokens, attended, time.perf_counter() - start)
         to_sample, sample_rows = [], []
