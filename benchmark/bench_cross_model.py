@@ -1,13 +1,14 @@
 """Agent hand-off over one context: the sender (the default instruct model) reads a
 long context and answers; two fine-tunes (math, code; or any --receivers) then
 answer other questions on the same context. Three engines in one run, same
-models and prompts:
+models and prompts, their hand-offs interleaved (see run_modes):
 
   full        every model prefills the context itself (what engines do today)
   wholesale   receivers reuse the sender's KV in every layer
   droidspeak  receivers reuse it and recompute the profiled layer group
 
-Reports receiver TTFT (one request at a time) and prefill speedup, throughput of
+Reports receiver TTFT (one request at a time) and prefill speedup (ratio of mean
+TTFTs, and the median of per-hand-off ratios), throughput of
 all hand-offs submitted at once, and quality on held-out contexts (not the
 profiler's calibration set): KL and greedy agreement against the receiver's own
 full prefill, and task accuracy of the math fine-tune's generated answers.
@@ -24,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import sys
 import time
 
@@ -131,25 +133,30 @@ def greedy(n: int) -> dict:
     return {"temperature": 0, "max_new_tokens": n, "ignore_eos": True}
 
 
-def run_mode(engine, handoffs, root: str, receivers: list[str], new_tokens: int) -> dict:
-    """Sequential hand-offs (receiver TTFT), then every hand-off at once (load)."""
-    ttft, correct, answered = {r: [] for r in receivers}, 0, 0
-    outputs = {}
-    for i, h in enumerate(handoffs):
-        engine.generate(h["context"] + h["questions"][0], greedy(new_tokens), model=root)
-        for j, receiver in enumerate(receivers, 1):
-            reqs, _ = engine.make_requests(h["context"] + h["questions"][j], greedy(new_tokens), model=receiver)
-            for _ in engine._drive(reqs):
-                pass
-            ttft[receiver].append(reqs[0].first_token_time - reqs[0].created_time)
-            outputs[(i, receiver)] = engine.tokenizer.decode(reqs[0].output_ids)
-        if h["tasks"] and "math" in receivers:
-            outs = engine.generate([h["context"] + q for q, _ in h["tasks"]], greedy(new_tokens), model="math")
-            for (_, gold), out in zip(h["tasks"], outs):
-                correct += int(answer_of(out["text"]) == gold)
-                answered += 1
-    engine.flush_cache()
-    # Load: all senders first (their prefill is common to every mode), then all receivers at once.
+def handoff(engine, h: dict, root: str, receivers: list[str], new_tokens: int) -> dict:
+    """One hand-off, one request at a time: the sender reads the context and
+    answers, then each receiver answers its own question (its TTFT is timed);
+    then the math fine-tune's extra problems on the same context (task accuracy)."""
+    engine.generate(h["context"] + h["questions"][0], greedy(new_tokens), model=root)
+    ttft, outputs = {}, {}
+    for j, receiver in enumerate(receivers, 1):
+        reqs, _ = engine.make_requests(h["context"] + h["questions"][j], greedy(new_tokens), model=receiver)
+        for _ in engine._drive(reqs):
+            pass
+        ttft[receiver] = reqs[0].first_token_time - reqs[0].created_time
+        outputs[receiver] = engine.tokenizer.decode(reqs[0].output_ids)
+    correct = answered = 0
+    if h["tasks"] and "math" in receivers:
+        outs = engine.generate([h["context"] + q for q, _ in h["tasks"]], greedy(new_tokens), model="math")
+        for (_, gold), out in zip(h["tasks"], outs):
+            correct += int(answer_of(out["text"]) == gold)
+            answered += 1
+    return {"ttft": ttft, "outputs": outputs, "correct": correct, "answered": answered}
+
+
+def under_load(engine, handoffs, root: str, receivers: list[str], new_tokens: int) -> dict:
+    """All senders first (their prefill is common to every mode), then every
+    receiver request at once: wall time, requests/s and TTFT percentiles."""
     engine.generate([h["context"] + h["questions"][0] for h in handoffs], greedy(new_tokens), model=root)
     reqs = []
     for h in handoffs:
@@ -159,15 +166,57 @@ def run_mode(engine, handoffs, root: str, receivers: list[str], new_tokens: int)
     for _ in engine._drive(reqs):
         pass
     wall = time.perf_counter() - start
-    load_ttft = [r.first_token_time - r.created_time for r in reqs]
+    ttft = [r.first_token_time - r.created_time for r in reqs]
     engine.flush_cache()
-    return {"ttft_ms": {r: 1000 * sum(v) / len(v) for r, v in ttft.items()},
-            "ttft_p50_ms": 1000 * percentile([x for v in ttft.values() for x in v], 0.5),
+    return {"wall_s": wall, "requests": len(reqs), "output_tokens": sum(len(r.output_ids) for r in reqs),
+            "ttft": ttft}
+
+
+def run_modes(engines: dict, handoffs, root: str, receivers: list[str], new_tokens: int) -> tuple[dict, dict]:
+    """Every mode on the same work, interleaved so that a drifting machine (this
+    VM's speed moves 30-50% within minutes) weighs on all modes alike: each
+    hand-off runs in every engine in turn (the order rotating per hand-off), and
+    the load test runs in every engine twice, in forward then reverse order. The
+    speedups are then paired: full TTFT over mode TTFT on the same hand-off."""
+    modes = list(engines)
+    ttft = {m: {r: [] for r in receivers} for m in modes}
+    outputs = {m: {} for m in modes}
+    tasks = {m: [0, 0] for m in modes}
+    for i, h in enumerate(handoffs):
+        for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
+            got = handoff(engines[mode], h, root, receivers, new_tokens)
+            for r in receivers:
+                ttft[mode][r].append(got["ttft"][r])
+                outputs[mode][(i, r)] = got["outputs"][r]
+            tasks[mode][0] += got["correct"]
+            tasks[mode][1] += got["answered"]
+    for mode in modes:
+        engines[mode].flush_cache()
+    loads = {m: [] for m in modes}
+    for mode in modes + modes[::-1]:
+        loads[mode].append(under_load(engines[mode], handoffs, root, receivers, new_tokens))
+    results = {}
+    for mode in modes:
+        runs = loads[mode]
+        wall = sum(x["wall_s"] for x in runs)
+        load_ttft = [t for x in runs for t in x["ttft"]]
+        correct, answered = tasks[mode]
+        results[mode] = {
+            "ttft_ms": {r: 1000 * sum(v) / len(v) for r, v in ttft[mode].items()},
+            "ttft_p50_ms": 1000 * percentile([x for v in ttft[mode].values() for x in v], 0.5),
+            "ttft_each_ms": {r: [1000 * x for x in v] for r, v in ttft[mode].items()},
             "math_task_accuracy": correct / answered if answered else None, "math_answered": answered,
-            "load_wall_s": wall, "load_requests_per_s": len(reqs) / wall,
-            "load_output_tok_per_s": sum(len(r.output_ids) for r in reqs) / wall,
-            "load_ttft_p50_ms": 1000 * percentile(load_ttft, 0.5), "load_ttft_p99_ms": 1000 * percentile(load_ttft, 0.99),
-            "cross_model": engine.cross_policy.describe()}, outputs
+            "load_wall_s": wall / len(runs), "load_requests_per_s": sum(x["requests"] for x in runs) / wall,
+            "load_output_tok_per_s": sum(x["output_tokens"] for x in runs) / wall,
+            "load_ttft_p50_ms": 1000 * percentile(load_ttft, 0.5),
+            "load_ttft_p99_ms": 1000 * percentile(load_ttft, 0.99),
+            "cross_model": engines[mode].cross_policy.describe()}
+        if mode != "full":
+            full = ttft["full"]
+            results[mode]["prefill_speedup"] = {r: sum(full[r]) / sum(ttft[mode][r]) for r in receivers}
+            results[mode]["prefill_speedup_paired_median"] = {
+                r: statistics.median(f / x for f, x in zip(full[r], ttft[mode][r])) for r in receivers}
+    return results, outputs
 
 
 def quality(engine, handoffs, root: str, receivers: list[str], mode: str, tokens: int) -> dict:
@@ -215,21 +264,21 @@ def main() -> int:
     handoffs = build_handoffs(load_tokenizer(root_path), args.contexts, args.context_tokens, args.seed,
                               args.task_questions)
     pool = (len(handoffs) + 2) * (args.context_tokens + 256) * (len(args.receivers) + 1)
-    results, texts = {}, {}
-    for mode in ("full", "wholesale", "droidspeak"):
-        engine = make_engine(mode, names, profiles, pool)
-        engine.generate("warm up", greedy(2), model=args.receivers[0])
-        print(f"[{mode}] hand-offs ...", flush=True)
-        results[mode], texts[mode] = run_mode(engine, handoffs, root, args.receivers, args.new_tokens)
+    modes = ("full", "wholesale", "droidspeak")
+    engines = {}
+    for mode in modes:
+        engines[mode] = make_engine(mode, names, profiles, pool)
+        engines[mode].generate("warm up", greedy(2), model=args.receivers[0])
+    print(f"hand-offs in {', '.join(modes)}, interleaved ...", flush=True)
+    results, texts = run_modes(engines, handoffs, root, args.receivers, args.new_tokens)
+    for mode in modes:
         print(f"[{mode}] quality ...", flush=True)
-        results[mode]["quality"] = quality(engine, handoffs, root, args.receivers, mode, args.quality_tokens)
-        del engine
-        gc.collect()
+        results[mode]["quality"] = quality(engines[mode], handoffs, root, args.receivers, mode, args.quality_tokens)
+    del engines
+    gc.collect()
     for mode in ("wholesale", "droidspeak"):
         same = sum(texts[mode][k] == texts["full"][k] for k in texts["full"])
         results[mode]["same_output_as_full"] = same / len(texts["full"])
-        results[mode]["prefill_speedup"] = {r: results["full"]["ttft_ms"][r] / results[mode]["ttft_ms"][r]
-                                            for r in args.receivers}
     rows = []
     for mode in ("full", "wholesale", "droidspeak"):
         res = results[mode]
@@ -239,9 +288,10 @@ def main() -> int:
             rows.append({"mode": mode, "receiver": r, "group": f"[{q['group'][0]}, {q['group'][1]}){tail}",
                          "TTFT ms": res["ttft_ms"][r],
                          "speedup": res.get("prefill_speedup", {}).get(r, 1.0),
+                         "paired": res.get("prefill_speedup_paired_median", {}).get(r, 1.0),
                          "KL": q["kl"], "agree": q["agreement"], "softCE+%": 100 * q["soft_ce_excess"],
                          "load req/s": res["load_requests_per_s"], "math acc": res["math_task_accuracy"]})
-    print_table(rows, ["mode", "receiver", "group", "TTFT ms", "speedup", "KL", "agree", "softCE+%",
+    print_table(rows, ["mode", "receiver", "group", "TTFT ms", "speedup", "paired", "KL", "agree", "softCE+%",
                        "load req/s", "math acc"])
     path = write_json("bench_cross_model", {"machine": machine(), "args": vars(args), "sender": root,
                                       "handoffs": len(handoffs), "results": results})
