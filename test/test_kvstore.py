@@ -111,6 +111,14 @@ def test_level_choice_follows_bandwidth_and_falls_back_to_recompute():
     assert choose_level(sizes, 5e6, 0, cost, None, 0.23, loading=True) == "low"
     assert choose_level(sizes, 5e6, 0, cost, None, 0.19, loading=True) == "low"
     assert choose_level(sizes, 5e6, 0, cost, None, 0.17, loading=True) is None
+    # In a stream, one chunk's decode overlaps the next one's transfer (two fetches in
+    # flight): 0.12 s on the link + 0.06 s decoding costs about 0.12 s per chunk, which
+    # beats recomputing at 0.2 s per chunk; a single such chunk (0.18 s) does not,
+    # clearly enough.
+    streaming = CostModel()
+    streaming.decode_s_per_byte = {"low": 6e-8}
+    assert choose_level({"low": 1_000_000}, 1e6 / 0.12, 0, streaming, None, 0.2 * 16, 16) == "low"
+    assert choose_level({"low": 1_000_000}, 1e6 / 0.12, 0, streaming, None, 0.2, 1) is None
     # Always loading: the best level within the budget, else the fastest.
     assert choose_level(sizes, 1e6, 0, cost, None, 0.256, allow_recompute=False) == "lossless"
     assert choose_level(sizes, 1e6, 0, cost, 0.5, 0.256, allow_recompute=False) == "low"
@@ -136,6 +144,33 @@ def test_prefill_cost_model_learns_that_deep_chunks_cost_more():
         skewed.observe_prefill(32, 32 * 4112, 0.2)
     assert skewed.prefill_s(0, 4128) == pytest.approx(5.6, rel=0.05)
     assert skewed.prefill_s(4096, 32) == pytest.approx(0.2, rel=0.05)
+
+
+def test_prefill_cost_model_follows_a_drifting_machine():
+    """Minutes of prefills at one speed, then the machine slows by half: the next
+    few short prefills scale the estimate of a long one (whose shape was measured
+    only at the old speed), and it comes back when the machine does."""
+    a, b, c = 2e-4, 5e-7, 0.03
+
+    def seconds(n, start, slowdown=1.0):
+        return slowdown * (c + a * n + b * n * (start + n / 2))
+    cost = CostModel()
+    for n, start in [(512, 0), (256, 1024), (64, 4000), (1024, 512), (32, 8000), (4096, 0)] * 4:
+        cost.observe_prefill(n, n * (start + n / 2), seconds(n, start))
+    assert cost.speed == pytest.approx(1.0, rel=0.01)
+    assert cost.prefill_s(0, 4096) == pytest.approx(seconds(4096, 0), rel=0.05)
+    for _ in range(4):
+        cost.observe_prefill(32, 32 * 8016, seconds(32, 8000, 1.5))
+    # Most of the slowdown reaches the long prefill (the rest went into the fit,
+    # which the slow short prefills are part of); without the scale it stays at 1.0x.
+    assert cost.prefill_s(0, 4096) == pytest.approx(seconds(4096, 0, 1.5), rel=0.2)
+    assert cost.prefill_s(0, 4096) > 1.25 * seconds(4096, 0)
+    for _ in range(CostModel.RECENT):
+        cost.observe_prefill(32, 32 * 8016, seconds(32, 8000))
+    assert cost.prefill_s(0, 4096) == pytest.approx(seconds(4096, 0), rel=0.15)
+    # One wild measurement (a page-fault storm, a stolen core) moves it only within limits.
+    cost.observe_prefill(32, 32 * 8016, 100.0)
+    assert cost.speed <= CostModel.SPEED_LIMITS[1]
 
 
 def free_port() -> int:
