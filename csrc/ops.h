@@ -37,6 +37,7 @@ at::Tensor fp32_to_bf16(const at::Tensor& x);  // single-threaded, for the codec
 at::Tensor rans_decode(const at::Tensor& data, const at::Tensor& seg_lens, const at::Tensor& freqs,
                        const at::Tensor& table_lens);
 // Reconstruction of the codec's lossy levels from their symbol rows (rans.cpp).
-at::Tensor cachegen_dequantize(const at::Tensor& anchors, const at::Tensor& deltas, const at::Tensor& mean,
+at::Tensor cachegen_dequantize(const at::Tensor& anchors, const at::Tensor& deltas, const at::Tensor& a_index,
+                               const at::Tensor& d_index, const at::Tensor& mean,
                                const at::Tensor& anchor_step, const at::Tensor& delta_step, int64_t group,
                                int64_t T);

@@ -1,7 +1,13 @@
-// A static-model rANS entropy coder for the CacheGen codec (byte-wise
-// renormalisation, two interleaved 32-bit states, 15-bit probabilities). The symbols come in
+// A static-model rANS entropy coder for the CacheGen codec (16-bit renormalisation,
+// four interleaved 32-bit states, 15-bit probabilities). The symbols come in
 // segments, each coded with its own frequency table; one stream holds them all.
 // Encoding runs backwards so decoding runs forwards through the segments.
+//
+// Four states (symbol i through state i % 4) give the decoder four independent
+// dependency chains (table lookup, multiply, renormalise) to overlap; with 16-bit
+// renormalisation a step reads at most one word, so the read is branch-free (a
+// conditional move), where byte-wise renormalisation took a data-dependent loop
+// whose branch mispredicted every few symbols.
 //
 // Decoding treats the stream as untrusted: every read is bounds-checked, every
 // table must sum to 2^15, and the final states must equal the initial ones (a
@@ -21,7 +27,8 @@ namespace {
 
 constexpr uint32_t kScaleBits = 15;
 constexpr uint32_t kTotal = 1u << kScaleBits;
-constexpr uint32_t kLow = 1u << 23;  // the state stays in [kLow, kLow << 8)
+constexpr uint32_t kLow = 1u << 16;  // the state stays in [kLow, kLow << 16)
+constexpr int kStates = 4;
 
 struct Tables {
   std::vector<const int32_t*> freq;
@@ -87,35 +94,39 @@ at::Tensor rans_encode(const at::Tensor& symbols, const at::Tensor& seg_lens, co
   TORCH_CHECK(n == symbols.numel(), "segment lengths must add up to the symbol count");
   pybind11::gil_scoped_release no_gil;  // plain memory work: other Python threads may run
   const int32_t* sym = symbols.data_ptr<int32_t>();
-  std::vector<uint8_t> out;  // written backwards, reversed at the end
-  out.reserve(static_cast<size_t>(n / 2 + 16));
-  // symbol i goes through state i % 2; encoding runs backwards, so the decoder's
-  // forward pass alternates the states the same way
-  uint32_t xs[2] = {kLow, kLow};
+  std::vector<uint16_t> out;  // 16-bit words, written backwards, reversed at the end
+  out.reserve(static_cast<size_t>(n / 4 + 16));
+  // symbol i goes through state i % 4; encoding runs backwards, so the decoder's
+  // forward pass cycles through the states the same way
+  uint32_t xs[kStates] = {kLow, kLow, kLow, kLow};
   for (int64_t s = static_cast<int64_t>(seg.len.size()) - 1; s >= 0; --s) {
     const int32_t* f = t.freq[s];
     const uint32_t* cum = t.cum[s].data();
     for (int64_t i = seg.start[s] + seg.len[s] - 1; i >= seg.start[s]; --i) {
       int32_t v = sym[i];
       TORCH_CHECK(v >= 0 && v < t.size[s] && f[v] > 0, "symbol outside its table");
-      uint32_t& x = xs[i & 1];
-      uint32_t freq = static_cast<uint32_t>(f[v]);
-      uint32_t x_max = ((kLow >> kScaleBits) << 8) * freq;
-      while (x >= x_max) {
-        out.push_back(static_cast<uint8_t>(x & 0xff));
-        x >>= 8;
+      uint32_t& x = xs[i & (kStates - 1)];
+      const uint32_t freq = static_cast<uint32_t>(f[v]);
+      // x_max = ((kLow >> kScaleBits) << 16) * freq (64-bit: 2^32 for a probability-1
+      // symbol); x < 2^32, so one word at most
+      if (static_cast<uint64_t>(x) >= (static_cast<uint64_t>(freq) << (32 - kScaleBits))) {
+        out.push_back(static_cast<uint16_t>(x & 0xffff));
+        x >>= 16;
       }
       x = ((x / freq) << kScaleBits) + (x % freq) + cum[v];
     }
   }
-  for (int k = 1; k >= 0; --k)  // state 1, then state 0: the stream opens with state 0
-    for (int b = 0; b < 4; ++b) {
-      out.push_back(static_cast<uint8_t>(xs[k] & 0xff));
-      xs[k] >>= 8;
-    }
-  at::Tensor result = at::empty({static_cast<int64_t>(out.size())}, at::kByte);
+  for (int k = kStates - 1; k >= 0; --k) {  // the stream opens with state 0, high word first
+    out.push_back(static_cast<uint16_t>(xs[k] & 0xffff));
+    out.push_back(static_cast<uint16_t>(xs[k] >> 16));
+  }
+  at::Tensor result = at::empty({static_cast<int64_t>(out.size() * 2)}, at::kByte);
   uint8_t* dst = result.data_ptr<uint8_t>();
-  for (size_t i = 0; i < out.size(); ++i) dst[i] = out[out.size() - 1 - i];
+  for (size_t i = 0; i < out.size(); ++i) {  // little-endian words
+    const uint16_t w = out[out.size() - 1 - i];
+    dst[2 * i] = static_cast<uint8_t>(w & 0xff);
+    dst[2 * i + 1] = static_cast<uint8_t>(w >> 8);
+  }
   return result;
 }
 
@@ -127,42 +138,54 @@ at::Tensor rans_decode(const at::Tensor& data, const at::Tensor& seg_lens, const
   at::Tensor result = at::empty({seg.total}, at::kInt);
   pybind11::gil_scoped_release no_gil;  // plain memory work: other Python threads may run
   int32_t* dst = result.data_ptr<int32_t>();
-  const uint8_t* p = data.data_ptr<uint8_t>();
-  const uint8_t* end = p + data.numel();
-  if (end - p < 8) throw std::invalid_argument("rANS: stream too short");
-  // two interleaved states (symbol i through state i % 2): xa decodes the next
-  // symbol, xb the one after, so two dependency chains overlap
-  uint32_t xa = 0, xb = 0;
-  for (int b = 0; b < 4; ++b) xa = (xa << 8) | *p++;
-  for (int b = 0; b < 4; ++b) xb = (xb << 8) | *p++;
+  if (data.numel() % 2) throw std::invalid_argument("rANS: stream is not whole 16-bit words");
+  const uint8_t* bytes = data.data_ptr<uint8_t>();
+  const int64_t words = data.numel() / 2;
+  if (words < 2 * kStates) throw std::invalid_argument("rANS: stream too short");
+  auto word = [&](int64_t i) { return static_cast<uint32_t>(bytes[2 * i]) | (static_cast<uint32_t>(bytes[2 * i + 1]) << 8); };
+  uint32_t xs[kStates];
+  for (int k = 0; k < kStates; ++k) {
+    xs[k] = (word(2 * k) << 16) | word(2 * k + 1);
+    if (xs[k] < kLow) throw std::invalid_argument("rANS: corrupt stream");
+  }
+  int64_t pos = 2 * kStates;
+  bool overrun = false;
   std::vector<uint16_t> lut(kTotal);
+  // After a step x >= 2 (x >> 15 >= 2 for x >= kLow), so one word brings it back
+  // to >= kLow; the read is a conditional move, and a read past the end (a corrupt
+  // stream) takes a zero word and is reported after the loop.
   auto step = [&](uint32_t& x, const int32_t* f, const uint32_t* cum) {
-    if (x < kLow) throw std::invalid_argument("rANS: corrupt stream");
     const uint32_t slot = x & (kTotal - 1);
     const uint16_t v = lut[slot];
     *dst++ = v;
     x = static_cast<uint32_t>(f[v]) * (x >> kScaleBits) + slot - cum[v];
-    while (x < kLow) {
-      if (p == end) throw std::invalid_argument("rANS: stream ends early");
-      x = (x << 8) | *p++;
-    }
+    const bool need = x < kLow;
+    const bool have = pos < words;
+    overrun |= need & !have;
+    const uint32_t w = have ? word(pos) : 0u;
+    x = need ? (x << 16) | w : x;
+    pos += need & have;
   };
+  int64_t i = 0;  // global symbol index: symbol i goes through state i % 4
   for (size_t s = 0; s < seg.len.size(); ++s) {
     const int32_t* f = t.freq[s];
     const uint32_t* cum = t.cum[s].data();
     for (int64_t v = 0; v < t.size[s]; ++v)
       std::fill(lut.begin() + cum[v], lut.begin() + cum[v + 1], static_cast<uint16_t>(v));
-    int64_t i = 0;
-    for (; i + 2 <= seg.len[s]; i += 2) {
-      step(xa, f, cum);
-      step(xb, f, cum);
+    const int64_t stop = i + seg.len[s];
+    for (; i < stop && (i & (kStates - 1)); ++i) step(xs[i & (kStates - 1)], f, cum);
+    for (; i + kStates <= stop; i += kStates) {
+      step(xs[0], f, cum);
+      step(xs[1], f, cum);
+      step(xs[2], f, cum);
+      step(xs[3], f, cum);
     }
-    if (i < seg.len[s]) {
-      step(xa, f, cum);
-      std::swap(xa, xb);
-    }
+    for (; i < stop; ++i) step(xs[i & (kStates - 1)], f, cum);
+    if (overrun) throw std::invalid_argument("rANS: stream ends early");
   }
-  if (xa != kLow || xb != kLow || p != end) throw std::invalid_argument("rANS: stream does not end where it should");
+  for (int k = 0; k < kStates; ++k)
+    if (xs[k] != kLow) throw std::invalid_argument("rANS: stream does not end where it should");
+  if (pos != words) throw std::invalid_argument("rANS: stream does not end where it should");
   return result;
 }
 
@@ -187,11 +210,14 @@ at::Tensor fp32_to_bf16(const at::Tensor& x) {
 // The lossy CacheGen levels' reconstruction (cachegen/codec.py:_decode_lossy) in one
 // pass on the calling thread: element (l, t, c) of the [L, T, C] fp32 output is
 // mean + anchor * anchor_step, plus delta * delta_step unless t opens a group, where
-// the symbol rows are per (layer, channel): row l * C + c of `anchors` holds the
-// group anchors of its tokens and of `deltas` the other tokens in order. The
-// arithmetic is numpy's (products and sums in double, each stage rounded to fp32),
-// so both paths give the same bits (no contraction into FMAs, which round once).
-__attribute__((optimize("fp-contract=off"))) at::Tensor cachegen_dequantize(const at::Tensor& anchors, const at::Tensor& deltas, const at::Tensor& mean,
+// the symbol rows are per (layer, channel) and come in any order: row a_index[l * C + c]
+// of `anchors` holds the group anchors of (l, c)'s tokens and row d_index[l * C + c]
+// of `deltas` the other tokens in order (the codec decodes the rows bucket by
+// bucket and passes where each landed, rather than scattering them back first).
+// The arithmetic is numpy's (products and sums in double, each stage rounded to
+// fp32), so both paths give the same bits (no contraction into FMAs, which round once).
+__attribute__((optimize("fp-contract=off"))) at::Tensor cachegen_dequantize(const at::Tensor& anchors, const at::Tensor& deltas, const at::Tensor& a_index,
+                               const at::Tensor& d_index, const at::Tensor& mean,
                                const at::Tensor& anchor_step, const at::Tensor& delta_step, int64_t group,
                                int64_t T) {
   TORCH_CHECK(anchors.scalar_type() == at::kLong && deltas.scalar_type() == at::kLong &&
@@ -206,6 +232,13 @@ __attribute__((optimize("fp-contract=off"))) at::Tensor cachegen_dequantize(cons
   const int64_t L = mean.size(0), C = mean.size(1), nA = (T + group - 1) / group, nD = T - nA;
   TORCH_CHECK(anchors.size(0) == L * C && deltas.size(0) == L * C && anchors.size(1) == nA && deltas.size(1) == nD,
               "symbol rows do not match the shape");
+  TORCH_CHECK(a_index.scalar_type() == at::kLong && d_index.scalar_type() == at::kLong && a_index.is_contiguous() &&
+                  d_index.is_contiguous() && a_index.numel() == L * C && d_index.numel() == L * C,
+              "row indices must be contiguous int64 [L * C]");
+  const int64_t* ai = a_index.data_ptr<int64_t>();
+  const int64_t* di = d_index.data_ptr<int64_t>();
+  for (int64_t r = 0; r < L * C; ++r)
+    TORCH_CHECK(ai[r] >= 0 && ai[r] < L * C && di[r] >= 0 && di[r] < L * C, "row index outside the symbol rows");
   at::Tensor out = at::empty({L, T, C}, mean.options());
   pybind11::gil_scoped_release no_gil;
   const int64_t* a = anchors.data_ptr<int64_t>();
@@ -226,7 +259,7 @@ __attribute__((optimize("fp-contract=off"))) at::Tensor cachegen_dequantize(cons
           for (int64_t j = 0; j < nc; ++j) {
             const int64_t row = l * C + c0 + j;
             dst[j] = static_cast<float>(static_cast<double>(mu[row]) +
-                                        static_cast<double>(a[row * nA + g]) * static_cast<double>(as[row]));
+                                        static_cast<double>(a[ai[row] * nA + g]) * static_cast<double>(as[row]));
           }
         } else {
           const float* base = o + (l * T + g * group) * C + c0;  // the group's anchor, written above
@@ -234,7 +267,7 @@ __attribute__((optimize("fp-contract=off"))) at::Tensor cachegen_dequantize(cons
           for (int64_t j = 0; j < nc; ++j) {
             const int64_t row = l * C + c0 + j;
             dst[j] = static_cast<float>(static_cast<double>(base[j]) +
-                                        static_cast<double>(d[row * nD + k]) * static_cast<double>(ds[row]));
+                                        static_cast<double>(d[di[row] * nD + k]) * static_cast<double>(ds[row]));
           }
         }
       }

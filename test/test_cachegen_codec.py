@@ -215,7 +215,11 @@ def test_native_dequantize_equals_numpy_bit_for_bit(group, monkeypatch):
     mean = rng.standard_normal((L, C)).astype(np.float32)
     a_step, d_step = [(rng.random((L, C)) * 0.3 + 1e-4).astype(np.float32) for _ in range(2)]
     ref = codec._dequantize(a, d, mean, a_step, d_step, group, T)
-    nat = kernels.cachegen_dequantize(*map(torch.from_numpy, (a, d, mean, a_step, d_step)), group, T).numpy()
+    # the native op reads the rows in any order, through an index per (layer, channel)
+    a_perm, d_perm = rng.permutation(L * C), rng.permutation(L * C)
+    a_index, d_index = np.argsort(a_perm), np.argsort(d_perm)  # row r is row index[r] of the permuted
+    nat = kernels.cachegen_dequantize(*map(torch.from_numpy, (a[a_perm], d[d_perm], a_index, d_index, mean,
+                                                              a_step, d_step)), group, T).numpy()
     assert np.array_equal(ref.view(np.uint32), nat.view(np.uint32))
     # and through the codec: one chunk decoded with and without the native op
     x = kv_like(L=4, T=T, C=16, dtype=torch.bfloat16)
@@ -223,5 +227,10 @@ def test_native_dequantize_equals_numpy_bit_for_bit(group, monkeypatch):
     native = decode(buf)
     monkeypatch.setattr(codec, "native_available", lambda: False)
     assert torch.equal(decode(buf).view(torch.int16), native.view(torch.int16))
+    identity = torch.arange(L * C)
     with pytest.raises(RuntimeError, match="do not match the shape"):
-        kernels.cachegen_dequantize(*map(torch.from_numpy, (a[:, :-1].copy(), d, mean, a_step, d_step)), group, T)
+        kernels.cachegen_dequantize(torch.from_numpy(a[:, :-1].copy()), torch.from_numpy(d), identity, identity,
+                                    *map(torch.from_numpy, (mean, a_step, d_step)), group, T)
+    with pytest.raises(RuntimeError, match="row index outside"):
+        kernels.cachegen_dequantize(torch.from_numpy(a), torch.from_numpy(d), identity, identity + 1,
+                                    *map(torch.from_numpy, (mean, a_step, d_step)), group, T)

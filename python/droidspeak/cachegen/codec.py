@@ -36,7 +36,7 @@ from droidspeak import kernels
 from droidspeak.kernels import native_available
 
 MAGIC = b"DSKV"
-VERSION = 5
+VERSION = 6
 # magic, version, level, dtype, coder, group, first layer, model layers, L, T, C, payload length, crc
 HEADER = struct.Struct("<4sHBBBHHHIIIII")
 CODER_RANGE, CODER_RANS = 0, 1  # constriction's range coder; our rANS (csrc/rans.cpp)
@@ -283,7 +283,7 @@ def _decode_segments(reader: _Reader, sizes: list[int], coder: int) -> list[np.n
         flat = _entropy_decode(stream, [size for _, size, _ in coded], [spec[3] for _, _, spec in coded], coder)
         pos = 0
         for i, size, spec in coded:
-            out[i] = flat[pos:pos + size].astype(np.int64) + spec[2]
+            out[i] = np.add(flat[pos:pos + size], spec[2], dtype=np.int64)
             pos += size
     elif n:
         raise CodecError("an entropy-coded stream with no coded segment")
@@ -332,20 +332,21 @@ def _rows_code(rows: np.ndarray, coder: int) -> bytes:
     return buckets.tobytes() + _code_segments([rows[buckets == b] for b in present], coder)
 
 
-def _rows_decode(reader: _Reader, num_rows: int, n: int, coder: int) -> np.ndarray:
+def _rows_decode(reader: _Reader, num_rows: int, n: int, coder: int) -> tuple[np.ndarray, np.ndarray]:
+    """(symbol rows [num_rows, n] in bucket order, index [num_rows]): row r of the
+    chunk is row index[r] of the first. Segment b holds the rows of bucket b in row
+    order, so the rows of a stable sort by bucket line up with the segments."""
     buckets = reader.take("<u1", num_rows)
     if n == 0:
         _decode_segments(reader, [], coder)
-        return np.zeros((num_rows, 0), dtype=np.int64)
+        return np.zeros((num_rows, 0), dtype=np.int64), np.arange(num_rows, dtype=np.int64)
     if int(buckets.max(initial=0)) >= SCALE_GRID.size:
         raise CodecError("bad scale bucket")
-    present = np.unique(buckets)
-    masks = [buckets == b for b in present]
-    segs = _decode_segments(reader, [int(m.sum()) * n for m in masks], coder)
-    out = np.empty((num_rows, n), dtype=np.int64)
-    for m, seg in zip(masks, segs):
-        out[m] = seg.reshape(-1, n)
-    return out
+    present, counts = np.unique(buckets, return_counts=True)
+    segs = _decode_segments(reader, [int(k) * n for k in counts], coder)
+    index = np.empty(num_rows, dtype=np.int64)
+    index[np.argsort(buckets, kind="stable")] = np.arange(num_rows)
+    return np.concatenate(segs).reshape(num_rows, n), index
 
 
 # ---- lossy ----------------------------------------------------------------------
@@ -397,15 +398,15 @@ def _decode_lossy(payload: bytes, dtype: torch.dtype, shape, level: Level, group
         raise CodecError("bad quantization statistics")
     anchor_step, delta_step = _steps(std, level, first, total)
     n_anchor = (T + group - 1) // group
-    a_rows = _rows_decode(reader, L * C, n_anchor, coder)
-    d_rows = _rows_decode(reader, L * C, T - n_anchor, coder)
+    a_rows, a_index = _rows_decode(reader, L * C, n_anchor, coder)
+    d_rows, d_index = _rows_decode(reader, L * C, T - n_anchor, coder)
     if reader.pos != len(payload):
         raise CodecError("payload has trailing bytes")
     if native_available():
-        out = kernels.cachegen_dequantize(torch.from_numpy(a_rows), torch.from_numpy(d_rows), torch.from_numpy(mean),
-                                          torch.from_numpy(anchor_step), torch.from_numpy(delta_step), group, T)
+        out = kernels.cachegen_dequantize(*map(torch.from_numpy, (a_rows, d_rows, a_index, d_index, mean,
+                                                                   anchor_step, delta_step)), group, T)
         return _from_float32(out.numpy(), dtype)
-    return _from_float32(_dequantize(a_rows, d_rows, mean, anchor_step, delta_step, group, T), dtype)
+    return _from_float32(_dequantize(a_rows[a_index], d_rows[d_index], mean, anchor_step, delta_step, group, T), dtype)
 
 
 def _dequantize(a_rows: np.ndarray, d_rows: np.ndarray, mean: np.ndarray, anchor_step: np.ndarray,

@@ -80,10 +80,12 @@ def rans_decode(data, seg_lens, freqs, table_lens):
     return _native.rans_decode(data, seg_lens, freqs, table_lens)
 
 
-def cachegen_dequantize(anchors, deltas, mean, anchor_step, delta_step, group, T):
-    """The codec's lossy reconstruction (csrc/rans.cpp); `codec._dequantize` is its
-    numpy reference. Native only: the codec calls it where the extension is built."""
-    return _native.cachegen_dequantize(anchors, deltas, mean, anchor_step, delta_step, group, T)
+def cachegen_dequantize(anchors, deltas, a_index, d_index, mean, anchor_step, delta_step, group, T):
+    """The codec's lossy reconstruction (csrc/rans.cpp): (layer, channel) row r's
+    symbols are row a_index[r] of `anchors` and d_index[r] of `deltas`;
+    `codec._dequantize` is its numpy reference. Native only: the codec calls it
+    where the extension is built."""
+    return _native.cachegen_dequantize(anchors, deltas, a_index, d_index, mean, anchor_step, delta_step, group, T)
 
 
 def fp32_to_bf16(x):
