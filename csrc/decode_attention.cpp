@@ -100,7 +100,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
           const float* qh = &qf[h * D];
           const int64_t off = (h / G) * D;
           for (int64_t j = 0; j < nb; ++j) sh[j] = dot(qh, &kf[j * row_len + off], D);
-          const float block_max = *std::max_element(sh, sh + nb);
+          const float block_max = row_max(sh, nb);
           const float new_m = std::max(m[h], block_max);
           const float corr = std::exp(m[h] - new_m);
           l[h] = l[h] * corr + exp_shifted(sh, nb, new_m);
@@ -196,7 +196,7 @@ void decode_bf16_grouped(const at::Tensor& q, const at::Tensor& k_cache, const a
           }
         }
         for (int h = 0; h < G; ++h) {
-          const float block_max = *std::max_element(sc[h], sc[h] + nb);
+          const float block_max = row_max(sc[h], nb);
           const float new_m = std::max(m[h], block_max);
           const float corr = std::exp(m[h] - new_m);
           l[h] = l[h] * corr + exp_shifted(sc[h], nb, new_m);

@@ -342,7 +342,7 @@ def _rows_decode(reader: _Reader, num_rows: int, n: int, coder: int) -> tuple[np
         return np.zeros((num_rows, 0), dtype=np.int64), np.arange(num_rows, dtype=np.int64)
     if int(buckets.max(initial=0)) >= SCALE_GRID.size:
         raise CodecError("bad scale bucket")
-    present, counts = np.unique(buckets, return_counts=True)
+    _, counts = np.unique(buckets, return_counts=True)
     segs = _decode_segments(reader, [int(k) * n for k in counts], coder)
     index = np.empty(num_rows, dtype=np.int64)
     index[np.argsort(buckets, kind="stable")] = np.arange(num_rows)
