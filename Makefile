@@ -29,9 +29,11 @@ $(STAMP): $(PY) setup.py
 
 install: $(STAMP)
 
-# De-quantize the embedded GGUF once into the cache directory ($$DROIDSPEAK_CACHE).
+# De-quantize the embedded GGUF once into the cache directory ($$DROIDSPEAK_CACHE) and
+# calibrate its KV codec profile (both skipped when current).
 model: install
 	$(VENV)/bin/droidspeak prepare-model
+	$(VENV)/bin/droidspeak codec-profile
 
 # The KV store's Redis-tier tests start a real redis-server (Debian's package).
 redis:

@@ -16,7 +16,7 @@ if not os.environ.get("DROIDSPEAK_NO_EXT"):
     ext = CppExtension(
         "droidspeak._C",
         sources=["csrc/ops.cpp", "csrc/decode_attention.cpp", "csrc/extend_attention.cpp", "csrc/rope_store.cpp",
-                 "csrc/rans.cpp", "csrc/grouped_linear.cpp",
+                 "csrc/rans.cpp", "csrc/codec_transform.cpp", "csrc/grouped_linear.cpp",
                  "csrc/norm_act.cpp"],
         depends=["csrc/ops.h", "csrc/vec.h"],
         extra_compile_args=["-O3", "-march=native", "-fopenmp"],

@@ -1,13 +1,20 @@
 """CacheGen codec on the default model's KV cache: size against bf16 and 8-bit
 quantization, encode/decode time, and what each level does to the model's output,
-measured against full recompute on held-out contexts (the KV of the context is
-encoded, decoded back into the pool, and the model reads a question over it).
+measured against full recompute on held-out texts: the KV of a text's first
+`--context-tokens` tokens is encoded, decoded back into the pool, and the model
+reads the text's next `--continuation-tokens` tokens over it (continuation
+perplexity, KL, greedy agreement with the full KV's next-token predictions).
+Every lossy level runs without and with the default model's codec profile
+(`droidspeak codec-profile`; made here from the calibration half of the texts
+when the cache has none), and, as the KV store does, keeps the first token of
+a prompt's first chunk exactly.
 
-    python benchmark/bench_cachegen.py [--contexts 6] [--context-tokens 512] [--chunk 256]
+    python benchmark/bench_cachegen.py [--per-domain 10] [--context-tokens 512] [--chunk 256]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -16,7 +23,7 @@ import torch.nn.functional as F
 
 from common import machine, print_table, write_json
 
-LEVELS = ("lossless", "high", "medium", "low")
+LEVELS = ("lossless", "high", "medium", "low", "high+profile", "medium+profile", "low+profile")
 
 
 def quantize_8bit(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -36,11 +43,37 @@ def score(logits: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> dic
             "soft_ce_excess": d.excess, "nll": -lp.gather(1, targets[:, None]).mean().item()}
 
 
+def load_or_make_profile(engine, path):
+    """The default model's codec profile: `path`, the cache's, or one made now from
+    the calibration texts (disjoint from the evaluation ones) and saved there."""
+    import os
+
+    from droidspeak.cachegen.calibrate import calibrate
+    from droidspeak.cachegen.transform import CodecProfile, default_codec_profile_path
+    from droidspeak.crossmodel.calibration import build_items
+    from droidspeak.crossmodel.profile import fingerprint
+
+    if path:
+        return CodecProfile.load(path)
+    model_fp = fingerprint(engine.model_path)
+    path = default_codec_profile_path(engine.model_path, model_fp)
+    if os.path.isfile(path):
+        print(f"codec profile: {path}")
+        return CodecProfile.load(path)
+    print(f"no codec profile in the cache; calibrating one into {path}", flush=True)
+    items = build_items("calibration", 6, context_chars=6 * 512)
+    profile = calibrate(engine.model_path, [(i.context, i.question) for i in items], model_fp)
+    profile.save(path)
+    return profile
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=int, default=6)
+    parser.add_argument("--per-domain", type=int, default=10, help="held-out texts per domain (code, docs, math)")
     parser.add_argument("--context-tokens", type=int, default=512)
+    parser.add_argument("--continuation-tokens", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=256, help="tokens per encoded chunk")
+    parser.add_argument("--codec-profile", help="codec profile file (default: the cache's, made if missing)")
     args = parser.parse_args()
 
     from droidspeak import Engine
@@ -50,14 +83,17 @@ def main() -> int:
 
     engine = Engine(None, max_total_tokens=8 * (args.context_tokens + 512), disable_cross_model=True)
     runner, tok = engine.runner, engine.tokenizer
-    items = [i for i in build_items("evaluation", args.contexts, context_chars=args.context_tokens * 5)
-             if i.domain != "docs"][:args.contexts]
+    profile = load_or_make_profile(engine, args.codec_profile)
+    span = args.context_tokens + args.continuation_tokens
+    items = [i for i in build_items("evaluation", args.per_domain, context_chars=span * 6)
+             if len(tok.encode(i.context + i.question, add_special_tokens=False)) > args.context_tokens + 16]
     totals = {m: {"bytes": 0, "encode_s": 0.0, "decode_s": 0.0, "kl": 0.0, "agreement": 0.0,
                   "soft_ce_excess": 0.0, "nll": 0.0} for m in ("bf16", "8-bit", *LEVELS)}
-    tokens = 0
+    tokens = chunks = 0
+    ref_nll = 0.0
     for item in items:
-        ctx = tok.encode(item.context, add_special_tokens=False)[:args.context_tokens]
-        suffix = tok.encode(item.question, add_special_tokens=False)[:64]
+        ids = tok.encode(item.context + item.question, add_special_tokens=False)
+        ctx, suffix = ids[:args.context_tokens], ids[args.context_tokens:span]
         targets = torch.tensor(suffix[1:])
         ref_seq = Sequence(runner)
         ref_seq.extend(ctx)
@@ -67,6 +103,8 @@ def main() -> int:
         L, T, H, D = k.shape
         x = torch.cat([k.flatten(2), v.flatten(2)], dim=2)  # [L, T, 2 * H * D]
         tokens += T
+        chunks += -(-T // args.chunk)
+        ref_nll += score(ref, ref, targets)["nll"]
         for mode in totals:
             start = time.perf_counter()
             if mode == "bf16":
@@ -74,10 +112,13 @@ def main() -> int:
             elif mode == "8-bit":
                 x_hat, size = quantize_8bit(x)
             else:
-                bufs = [encode(x[:, s:s + args.chunk], mode) for s in range(0, T, args.chunk)]
+                level, _, with_profile = mode.partition("+")
+                p = profile if with_profile else None
+                bufs = [encode(x[:, s:s + args.chunk], level, profile=p, exact_tokens=int(s == 0))
+                        for s in range(0, T, args.chunk)]
                 totals[mode]["encode_s"] += time.perf_counter() - start
                 start = time.perf_counter()
-                x_hat = torch.cat([decode(b) for b in bufs], dim=1)
+                x_hat = torch.cat([decode(b, p) for b in bufs], dim=1)
                 totals[mode]["decode_s"] += time.perf_counter() - start
                 size = sum(len(b) for b in bufs)
             seq = Sequence(runner)
@@ -92,13 +133,15 @@ def main() -> int:
     for mode, t in totals.items():
         rows.append({"format": mode, "bytes/token": t["bytes"] / tokens,
                      "vs bf16": totals["bf16"]["bytes"] / t["bytes"], "vs 8-bit": totals["8-bit"]["bytes"] / t["bytes"],
-                     "encode ms/chunk": 1000 * t["encode_s"] / max(1, tokens // args.chunk),
-                     "decode ms/chunk": 1000 * t["decode_s"] / max(1, tokens // args.chunk),
+                     "encode ms/chunk": 1000 * t["encode_s"] / chunks,
+                     "decode ms/chunk": 1000 * t["decode_s"] / chunks,
                      "KL": t["kl"] / n, "agreement": t["agreement"] / n,
-                     "soft CE +%": 100 * t["soft_ce_excess"] / n, "nll": t["nll"] / n})
+                     "soft CE +%": 100 * t["soft_ce_excess"] / n,
+                     "perplexity +%": 100 * (math.exp((t["nll"] - ref_nll) / n) - 1), "nll": t["nll"] / n})
     print_table(rows, list(rows[0]))
     path = write_json("bench_cachegen", {"machine": machine(), "args": vars(args), "contexts": n,
-                                         "tokens": tokens, "rows": rows})
+                                         "tokens": tokens, "codec_profile_tag": f"{profile.tag:016x}",
+                                         "rows": rows})
     print(f"wrote {path}")
     return 0
 

@@ -18,4 +18,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cachegen_dequantize", &cachegen_dequantize,
         "CacheGen lossy levels: anchors + deltas times their steps, [L, T, C] fp32, on the calling thread");
   m.def("fp32_to_bf16", &fp32_to_bf16, "fp32 -> bf16 on the calling thread (no OpenMP)");
+  m.def("codec_transform", &codec_transform,
+        "A codec profile's per-layer K and V transforms, on the calling thread");
 }

@@ -36,6 +36,10 @@ at::Tensor rans_encode(const at::Tensor& symbols, const at::Tensor& seg_lens, co
 at::Tensor fp32_to_bf16(const at::Tensor& x);  // single-threaded, for the codec's threads
 at::Tensor rans_decode(const at::Tensor& data, const at::Tensor& seg_lens, const at::Tensor& freqs,
                        const at::Tensor& table_lens);
+// A codec profile's transforms of layers [first, first + L) (codec_transform.cpp):
+// forward: (x - centre) @ mats, else x @ mats + centre, per layer's K and V half.
+at::Tensor codec_transform(const at::Tensor& x, const at::Tensor& mats, const at::Tensor& centre, int64_t first,
+                           bool forward);
 // Reconstruction of the codec's lossy levels from their symbol rows (rans.cpp).
 at::Tensor cachegen_dequantize(const at::Tensor& anchors, const at::Tensor& deltas, const at::Tensor& a_index,
                                const at::Tensor& d_index, const at::Tensor& mean,

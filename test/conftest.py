@@ -29,6 +29,18 @@ def tiny_engine(tiny_llama):
 
 
 @pytest.fixture(scope="session")
+def tiny_codec_profile(tiny_llama, tmp_path_factory):
+    """(path, profile): the tiny model's codec profile, calibrated on a few texts."""
+    from helpers import CORPUS
+    from droidspeak.cachegen.calibrate import calibrate
+    texts = [(CORPUS[i] * 3, CORPUS[i + 1]) for i in range(4)]
+    profile = calibrate(tiny_llama, texts, "tiny", samples=2, progress=False)
+    path = str(tmp_path_factory.mktemp("codec_profile") / "tiny.safetensors")
+    profile.save(path)
+    return path, profile
+
+
+@pytest.fixture(scope="session")
 def default_model_path():
     from droidspeak.models.default_model import prepare_default_model
     return prepare_default_model()

@@ -331,6 +331,35 @@ def test_lossy_levels_load_within_the_codec_bound(tiny_llama):
         e.shutdown()
 
 
+def test_the_store_codes_with_the_codec_profile_and_keeps_the_sink_exact(tiny_llama, tiny_codec_profile):
+    from droidspeak.cachegen.codec import profile_tag
+    path, profile = tiny_codec_profile
+    e = store_engine(tiny_llama, kv_store="ram", kv_store_levels="medium", kv_store_codec_profile=path)
+    try:
+        assert e.offloader.codec_profile.tag == profile.tag
+        ids = prompt(4)
+        run(e, ids)
+        pool = e.runner.kv_pool
+        reference_k = pool.k[:, e.scheduler.cache.match_prefix(ids, 0).indices[0, :96]].clone()
+        for seed in (5, 6, 7):
+            run(e, prompt(seed, 120))
+        e.offloader.flush()
+        ram = e.offloader.store.tiers[0]
+        keys = [k for k in ram._data if k.endswith(f":medium@{profile.tag:016x}")]
+        assert keys and all(profile_tag(ram._data[k]) == profile.tag for k in keys)
+        again = run(e, ids)
+        assert again["kv_store_cached_tokens"] == 96 and e.offloader.level_counts["medium"] == 6
+        restored = pool.k[:, e.scheduler.cache.match_prefix(ids, 0).indices[0, :96]]
+        assert torch.equal(restored[:, 0], reference_k[:, 0])  # the prompt's first token, as computed
+        err = (restored - reference_k).abs().amax(dim=1).flatten(1)  # [layers, K channels]
+        from droidspeak.cachegen.codec import LEVELS
+        bound = torch.from_numpy(profile.error_bound(LEVELS[2].coefficient_step, 0, profile.num_layers))
+        assert float(err.max()) > 0 and (err <= bound[:, :err.shape[1]] * (1 + 1e-4) + 1e-6).all()
+        assert_no_leak(e)
+    finally:
+        e.shutdown()
+
+
 def test_engines_share_kv_through_a_disk_tier_and_survive_corrupt_entries(tiny_llama, tmp_path, caplog):
     spec = f"disk:{tmp_path}"
     a = store_engine(tiny_llama, kv_store=spec, kv_store_write="through")

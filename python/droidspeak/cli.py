@@ -1,4 +1,4 @@
-"""`droidspeak` command line: prepare-model, generate, profile, serve."""
+"""`droidspeak` command line: prepare-model, generate, profile, codec-profile, serve."""
 from __future__ import annotations
 
 import argparse
@@ -124,6 +124,40 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_codec_profile(args) -> int:
+    import os
+
+    from droidspeak.cachegen.calibrate import calibrate
+    from droidspeak.cachegen.transform import CodecProfile, CodecProfileError, default_codec_profile_path
+    from droidspeak.crossmodel.calibration import build_items, load_jsonl
+    from droidspeak.crossmodel.profile import fingerprint
+    from droidspeak.errors import ModelNotFoundError
+    from droidspeak.models.default_model import resolve_model_path
+
+    try:
+        path = resolve_model_path(args.model_path)
+    except ModelNotFoundError as e:
+        print(f"droidspeak codec-profile: {e}", file=sys.stderr)
+        return 2
+    model_fp = fingerprint(path)
+    out = args.out or default_codec_profile_path(path, model_fp)
+    if os.path.isfile(out) and not args.overwrite:
+        try:
+            if CodecProfile.load(out).model == model_fp:
+                print(f"codec profile for {path} exists ({out}); --overwrite redoes it")
+                return 0
+        except CodecProfileError:
+            pass
+    items = load_jsonl(args.calibration) if args.calibration else build_items(
+        "calibration", args.per_domain, context_chars=6 * args.context_tokens)
+    print(f"calibrating the KV codec for {path} over {len(items)} texts", flush=True)
+    profile = calibrate(path, [(i.context, i.question) for i in items], model_fp, args.context_tokens,
+                        samples=args.samples)
+    profile.save(out)
+    print(f"wrote {out} (tag {profile.tag:016x})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="droidspeak", description=__doc__)
     parser.add_argument("--log-level", default="info")
@@ -159,6 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="redo pairs that have a current profile")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("codec-profile", help="calibrate the KV codec's transform for a model (the KV store's "
+                                              "lossy levels use it)")
+    p.add_argument("--model-path", default=None, help="model directory or .gguf (default: the default model)")
+    p.add_argument("--out", help="profile file (default: $DROIDSPEAK_CACHE/codec_profiles/<model>-<fingerprint>"
+                                 ".safetensors, where the engine looks)")
+    p.add_argument("--calibration", help="JSONL of {context, question}: texts and their continuations "
+                                         "(default: built-in offline set)")
+    p.add_argument("--per-domain", type=int, default=6,
+                   help="built-in set: texts per domain (code, docs, math) (default: 6)")
+    p.add_argument("--context-tokens", type=int, default=512, help="context length (default: 512)")
+    p.add_argument("--samples", type=int, default=2,
+                   help="sampled continuations per text for the Fisher estimate (default: 2)")
+    p.add_argument("--overwrite", action="store_true", help="redo a current profile")
+    p.set_defaults(func=cmd_codec_profile)
 
     try:
         from droidspeak.server.launch import add_serve_parser

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from droidspeak.cachegen.transform import CodecProfile, CodecProfileError, default_codec_profile_path
 from droidspeak.config import EngineConfig, parse_model_entries
 from droidspeak.crossmodel.drift import MAX_TAIL_TOKENS, DriftGuard, HitSample
 from droidspeak.crossmodel.policy import CrossModelPolicy
@@ -124,12 +125,37 @@ class Engine:
             offloader = KVOffloader(store, self.runner.kv_pool, self.runner.e_pool, self._namespaces.get,
                                     c.kv_store_chunk_size, levels,
                                     None if c.kv_store_ttft_ms is None else c.kv_store_ttft_ms / 1e3,
-                                    adaptive=c.kv_store_load == "adaptive", part_layers=c.kv_store_part_layers)
+                                    adaptive=c.kv_store_load == "adaptive", part_layers=c.kv_store_part_layers,
+                                    codec_profile=self._load_codec_profile())
         except ValueError as e:
             raise InvalidRequestError(str(e), "kv_store_levels") from None
         logger.info("KV store: tiers %s, %d-token chunks in parts of %d layers at levels %s",
                     [t.name for t in tiers], c.kv_store_chunk_size, c.kv_store_part_layers, list(offloader.levels))
         return offloader
+
+    def _load_codec_profile(self) -> CodecProfile | None:
+        """The root model's codec profile for the KV store's lossy levels: the one
+        named by --kv-store-codec-profile (an error if unusable), else the one
+        `droidspeak codec-profile` made for these weights, if any."""
+        given = self.config.kv_store_codec_profile
+        if given == "none":
+            return None
+        path = given or default_codec_profile_path(self.model_path, self._fingerprint(self.model_path))
+        try:
+            if not os.path.isfile(path):
+                raise CodecProfileError(f"{path} does not exist")
+            profile = CodecProfile.load(path)
+            L = self.runner.kv_pool.num_layers
+            profile.check(0, L, L, 2 * self.runner.kv_pool.k.shape[2] * self.runner.kv_pool.k.shape[3])
+        except (CodecProfileError, ValueError) as e:
+            if given:
+                raise InvalidRequestError(f"kv_store_codec_profile: {e}", "kv_store_codec_profile") from None
+            logger.warning("KV store: no codec profile for this model (%s); lossy levels code without one, "
+                           "about 1.6x larger. Make one with `droidspeak codec-profile --model-path %s`",
+                           e, self.model_path)
+            return None
+        logger.info("KV store: codec profile %s (tag %016x)", path, profile.tag)
+        return profile
 
     def _fingerprint(self, path: str) -> str:
         if path not in self._fingerprints:

@@ -88,6 +88,12 @@ def cachegen_dequantize(anchors, deltas, a_index, d_index, mean, anchor_step, de
     return _native.cachegen_dequantize(anchors, deltas, a_index, d_index, mean, anchor_step, delta_step, group, T)
 
 
+def codec_transform(x, mats, centre, first, forward):
+    """A codec profile's transforms on the calling thread (csrc/codec_transform.cpp);
+    `CodecProfile._apply_numpy` is its reference. Native only, as fp32_to_bf16."""
+    return _native.codec_transform(x, mats, centre, first, forward)
+
+
 def fp32_to_bf16(x):
     """fp32 -> bf16 on the calling thread (no OpenMP team); callers check
     `native_available()` first."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from droidspeak.cachegen.codec import CodecError, decode, encode
+from droidspeak.cachegen.transform import CodecProfile
 from droidspeak.kvcache.pool import HiddenPool, KVPool
 from droidspeak.kvstore.keys import Namespace, chunk_hashes, e_part, kv_part
 from droidspeak.kvstore.store import TieredStore, TierState
@@ -154,13 +155,15 @@ class _WriteJob:
     chunk_hash: str
     kv: torch.Tensor
     e: dict[int, torch.Tensor]
+    first: bool  # the prompt's first chunk: its first token (the attention sink) is stored exactly
 
 
 class KVOffloader:
     def __init__(self, store: TieredStore, kv_pool: KVPool, e_pool: HiddenPool | None,
                  namespace_of: Callable[[int], Namespace | None], chunk_size: int = 256,
                  levels: tuple[str, ...] = ("high", "low"), ttft_target_s: float | None = None,
-                 cost: CostModel | None = None, adaptive: bool = True, part_layers: int = PART_LAYERS):
+                 cost: CostModel | None = None, adaptive: bool = True, part_layers: int = PART_LAYERS,
+                 codec_profile: CodecProfile | None = None):
         bad = [lv for lv in levels if lv not in LEVEL_ORDER]
         if bad or not levels:
             raise ValueError(f"KV store levels must be among {LEVEL_ORDER}, got {list(levels)}")
@@ -168,6 +171,11 @@ class KVOffloader:
             raise ValueError(f"KV store layer parts need at least one layer, got {part_layers}")
         self.store = store
         self.kv_pool, self.e_pool = kv_pool, e_pool
+        self.codec_profile = codec_profile
+        # a lossy chunk decodes only with the profile that coded it, so its key
+        # names the profile: engines with different profiles miss, not collide
+        suffix = "" if codec_profile is None else f"@{codec_profile.tag:016x}"
+        self._level_keys = {lv: lv if lv == "lossless" else lv + suffix for lv in LEVEL_ORDER}
         self.namespace_of = namespace_of
         self.chunk_size = chunk_size
         self.levels = tuple(lv for lv in LEVEL_ORDER if lv in levels)
@@ -218,6 +226,9 @@ class KVOffloader:
             pool.k[layer].index_copy_(0, slots[g], kv[layer - lo, :, :half].reshape(-1, *shape))
             pool.v[layer].index_copy_(0, slots[g], kv[layer - lo, :, half:].reshape(-1, *shape))
 
+    def _kv_key(self, ns: Namespace, chunk_hash: str, lo: int, hi: int, level: str) -> str:
+        return ns.key(chunk_hash, kv_part(lo, hi), self._level_keys[level])
+
     def _remember(self, ns: Namespace, chunk_hash: str) -> None:
         with self._known_lock:
             self._known[(ns.model, chunk_hash)] = None
@@ -254,7 +265,7 @@ class KVOffloader:
                         e[layer] = self.e_pool.h[j].index_select(0, rows).unsqueeze(0)
             self.counters["chunks_offered"] += 1
             try:
-                self._queue.put_nowait(_WriteJob(ns, hashes[k], self._gather(slots[:, span]), e))
+                self._queue.put_nowait(_WriteJob(ns, hashes[k], self._gather(slots[:, span]), e, k == 0))
                 self._remember(ns, hashes[k])
             except queue.Full:
                 self.counters["chunks_dropped"] += 1
@@ -274,10 +285,11 @@ class KVOffloader:
     def _write(self, job: _WriteJob) -> None:
         L = self.kv_pool.num_layers
         for lo, hi in self.parts:
-            keys = {lv: job.ns.key(job.chunk_hash, kv_part(lo, hi), lv) for lv in self.levels}
+            keys = {lv: self._kv_key(job.ns, job.chunk_hash, lo, hi, lv) for lv in self.levels}
             if self.store.locate(list(keys.values())) is None:
                 for lv, key in keys.items():
-                    self.store.put(key, encode(job.kv[lo:hi], lv, layers=(lo, L)))
+                    self.store.put(key, encode(job.kv[lo:hi], lv, layers=(lo, L), profile=self.codec_profile,
+                                               exact_tokens=int(job.first)))
         for layer, e in job.e.items():
             key = job.ns.key(job.chunk_hash, e_part(layer), "lossless")
             if not self.store.has(key):
@@ -335,7 +347,7 @@ class KVOffloader:
         chunks: list[tuple[int, TierState, str]] = []
         for k in range(start // C, len(hashes)):
             found = self.store.locate_complete(
-                {lv: [ns.key(hashes[k], kv_part(lo, hi), lv) for lo, hi in self.parts] for lv in self.levels})
+                {lv: [self._kv_key(ns, hashes[k], lo, hi, lv) for lo, hi in self.parts] for lv in self.levels})
             if found is None:
                 break
             state, by_level = found
@@ -355,7 +367,7 @@ class KVOffloader:
             e_shape = (1, C, self.e_pool.h.shape[2])
             e = [[self._pool.submit(self._fetch, e_found[0], key, "lossless", e_shape) for key in keys]
                  for keys in e_keys]
-        kv = [[self._pool.submit(self._fetch, state, ns.key(hashes[k], kv_part(lo, hi), level), level,
+        kv = [[self._pool.submit(self._fetch, state, self._kv_key(ns, hashes[k], lo, hi, level), level,
                                  (hi - lo, C, self.channels)) for k, state, level in chunks]
               for lo, hi in self.parts]
         first = chunks[0][0] * C
@@ -384,7 +396,7 @@ class KVOffloader:
             return None
         t0 = time.perf_counter()
         try:
-            x = decode(data)
+            x = decode(data, self.codec_profile)
             if tuple(x.shape) != shape:
                 raise CodecError(f"chunk has shape {list(x.shape)}, this model's KV is {list(shape)}")
         except CodecError as e:

@@ -1,0 +1,149 @@
+"""A model's codec profile: per layer, for K and for V, a centre and a linear
+transform into coordinates where one quantization step fits every coefficient.
+
+The transform whitens by importance, then decorrelates: with w the diagonal
+Fisher information of the model's next-token distribution with respect to the
+KV values (how much each channel's error costs) and U the eigenvectors of the
+covariance of sqrt(w) * (x - centre),
+
+    z = (x - centre) @ diag(sqrt(w)) @ U,    x = centre + z @ U^T @ diag(1 / sqrt(w)).
+
+In z an error of e costs about |e|^2 whatever the coefficient, so a uniform step
+is the right allocation (reverse water-filling: coefficients smaller than the
+step cost no bits), and the coefficients are uncorrelated, which is what
+coding them one by one needs. `calibrate.py` makes profiles; the codec takes one
+to `encode` and refuses chunks coded with another (the header carries its tag).
+
+Stored as safetensors (never pickled), checked on load: shapes, finite values
+and forward @ inverse = identity.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from droidspeak import kernels
+
+PROFILE_FORMAT = 1
+INVERSE_TOLERANCE = 1e-3  # max |forward @ inverse - I| of a valid profile
+
+
+class CodecProfileError(ValueError):
+    """A codec profile file that is missing, malformed or for another model."""
+
+
+@dataclass(frozen=True)
+class CodecProfile:
+    model: str             # the model's fingerprint
+    centre: np.ndarray     # [L, 2, C] float32: K then V channels of each layer
+    forward: np.ndarray    # [L, 2, C, C] float32
+    inverse: np.ndarray    # [L, 2, C, C] float32
+
+    @property
+    def num_layers(self) -> int:
+        return self.centre.shape[0]
+
+    @property
+    def channels(self) -> int:
+        """Channels of a KV row (K and V side by side)."""
+        return 2 * self.centre.shape[2]
+
+    @functools.cached_property
+    def tag(self) -> int:
+        """64-bit identity of the transform, written into every chunk it codes."""
+        h = hashlib.blake2b(digest_size=8)
+        for a in (self.centre, self.forward, self.inverse):
+            h.update(np.ascontiguousarray(a, dtype="<f4").tobytes())
+        return int.from_bytes(h.digest(), "little") or 1
+
+    def check(self, first: int, layers: int, total: int, channels: int) -> None:
+        """Raise ValueError unless it fits layers [first, first + layers) of a
+        `total`-layer model with `channels` KV channels per token."""
+        if total != self.num_layers or channels != self.channels or first + layers > total:
+            raise ValueError(f"codec profile for {self.num_layers} layers x {self.channels} channels cannot code "
+                             f"layers {first}..{first + layers} of a {total}-layer model with {channels} channels")
+
+    def to_coefficients(self, x: np.ndarray, first: int) -> np.ndarray:
+        """[layers, T, 2C] values of layers first.. -> coefficients z, same shape (fp32)."""
+        return self._apply(x, first, self.forward, subtract=True)
+
+    def from_coefficients(self, z: np.ndarray, first: int) -> np.ndarray:
+        return self._apply(z, first, self.inverse, subtract=False)
+
+    def _apply(self, x: np.ndarray, first: int, mats: np.ndarray, subtract: bool) -> np.ndarray:
+        # native on the calling thread: numpy's BLAS would run a thread pool of its
+        # own on the KV store's threads, beside the engine's forward passes
+        if kernels.native_available():
+            return kernels.codec_transform(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+                                           self._tensors[mats is self.forward], self._tensors["centre"],
+                                           first, subtract).numpy()
+        return self._apply_numpy(x, first, mats, subtract)
+
+    @functools.cached_property
+    def _tensors(self) -> dict:
+        return {True: torch.from_numpy(self.forward), False: torch.from_numpy(self.inverse),
+                "centre": torch.from_numpy(self.centre)}
+
+    def _apply_numpy(self, x: np.ndarray, first: int, mats: np.ndarray, subtract: bool) -> np.ndarray:
+        L, T, C2 = x.shape
+        C = C2 // 2
+        out = np.empty((L, T, C2), dtype=np.float32)
+        for i in range(L):
+            for h in range(2):
+                part = x[i, :, h * C:(h + 1) * C]
+                centre = self.centre[first + i, h]
+                if subtract:
+                    np.matmul(part - centre, mats[first + i, h], out=out[i, :, h * C:(h + 1) * C])
+                else:
+                    np.matmul(part, mats[first + i, h], out=out[i, :, h * C:(h + 1) * C])
+                    out[i, :, h * C:(h + 1) * C] += centre
+        return out
+
+    def error_bound(self, step: float, first: int, layers: int) -> np.ndarray:
+        """[layers, 2C] largest error per value when each coefficient is off by at most step / 2."""
+        bound = np.abs(self.inverse[first:first + layers]).sum(axis=2) * (step / 2)  # [layers, 2, C]
+        return bound.reshape(layers, -1).astype(np.float32)
+
+    # ---- files ---------------------------------------------------------------
+    def save(self, path: str) -> None:
+        from safetensors.numpy import save_file
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        save_file({"centre": self.centre, "forward": self.forward, "inverse": self.inverse}, tmp,
+                  metadata={"format": str(PROFILE_FORMAT), "model": self.model})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "CodecProfile":
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(path, framework="np") as f:
+                meta = f.metadata() or {}
+                arrays = {k: f.get_tensor(k) for k in ("centre", "forward", "inverse")}
+        except (OSError, SafetensorError, KeyError, ValueError) as e:
+            raise CodecProfileError(f"{path}: not a codec profile ({e})") from None
+        if meta.get("format") != str(PROFILE_FORMAT):
+            raise CodecProfileError(f"{path}: codec profile format {meta.get('format')!r}, this build reads "
+                                    f"{PROFILE_FORMAT}")
+        centre, forward, inverse = (arrays[k].astype(np.float32) for k in ("centre", "forward", "inverse"))
+        if centre.ndim != 3 or centre.shape[1] != 2 or forward.shape != centre.shape + centre.shape[2:] \
+                or inverse.shape != forward.shape:
+            raise CodecProfileError(f"{path}: inconsistent shapes {centre.shape}, {forward.shape}, {inverse.shape}")
+        if not all(np.isfinite(a).all() for a in (centre, forward, inverse)):
+            raise CodecProfileError(f"{path}: non-finite values")
+        eye = np.eye(centre.shape[2], dtype=np.float32)
+        if float(np.abs(forward @ inverse - eye).max()) > INVERSE_TOLERANCE:
+            raise CodecProfileError(f"{path}: the inverse transforms do not invert the forward ones")
+        return cls(meta.get("model", ""), centre, forward, inverse)
+
+
+def default_codec_profile_path(model_path: str, model_fingerprint: str) -> str:
+    """Where `droidspeak codec-profile` puts a model's profile (named by its weights)."""
+    from droidspeak.models.default_model import cache_dir
+    name = os.path.basename(os.path.normpath(model_path))
+    return os.path.join(cache_dir(), "codec_profiles", f"{name}-{model_fingerprint}.safetensors")
