@@ -103,12 +103,17 @@ def test_profiled_chunks_decode_without_the_extension(tiny_codec_profile, tiny_e
     assert ((y - x).abs().amax(dim=1) <= error_bound(buf, profile) * (1 + 1e-4) + 1e-6).all()
 
 
-def test_exact_tokens_are_stored_as_they_are_without_a_profile():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_exact_tokens_are_stored_as_they_are_without_a_profile(dtype):
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(3, 40, 16, generator=g) * 3).to(torch.bfloat16)
+    x = (torch.randn(3, 40, 16, generator=g) * 3).to(dtype)
     for exact in (1, 40):
         y = decode(encode(x, "low", exact_tokens=exact))
-        assert torch.equal(y[:, :exact], x[:, :exact]) and y.shape == x.shape
+        assert y.dtype == dtype and y.shape == x.shape and torch.equal(y[:, :exact], x[:, :exact])
+    bad = x.clone()
+    bad[0, 0, 0] = float("inf")
+    with pytest.raises(CodecError, match="non-finite"):
+        decode(encode(bad, "low", exact_tokens=1))
     assert len(encode(x, "low", exact_tokens=1)) > len(encode(x, "low"))
     with pytest.raises(ValueError, match="exact_tokens"):
         encode(x, "low", exact_tokens=41)

@@ -26,8 +26,9 @@ the values, and grouping made chunks 12% larger at equal quality). The chunk
 names the profile (its 64-bit tag); decoding it takes the same profile.
 
 Format (little-endian): magic "DSKV", version, level, dtype, coder, group size,
-first layer, model layers, shape, codec-profile tag (0: none), payload length,
-CRC-32 of everything after the CRC field, payload. `decode` checks all of it
+first layer, model layers, shape, exact tokens, codec-profile tag (0: none),
+payload length, CRC-32 of everything after the CRC field, payload (a lossy chunk's
+exact tokens as they are first). `decode` checks all of it
 before trusting a byte, and never unpickles.
 """
 from __future__ import annotations
@@ -117,10 +118,10 @@ def encode(x: torch.Tensor, level: int | str = "medium", group: int | None = Non
     if profile is not None:
         profile.check(first, L, total, C)
     x = x.detach().cpu().contiguous()
-    rest = x[:, exact_tokens:].contiguous()
     if level == LOSSLESS:
         payload = _encode_lossless(x, coder)
     else:
+        rest = x[:, exact_tokens:].contiguous()
         payload = _raw_bytes(x[:, :exact_tokens].contiguous())
         if rest.shape[1] and profile is not None:
             payload += _encode_coefficients(rest, LEVELS[level], group, coder, first, profile)
@@ -142,17 +143,21 @@ def decode(buf: bytes, profile: CodecProfile | None = None) -> torch.Tensor:
         return _decode_lossless(payload, dtype, shape, coder)
     L, T, C = shape
     head = _from_raw_bytes(payload, dtype, (L, exact, C))
-    payload, rest = payload[head.numel() * head.element_size():], (L, T - exact, C)
+    payload, rest = payload[head.nbytes:], (L, T - exact, C)
     if not rest[1]:
         if payload:
             raise CodecError("payload has trailing bytes")
-        return head
+        return _as_tensor(head, dtype)
     if tag:
         tail = _decode_coefficients(payload, dtype, rest, LEVELS[level], group, coder, layers[0],
                                     _profile_for(tag, profile, layers, shape))
     else:
         tail = _decode_lossy(payload, dtype, rest, LEVELS[level], group, coder, *layers)
-    return torch.cat([head, tail], dim=1) if exact else tail
+    if not exact:
+        return tail
+    # joined by numpy: the codec's threads run no torch op (see _as_float32)
+    tail_raw = tail.view(torch.int16).numpy() if dtype == torch.bfloat16 else tail.numpy()
+    return _as_tensor(np.concatenate([head, tail_raw], axis=1), dtype)
 
 
 def profile_tag(buf: bytes) -> int:
@@ -164,21 +169,26 @@ def _raw_bytes(x: torch.Tensor) -> bytes:
     return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy().tobytes()
 
 
-def _from_raw_bytes(payload: bytes, dtype: torch.dtype, shape) -> torch.Tensor:
-    """Tokens stored as they are, from the payload's start (checked finite: a peer's bytes)."""
-    size = torch.empty((), dtype=dtype).element_size()
+_NUMPY_OF = {torch.bfloat16: np.int16, torch.float16: np.float16, torch.float32: np.float32}
+
+
+def _from_raw_bytes(payload: bytes, dtype: torch.dtype, shape) -> np.ndarray:
+    """Tokens stored as they are, from the payload's start, as numpy (bf16 as its
+    int16 bits); checked finite, as everything read from a peer."""
     n = shape[0] * shape[1] * shape[2]
+    size = np.dtype(_NUMPY_OF[dtype]).itemsize
     if len(payload) < n * size:
         raise CodecError("payload ends early")
-    raw = np.frombuffer(payload, dtype=np.uint8, count=n * size).copy()
-    if dtype == torch.bfloat16:
-        out = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
-    else:
-        out = torch.from_numpy(raw.view(np.float16 if dtype == torch.float16 else np.float32))
-    out = out.reshape(shape)
-    if not bool(torch.isfinite(out).all()):
+    out = np.frombuffer(payload, dtype=_NUMPY_OF[dtype], count=n).reshape(shape).copy()
+    values = (out.view(np.uint16).astype(np.uint32) << 16).view(np.float32) if dtype == torch.bfloat16 else out
+    if not np.isfinite(values).all():
         raise CodecError("non-finite values among the exact tokens")
     return out
+
+
+def _as_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
 def error_bound(buf: bytes, profile: CodecProfile | None = None) -> torch.Tensor:
@@ -187,7 +197,7 @@ def error_bound(buf: bytes, profile: CodecProfile | None = None) -> torch.Tensor
     (level, dtype, _, _, layers, (L, T, C), tag, exact), payload = _check(buf)
     if level == LOSSLESS or exact == T:
         return torch.zeros(L, C)
-    payload = payload[L * exact * C * torch.empty((), dtype=dtype).element_size():]
+    payload = payload[L * exact * C * np.dtype(_NUMPY_OF[dtype]).itemsize:]
     if tag:
         profile = _profile_for(tag, profile, layers, (L, 0, C))
         return torch.from_numpy(profile.error_bound(LEVELS[level].coefficient_step, layers[0], L))
