@@ -54,6 +54,15 @@ def row(params, prompt, output):
     return SamplingRow(params, prompt, output, torch.Generator(), [])
 
 
+def test_greedy_takes_the_first_of_tied_maxima():
+    from droidspeak.sampling.sampler import sample
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 8, (16, 49152), generator=g).float()  # every row has many tied maxima
+    expected = [int((r == r.max()).nonzero()[0]) for r in logits]
+    rows = [row(SamplingParams(temperature=0), [1], []) for _ in range(16)]
+    assert sample(logits, rows, [0] * 16).token_ids == expected
+
+
 def test_penalties():
     logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
     out = apply_penalties(logits.clone(), row(SamplingParams(repetition_penalty=2.0), [0], [1]))
