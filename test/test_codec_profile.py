@@ -133,9 +133,10 @@ def test_bad_profile_files_are_refused(tiny_codec_profile, tiny_llama, tmp_path)
     for path, message in ((str(junk), "not a codec profile"), (broken, "do not invert")):
         with pytest.raises(CodecProfileError, match=message):
             CodecProfile.load(path)
-        with pytest.raises(InvalidRequestError, match="kv_store_codec_profile"):
+        with pytest.raises(InvalidRequestError, match="kv_store_codec_profile") as err:
             Engine(tiny_llama, dtype="float32", max_total_tokens=256, kv_store="ram",
                    kv_store_codec_profile=path)
+        assert err.value.field == "kv_store_codec_profile"
     engine = Engine(tiny_llama, dtype="float32", max_total_tokens=256, kv_store="ram",
                     kv_store_codec_profile="none")
     try:

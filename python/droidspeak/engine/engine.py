@@ -121,12 +121,13 @@ class Engine:
             raise InvalidRequestError(f"kv_store {c.kv_store!r} names no tier", "kv_store")
         store = TieredStore(tiers, bandwidth_override=c.kv_store_bandwidth_mbps and c.kv_store_bandwidth_mbps * 1e6)
         levels = tuple(lv.strip() for lv in c.kv_store_levels.split(",") if lv.strip())
+        profile = self._load_codec_profile()
         try:
             offloader = KVOffloader(store, self.runner.kv_pool, self.runner.e_pool, self._namespaces.get,
                                     c.kv_store_chunk_size, levels,
                                     None if c.kv_store_ttft_ms is None else c.kv_store_ttft_ms / 1e3,
                                     adaptive=c.kv_store_load == "adaptive", part_layers=c.kv_store_part_layers,
-                                    codec_profile=self._load_codec_profile())
+                                    codec_profile=profile)
         except ValueError as e:
             raise InvalidRequestError(str(e), "kv_store_levels") from None
         logger.info("KV store: tiers %s, %d-token chunks in parts of %d layers at levels %s",
