@@ -37,7 +37,7 @@ class CodecProfileError(ValueError):
     """A codec profile file that is missing, malformed or for another model."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: identity, not elementwise, equality
 class CodecProfile:
     model: str             # the model's fingerprint
     centre: np.ndarray     # [L, 2, C] float32: K then V channels of each layer
