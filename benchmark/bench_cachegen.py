@@ -46,24 +46,13 @@ def score(logits: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> dic
 def load_or_make_profile(engine, path):
     """The default model's codec profile: `path`, the cache's, or one made now from
     the calibration texts (disjoint from the evaluation ones) and saved there."""
-    import os
-
-    from droidspeak.cachegen.calibrate import calibrate
-    from droidspeak.cachegen.transform import CodecProfile, default_codec_profile_path
-    from droidspeak.crossmodel.calibration import build_items
-    from droidspeak.crossmodel.profile import fingerprint
+    from droidspeak.cachegen.calibrate import ensure_profile
+    from droidspeak.cachegen.transform import CodecProfile
 
     if path:
         return CodecProfile.load(path)
-    model_fp = fingerprint(engine.model_path)
-    path = default_codec_profile_path(engine.model_path, model_fp)
-    if os.path.isfile(path):
-        print(f"codec profile: {path}")
-        return CodecProfile.load(path)
-    print(f"no codec profile in the cache; calibrating one into {path}", flush=True)
-    items = build_items("calibration", 6, context_chars=6 * 512)
-    profile = calibrate(engine.model_path, [(i.context, i.question) for i in items], model_fp)
-    profile.save(path)
+    path, profile, made = ensure_profile(engine.model_path)
+    print(f"codec profile: {path}{' (made now)' if made else ''}")
     return profile
 
 

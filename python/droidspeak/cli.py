@@ -125,12 +125,8 @@ def cmd_profile(args) -> int:
 
 
 def cmd_codec_profile(args) -> int:
-    import os
-
-    from droidspeak.cachegen.calibrate import calibrate
-    from droidspeak.cachegen.transform import CodecProfile, CodecProfileError, default_codec_profile_path
-    from droidspeak.crossmodel.calibration import build_items, load_jsonl
-    from droidspeak.crossmodel.profile import fingerprint
+    from droidspeak.cachegen.calibrate import ensure_profile
+    from droidspeak.crossmodel.calibration import load_jsonl
     from droidspeak.errors import ModelNotFoundError
     from droidspeak.models.default_model import resolve_model_path
 
@@ -139,22 +135,11 @@ def cmd_codec_profile(args) -> int:
     except ModelNotFoundError as e:
         print(f"droidspeak codec-profile: {e}", file=sys.stderr)
         return 2
-    model_fp = fingerprint(path)
-    out = args.out or default_codec_profile_path(path, model_fp)
-    if os.path.isfile(out) and not args.overwrite:
-        try:
-            if CodecProfile.load(out).model == model_fp:
-                print(f"codec profile for {path} exists ({out}); --overwrite redoes it")
-                return 0
-        except CodecProfileError:
-            pass
-    items = load_jsonl(args.calibration) if args.calibration else build_items(
-        "calibration", args.per_domain, context_chars=6 * args.context_tokens)
-    print(f"calibrating the KV codec for {path} over {len(items)} texts", flush=True)
-    profile = calibrate(path, [(i.context, i.question) for i in items], model_fp, args.context_tokens,
-                        samples=args.samples)
-    profile.save(out)
-    print(f"wrote {out} (tag {profile.tag:016x})")
+    texts = [(i.context, i.question) for i in load_jsonl(args.calibration)] if args.calibration else None
+    out, profile, made = ensure_profile(path, args.out, texts, args.per_domain, args.context_tokens,
+                                        args.samples, args.overwrite)
+    print(f"wrote {out} (tag {profile.tag:016x})" if made
+          else f"codec profile for {path} exists ({out}); --overwrite redoes it")
     return 0
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from droidspeak.cachegen.transform import CodecProfile
+from droidspeak.cachegen.transform import CodecProfile, CodecProfileError, default_codec_profile_path
 
+DEFAULT_PER_DOMAIN = 6  # built-in calibration texts per domain (code, docs, math)
 WEIGHT_FLOOR = 1e-4  # x a layer half's mean weight: keeps every channel's weight (and the transform) invertible
 
 
@@ -63,6 +64,37 @@ def calibrate(model_dir: str, texts: list[tuple[str, str]], model_fingerprint: s
     if stats is None:
         raise ValueError("no calibration text gave a context of at least 2 tokens and a continuation")
     return stats.profile(model_fingerprint)
+
+
+def ensure_profile(model_path: str, out: str | None = None, texts: list[tuple[str, str]] | None = None,
+                   per_domain: int = DEFAULT_PER_DOMAIN, context_tokens: int = 512, samples: int = 2,
+                   overwrite: bool = False, progress: bool = True) -> tuple[str, CodecProfile, bool]:
+    """(path, profile, made) for the model directory `model_path`: the profile at
+    `out` (default: where the engine looks) when it is current for these weights
+    and not `overwrite`, else one calibrated on `texts` ((context, continuation)
+    pairs; default: the built-in calibration set) and saved there."""
+    import os
+
+    from droidspeak.crossmodel.calibration import build_items
+    from droidspeak.crossmodel.profile import fingerprint
+
+    model_fp = fingerprint(model_path)
+    out = out or default_codec_profile_path(model_path, model_fp)
+    if os.path.isfile(out) and not overwrite:
+        try:
+            profile = CodecProfile.load(out)
+            if profile.model == model_fp:
+                return out, profile, False
+        except CodecProfileError:
+            pass
+    if texts is None:
+        texts = [(i.context, i.question)
+                 for i in build_items("calibration", per_domain, context_chars=6 * context_tokens)]
+    if progress:
+        print(f"calibrating the KV codec for {model_path} over {len(texts)} texts", flush=True)
+    profile = calibrate(model_path, texts, model_fp, context_tokens, samples=samples, progress=progress)
+    profile.save(out)
+    return out, profile, True
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
