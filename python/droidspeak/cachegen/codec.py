@@ -180,8 +180,7 @@ def _from_raw_bytes(payload: bytes, dtype: torch.dtype, shape) -> np.ndarray:
     if len(payload) < n * size:
         raise CodecError("payload ends early")
     out = np.frombuffer(payload, dtype=_NUMPY_OF[dtype], count=n).reshape(shape).copy()
-    values = (out.view(np.uint16).astype(np.uint32) << 16).view(np.float32) if dtype == torch.bfloat16 else out
-    if not np.isfinite(values).all():
+    if not np.isfinite(_as_float32(_as_tensor(out, dtype))).all():
         raise CodecError("non-finite values among the exact tokens")
     return out
 

@@ -70,26 +70,30 @@ class CodecProfile:
 
     def to_coefficients(self, x: np.ndarray, first: int) -> np.ndarray:
         """[layers, T, 2C] values of layers first.. -> coefficients z, same shape (fp32)."""
-        return self._apply(x, first, self.forward, subtract=True)
+        return self._apply(x, first, forward=True)
 
     def from_coefficients(self, z: np.ndarray, first: int) -> np.ndarray:
-        return self._apply(z, first, self.inverse, subtract=False)
+        return self._apply(z, first, forward=False)
 
-    def _apply(self, x: np.ndarray, first: int, mats: np.ndarray, subtract: bool) -> np.ndarray:
+    def _apply(self, x: np.ndarray, first: int, forward: bool) -> np.ndarray:
+        """forward: (x - centre) @ forward; else x @ inverse + centre."""
         # native on the calling thread: numpy's BLAS would run a thread pool of its
         # own on the KV store's threads, beside the engine's forward passes
         if kernels.native_available():
+            mats, centre = self._tensors
             return kernels.codec_transform(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
-                                           self._tensors[mats is self.forward], self._tensors["centre"],
-                                           first, subtract).numpy()
-        return self._apply_numpy(x, first, mats, subtract)
+                                           mats[forward], centre, first, forward).numpy()
+        return self._apply_numpy(x, first, forward)
 
     @functools.cached_property
-    def _tensors(self) -> dict:
-        return {True: torch.from_numpy(self.forward), False: torch.from_numpy(self.inverse),
-                "centre": torch.from_numpy(self.centre)}
+    def _tensors(self) -> tuple[dict[bool, torch.Tensor], torch.Tensor]:
+        """({forward?: transforms}, centre) as tensors sharing the arrays' memory."""
+        return ({True: torch.from_numpy(self.forward), False: torch.from_numpy(self.inverse)},
+                torch.from_numpy(self.centre))
 
-    def _apply_numpy(self, x: np.ndarray, first: int, mats: np.ndarray, subtract: bool) -> np.ndarray:
+    def _apply_numpy(self, x: np.ndarray, first: int, forward: bool) -> np.ndarray:
+        """The reference of `kernels.codec_transform`."""
+        mats = self.forward if forward else self.inverse
         L, T, C2 = x.shape
         C = C2 // 2
         out = np.empty((L, T, C2), dtype=np.float32)
@@ -97,7 +101,7 @@ class CodecProfile:
             for h in range(2):
                 part = x[i, :, h * C:(h + 1) * C]
                 centre = self.centre[first + i, h]
-                if subtract:
+                if forward:
                     np.matmul(part - centre, mats[first + i, h], out=out[i, :, h * C:(h + 1) * C])
                 else:
                     np.matmul(part, mats[first + i, h], out=out[i, :, h * C:(h + 1) * C])

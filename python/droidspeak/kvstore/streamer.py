@@ -144,7 +144,7 @@ def choose_level(sizes: dict[str, int], bandwidth: float, latency_s: float, cost
         link, dec = n / bandwidth, n * cost.decode_s_per_byte.get(lv, 2e-8)
         times[lv] = latency_s + max(link, dec) + min(link, dec) / n_left
     ordered = [lv for lv in LEVEL_ORDER if lv in times]
-    per_chunk_recompute = recompute_s / max(chunks_left, 1)
+    per_chunk_recompute = recompute_s / n_left
     threshold = per_chunk_recompute * ((1 + STREAM_MARGIN) if loading else 1 / (1 + STREAM_MARGIN))
     if not ordered:
         return None
