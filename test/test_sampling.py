@@ -1,4 +1,6 @@
 """Every sampling parameter, logprobs, and parameter validation."""
+import math
+
 import pytest
 import torch
 
@@ -61,6 +63,23 @@ def test_greedy_takes_the_first_of_tied_maxima():
     expected = [int((r == r.max()).nonzero()[0]) for r in logits]
     rows = [row(SamplingParams(temperature=0), [1], []) for _ in range(16)]
     assert sample(logits, rows, [0] * 16).token_ids == expected
+
+
+def test_logprobs_only_for_the_rows_that_ask():
+    """Rows without return_logprob skip the vocabulary-wide log-softmax; the rows
+    that ask get the unpenalised distribution's logprobs and their own top-k."""
+    from droidspeak.sampling.sampler import sample
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(3))
+    want = torch.log_softmax(logits, -1)
+    rows = [row(SamplingParams(temperature=0, repetition_penalty=1.5 if i == 2 else 1.0), [5, 7], [])
+            for i in range(4)]
+    got = sample(logits.clone(), rows, [0, 3, 2, 0], [False, True, True, False])
+    for i in (1, 2):
+        assert got.logprobs[i] == pytest.approx(float(want[i, got.token_ids[i]]), abs=1e-6)
+    assert all(math.isnan(got.logprobs[i]) for i in (0, 3))
+    assert [len(t) for t in got.top_logprobs] == [0, 3, 2, 0]
+    assert [t for _, t in got.top_logprobs[1]] == want[1].topk(3).indices.tolist()
+    assert sample(logits.clone(), rows, [0] * 4, [False] * 4).token_ids == got.token_ids
 
 
 def test_penalties():

@@ -57,9 +57,16 @@ def filter_probs(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow], top_logprobs_nums: list[int]) -> SampleResult:
-    """logits [B, V] fp32 (modified in place)."""
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
+def sample(logits: torch.Tensor, rows: list[SamplingRow], top_logprobs_nums: list[int],
+           return_logprobs: list[bool] | None = None) -> SampleResult:
+    """logits [B, V] fp32 (modified in place). Logprobs are computed for the rows
+    of `return_logprobs` (default: every row); the others' are NaN (a log-softmax
+    over the vocabulary is a tenth of a greedy batch-16 decode step's sampling)."""
+    want = [i for i, w in enumerate(return_logprobs or [True] * len(rows)) if w]
+    raw_logprobs = None
+    if want:
+        raw = logits if len(want) == len(rows) else logits.index_select(0, torch.tensor(want))
+        raw_logprobs = torch.log_softmax(raw, dim=-1)  # before penalties and masks change logits
     tokens: list[int] = []
     greedy: list[int] = []
     for i, row in enumerate(rows):
@@ -81,12 +88,17 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], top_logprobs_nums: lis
         best = logits.max(-1).indices.tolist()
         for i in greedy:
             tokens[i] = best[i]
-    token_tensor = torch.tensor(tokens, dtype=torch.int64)
-    chosen = raw_logprobs.gather(1, token_tensor[:, None]).squeeze(1).tolist()
+    chosen = [float("nan")] * len(rows)
     top = None
-    k_max = max(top_logprobs_nums, default=0)
-    if k_max > 0:
-        vals, ids = raw_logprobs.topk(k_max, dim=-1)
-        vals, ids = vals.tolist(), ids.tolist()
-        top = [list(zip(vals[i][:k], ids[i][:k])) for i, k in enumerate(top_logprobs_nums)]
+    if raw_logprobs is not None:
+        picked = torch.tensor([tokens[i] for i in want], dtype=torch.int64)
+        for i, lp in zip(want, raw_logprobs.gather(1, picked[:, None]).squeeze(1).tolist()):
+            chosen[i] = lp
+        k_max = max((top_logprobs_nums[i] for i in want), default=0)
+        if k_max > 0:
+            vals, ids = raw_logprobs.topk(k_max, dim=-1)
+            vals, ids = vals.tolist(), ids.tolist()
+            top = [[] for _ in rows]
+            for j, i in enumerate(want):
+                top[i] = list(zip(vals[j][:top_logprobs_nums[i]], ids[j][:top_logprobs_nums[i]]))
     return SampleResult(tokens, chosen, top)

@@ -310,7 +310,8 @@ class Scheduler:
     def _sample_and_append(self, reqs: list[Req], logits: torch.Tensor, outputs: list[RequestOutput]) -> None:
         rows = [SamplingRow(r.sampling_params, r.origin_input_ids, r.output_ids, r.generator,
                             self._banned_ids(r)) for r in reqs]
-        result = sample(logits, rows, [r.top_logprobs_num if r.return_logprob else 0 for r in reqs])
+        result = sample(logits, rows, [r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
+                        [r.return_logprob for r in reqs])
         for i, req in enumerate(reqs):
             top = result.top_logprobs[i] if result.top_logprobs is not None else None
             append_token(req, result.token_ids[i], result.logprobs[i], top,
