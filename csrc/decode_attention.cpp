@@ -7,6 +7,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "amx.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -222,12 +223,186 @@ void decode_bf16_grouped(const at::Tensor& q, const at::Tensor& k_cache, const a
   });
 }
 
+#ifdef DS_HAVE_AMX
+// AMX path (bf16, D % 32 == 0, G <= 16): one task per (request, KV head) in two
+// passes over its keys, the whole softmax in between (so no running rescale).
+// Scores: S^T = K Q^T per 16 keys, K as the A operand straight as it lies in a
+// slot (16 keys' head slices gathered into a buffer, D/32 tiles), the group's
+// queries as the B operand (pair-interleaved once per task). Output: P V per 32
+// keys, the bf16 probabilities [G x 32] as A, V pair-interleaved (two keys' rows
+// woven together, 16 dims a tile) as B, D/16 accumulators of [G x 16]. Keys past
+// the sequence are zeros (never the pool's unwritten memory: 0 * NaN is NaN).
+// One tile product is 16x32x16 multiply-adds; the register-tiled kernel below
+// spent three horizontal sums per key and was compute-bound at 2.5x the memory
+// time of a decode step's KV.
+constexpr int kAmxDChunk = 64;  // output dims per pass over V: four accumulator tiles
+constexpr int64_t kAhead = 32;  // keys ahead that a pass prefetches: slots are scattered, so the
+                                // hardware prefetcher cannot follow them
+
+// Every cache line of one head slice (n bf16 values).
+inline void prefetch_row(const uint16_t* row, int64_t n) {
+  for (int64_t i = 0; i < n; i += 32) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
+}
+
+void decode_amx(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& table,
+                const at::Tensor& rows, const at::Tensor& lens, float scale, at::Tensor& out) {
+  const int64_t B = q.size(0), hq = q.size(1), D = q.size(2), hkv = k_cache.size(1);
+  const int64_t G = hq / hkv, width = table.size(1), row_len = hkv * D, nkb = D / 32;
+  const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
+  const auto* kc = reinterpret_cast<const uint16_t*>(k_cache.data_ptr());
+  const auto* vc = reinterpret_cast<const uint16_t*>(v_cache.data_ptr());
+  const int32_t* tab = table.data_ptr<int32_t>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  auto* op = out.data_ptr<at::BFloat16>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
+  int64_t max_n = 0;
+  for (int64_t b = 0; b < B; ++b) max_n = std::max(max_n, lp[b]);
+  const int64_t cap = (max_n + 31) / 32 * 32;
+
+  TileConfig scores_cfg, out_cfg;
+  for (int t = 0; t < nkb; ++t) scores_cfg.set(t, 16, static_cast<int>(G * 4));  // Q^T blocks
+  scores_cfg.set(6, 16, 64);                                                   // 16 keys x 32 dims
+  scores_cfg.set(7, 16, static_cast<int>(G * 4));                              // S^T [16 x G]
+  for (int t = 0; t < 4; ++t) out_cfg.set(t, static_cast<int>(G), 64);         // O [G x 16 dims]
+  out_cfg.set(4, static_cast<int>(G), 64);                                     // P [G x 32 keys]
+  out_cfg.set(5, 16, 64);                                                      // V pairs x 16 dims
+
+  // permutex2var indices weaving a (lanes 0-31) and b (32-63) pairwise
+  alignas(64) uint16_t lo_idx[32], hi_idx[32];
+  for (int i = 0; i < 16; ++i) {
+    lo_idx[2 * i] = static_cast<uint16_t>(i);
+    lo_idx[2 * i + 1] = static_cast<uint16_t>(32 + i);
+    hi_idx[2 * i] = static_cast<uint16_t>(16 + i);
+    hi_idx[2 * i + 1] = static_cast<uint16_t>(48 + i);
+  }
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(16));
+
+  at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(G * cap);
+    std::vector<uint16_t> p(G * cap);
+    std::vector<uint16_t> kbuf(16 * D);
+    alignas(64) uint32_t qt[4][16][16];
+    alignas(64) float ctmp[4][16][16];
+    alignas(64) uint32_t vbuf[4][16][16];
+    float l[16];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / hkv, g = task % hkv, n = lp[b];
+      const int64_t n32 = (n + 31) / 32 * 32;
+      const int32_t* slots = tab + rp[b] * width;
+      for (int64_t h = 0; h < G; ++h) {
+        const auto* qh = reinterpret_cast<const uint32_t*>(qp + b * qs0 + (g * G + h) * qs1);
+        for (int64_t d = 0; d < D / 2; ++d) qt[d / 16][d % 16][h] = qh[d];
+      }
+      _tile_loadconfig(&scores_cfg);
+      _tile_loadd(0, qt[0], 64);
+      if (nkb > 1) _tile_loadd(1, qt[1], 64);
+      if (nkb > 2) _tile_loadd(2, qt[2], 64);
+      if (nkb > 3) _tile_loadd(3, qt[3], 64);
+      for (int64_t t0 = 0; t0 < n; t0 += 16) {
+        const int64_t nb = std::min<int64_t>(16, n - t0);
+        for (int64_t j = 0; j < nb; ++j) {
+          std::memcpy(&kbuf[j * D], kc + static_cast<int64_t>(slots[t0 + j]) * row_len + g * D, D * 2);
+          if (t0 + kAhead + j < n) prefetch_row(kc + static_cast<int64_t>(slots[t0 + kAhead + j]) * row_len + g * D, D);
+        }
+        for (int64_t j = nb; j < 16; ++j) std::memset(&kbuf[j * D], 0, D * 2);
+        _tile_zero(7);
+        _tile_loadd(6, kbuf.data(), D * 2);
+        _tile_dpbf16ps(7, 6, 0);
+        if (nkb > 1) {
+          _tile_loadd(6, kbuf.data() + 32, D * 2);
+          _tile_dpbf16ps(7, 6, 1);
+        }
+        if (nkb > 2) {
+          _tile_loadd(6, kbuf.data() + 64, D * 2);
+          _tile_dpbf16ps(7, 6, 2);
+        }
+        if (nkb > 3) {
+          _tile_loadd(6, kbuf.data() + 96, D * 2);
+          _tile_dpbf16ps(7, 6, 3);
+        }
+        _tile_stored(7, ctmp[0], 64);
+        const __mmask16 live = nb == 16 ? __mmask16(0xFFFF) : __mmask16((1u << nb) - 1);
+        for (int64_t h = 0; h < G; ++h) {
+          const __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(col, _mm512_set1_epi32(static_cast<int>(h))),
+                                               &ctmp[0][0][0], 4);
+          _mm512_mask_storeu_ps(&s[h * cap + t0], live, _mm512_mul_ps(v, _mm512_set1_ps(scale)));
+        }
+      }
+      for (int64_t h = 0; h < G; ++h) {
+        float* sh = &s[h * cap];
+        auto* ph = reinterpret_cast<at::BFloat16*>(&p[h * cap]);
+        l[h] = exp_shifted_to_bf16(sh, ph, n, row_max(sh, n), 1.f);
+        std::memset(&p[h * cap + n], 0, (n32 - n) * 2);
+      }
+      _tile_loadconfig(&out_cfg);
+      for (int64_t d0 = 0; d0 < D; d0 += kAmxDChunk) {
+        const int64_t nd = std::min<int64_t>(4, (D - d0) / 16);
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t t0 = 0; t0 < n; t0 += 32) {
+          for (int64_t pp = 0; pp < 16; ++pp) {
+            const int64_t ka = t0 + 2 * pp, kb = ka + 1;
+            for (int64_t c = 0; c < nd / 2; ++c) {
+              const int64_t off = g * D + d0 + 32 * c;
+              const __m512i va = ka < n ? _mm512_loadu_si512(vc + static_cast<int64_t>(slots[ka]) * row_len + off)
+                                        : _mm512_setzero_si512();
+              const __m512i vb = kb < n ? _mm512_loadu_si512(vc + static_cast<int64_t>(slots[kb]) * row_len + off)
+                                        : _mm512_setzero_si512();
+              _mm512_store_si512(vbuf[2 * c][pp], _mm512_permutex2var_epi16(va, lo, vb));
+              _mm512_store_si512(vbuf[2 * c + 1][pp], _mm512_permutex2var_epi16(va, hi, vb));
+            }
+            for (int64_t j = t0 + kAhead + 2 * pp; j < std::min(n, t0 + kAhead + 2 * pp + 2); ++j)
+              prefetch_row(vc + static_cast<int64_t>(slots[j]) * row_len + g * D + d0, std::min<int64_t>(D - d0, kAmxDChunk));
+          }
+          _tile_loadd(4, &p[t0], cap * 2);
+          _tile_loadd(5, vbuf[0], 64);
+          _tile_dpbf16ps(0, 4, 5);
+          _tile_loadd(5, vbuf[1], 64);
+          _tile_dpbf16ps(1, 4, 5);
+          if (nd > 2) {
+            _tile_loadd(5, vbuf[2], 64);
+            _tile_dpbf16ps(2, 4, 5);
+            _tile_loadd(5, vbuf[3], 64);
+            _tile_dpbf16ps(3, 4, 5);
+          }
+        }
+        _tile_stored(0, ctmp[0], 64);
+        _tile_stored(1, ctmp[1], 64);
+        if (nd > 2) {
+          _tile_stored(2, ctmp[2], 64);
+          _tile_stored(3, ctmp[3], 64);
+        }
+        for (int64_t h = 0; h < G; ++h) {
+          const __m512 inv = _mm512_set1_ps(l[h] > 0.f ? 1.f / l[h] : 0.f);
+          at::BFloat16* dst = op + (b * hq + g * G + h) * D + d0;
+          for (int64_t dt = 0; dt < nd; ++dt)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + dt * 16),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(ctmp[dt][h]), inv)));
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
 // The (query heads per KV head, head dim / 16) shapes with a register-tiled path.
 bool decode_bf16_fast(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const at::Tensor& table, const at::Tensor& rows, const at::Tensor& lens, float scale,
                       at::Tensor& out) {
   if (q.scalar_type() != at::kBFloat16) return false;
   const int64_t G = q.size(1) / k_cache.size(1), D = q.size(2);
+#ifdef DS_HAVE_AMX
+  if (G <= 16 && D % 32 == 0 && D <= 128 && amx_permitted()) {
+    decode_amx(q, k_cache, v_cache, table, rows, lens, scale, out);
+    return true;
+  }
+#endif
 #define DS_DECODE_CASE(GG, VV)                                                      \
   if (G == GG && D == VV * 16) {                                                    \
     decode_bf16_grouped<GG, VV>(q, k_cache, v_cache, table, rows, lens, scale, out); \

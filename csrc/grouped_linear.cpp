@@ -32,12 +32,7 @@
 #include <immintrin.h>
 #define DS_HAVE_AVX512BF16 1
 #endif
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#define DS_HAVE_AMX 1
-#endif
+#include "amx.h"
 
 namespace {
 
@@ -145,25 +140,6 @@ constexpr int64_t kAmxRows = 16;     // tile rows: output features of A, K pairs
 constexpr int64_t kAmxCols = 16;     // batch rows per B tile
 constexpr int64_t kAmxTaskN = 32;    // output features per task: two accumulator tiles
 constexpr int64_t kAmxPrefetch = 4;  // K blocks ahead that the weight rows are prefetched
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Linux hands out the tile state only on request, once per process;
-// DROIDSPEAK_NO_AMX=1 keeps the dot-product path (to compare the two).
-bool amx_permitted() {
-  static const bool ok = [] {
-    if (const char* off = std::getenv("DROIDSPEAK_NO_AMX"); off && *off && std::strcmp(off, "0") != 0) return false;
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
 
 // The B operand of every 16-row block of one group: for K block kb, tile row p
 // holds, for each of the block's rows, its K values 2p and 2p + 1 of that block

@@ -1,4 +1,8 @@
 """Native C++ ops against their pure-torch references."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -48,8 +52,11 @@ def test_rope_and_store_matches_reference(dtype, atol, hq, hkv, D):
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-# bf16 (9, 3, 64), (6, 3, 128) and (4, 1, 64) take the register-tiled path, the others the generic one
-@pytest.mark.parametrize("hq,hkv,D", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (6, 3, 128), (4, 1, 64)])
+# bf16 on AMX: every shape runs on tiles (head dims 32-128, up to 16 query heads per
+# KV head); without AMX (test_vector_paths_without_amx) (9, 3, 64), (6, 3, 128) and
+# (4, 1, 64) take the register-tiled path, the others the generic one
+@pytest.mark.parametrize("hq,hkv,D", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (6, 3, 128), (4, 1, 64),
+                                      (16, 1, 96)])
 def test_decode_attention_matches_reference(dtype, atol, hq, hkv, D):
     from droidspeak import _C
     B, S, width = 7, 700, 800
@@ -209,3 +216,17 @@ def test_silu_and_mul_matches_reference():
     assert (got != want).float().mean() < 0.01
     with pytest.raises(RuntimeError, match="gate_up"):
         _C.silu_and_mul(gate_up[:, :5])
+
+
+def test_vector_paths_without_amx():
+    """CPUs without AMX (and DROIDSPEAK_NO_AMX=1) run decode attention and the
+    grouped linear on AVX-512 instead of tiles: the same reference comparisons,
+    in a process where the tile state is never requested."""
+    code = ("import sys, pytest; from droidspeak import _C; assert not _C.amx_available(); "
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {__file__!r}, "
+            "'-k', '(decode_attention or grouped_linear) and not uses_amx']))")
+    env = dict(os.environ, DROIDSPEAK_NO_AMX="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__), timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout
