@@ -4,6 +4,7 @@ import signal
 
 import httpx
 import pytest
+import torch
 
 from droidspeak import Engine
 from droidspeak.errors import ModelNotFoundError, UnsupportedModelError
@@ -63,15 +64,9 @@ def test_co_batched_equals_solo(family, family_engine, dtype, monkeypatch):
         seen.append(set(batch.model_ids or [0]))
         return original(batch, extra_rows)
     runner.forward = spy
-    # attention runs once per layer over every row of the mixed batch
-    from droidspeak import kernels
-    attention_rows = []
-    decode_attention = kernels.decode_attention
-
-    def attention_spy(q, *args):
-        attention_rows.append(q.shape[0])
-        return decode_attention(q, *args)
-    monkeypatch.setattr(kernels, "decode_attention", attention_spy)
+    # attention runs once per layer over every row of the mixed batch (bf16 decode
+    # runs its layers in one native call, fp32 layer by layer through the kernels)
+    attention_rows = spy_decode_rows(monkeypatch)
     try:
         mixed = run_mixed(family_engine, jobs)
     finally:
@@ -85,6 +80,61 @@ def test_co_batched_equals_solo(family, family_engine, dtype, monkeypatch):
     # the fine-tunes really differ from the base
     assert mixed[0] != mixed[1] or mixed[3] != mixed[4]
     assert_no_leak(family_engine)
+
+
+def spy_decode_rows(monkeypatch) -> list[int]:
+    """Rows of every decode attention call, on either decode path."""
+    from droidspeak import kernels
+    from droidspeak.models.llama import LlamaForCausalLM
+    rows = []
+    decode_attention, decode_stack = kernels.decode_attention, LlamaForCausalLM._decode_stack
+
+    def attention_spy(q, *args):
+        rows.append(q.shape[0])
+        return decode_attention(q, *args)
+
+    class StackSpy:
+        def __init__(self, stack):
+            self.stack = stack
+
+        def run(self, hidden, start, end, *args):
+            rows.extend([hidden.shape[0]] * (end - start))
+            return self.stack.run(hidden, start, end, *args)
+    monkeypatch.setattr(kernels, "decode_attention", attention_spy)
+    monkeypatch.setattr(LlamaForCausalLM, "_decode_stack", lambda self, *a: StackSpy(decode_stack(self, *a)))
+    return rows
+
+
+@pytest.mark.parametrize("max_rows", [32, 2])
+def test_fused_decode_equals_layer_by_layer(family, monkeypatch, max_rows):
+    """bf16 decode runs a step's layers in one native call (csrc/decode_layers.cpp);
+    it calls the same kernels in the same order as the Python layers, so a mixed
+    family batch gets the same tokens and bit-identical logprobs either way. With
+    max_rows=2 most members' rows exceed the grouped kernel and go through torch's
+    matmul inside the native call."""
+    from droidspeak import kernels
+    from droidspeak.models.llama import LlamaForCausalLM
+    monkeypatch.setattr(kernels, "GROUPED_KERNEL_MAX_ROWS", max_rows)
+    engine = Engine(family["base"], dtype="bfloat16", served_model_name="base", max_total_tokens=4096,
+                    models=(f"ft1={family['ft1']}", f"ft2={family['ft2']}"))
+    jobs = [(m, p) for p in PROMPTS for m in ("base", "ft1", "ft2")] + [("ft1", "ab")]
+    params = dict(GREEDY, max_new_tokens=16)
+
+    def run():
+        reqs = []
+        for model, prompt in jobs:
+            r, _ = engine.make_requests(prompt, params, model=model, return_logprob=True)
+            reqs.extend(r)
+        for _ in engine._drive(reqs):
+            pass
+        engine.flush_cache()
+        return [(r.output_ids, r.output_token_logprobs) for r in reqs]
+    fused_rows = spy_decode_rows(monkeypatch)
+    fused = run()
+    assert fused_rows and kernels.decode_stack_available(torch.zeros(1, dtype=torch.bfloat16))
+    monkeypatch.setattr(LlamaForCausalLM, "_fused_decode", staticmethod(lambda hidden, batch: False))
+    assert run() == fused
+    assert_no_leak(engine)
 
 
 def test_prefix_cache_is_per_model(family_engine):

@@ -101,3 +101,29 @@ def test_default_model_bf16_logits_close_to_transformers_bf16(default_model_path
     assert diff.max() <= 2.0 and diff.mean() <= 0.2, (diff.max(), diff.mean())
     assert (ours.argmax(-1) == ref16.argmax(-1)).float().mean() >= 0.97
     assert (ours - ref32).abs().mean() <= 1.1 * (ref16 - ref32).abs().mean()
+
+
+@pytest.mark.parametrize("arch,max_rows", [("qwen2", 32), ("llama", 0)])
+def test_fused_decode_equals_layer_by_layer(tmp_path, monkeypatch, arch, max_rows):
+    """One model's bf16 decode steps in one native call vs layer by layer: the same
+    tokens and bit-identical logprobs, with QKV biases (Qwen2), and with the batch
+    past the grouped kernel's rows (max_rows=0: torch's matmul inside the call)."""
+    from droidspeak import Engine, kernels
+    from droidspeak.models.llama import LlamaForCausalLM
+    monkeypatch.setattr(kernels, "GROUPED_KERNEL_MAX_ROWS", max_rows)
+    engine = Engine(build_tiny_model(str(tmp_path), arch), dtype="bfloat16", max_total_tokens=2048)
+    prompts = ["The quick brown fox", "def add(a, b):", "Radix trees"]
+    params = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+
+    def run():
+        engine.flush_cache()
+        return [(o["output_ids"], o["meta_info"]["output_token_logprobs"])
+                for o in engine.generate(prompts, params, return_logprob=True)]
+    calls = []
+    stack = LlamaForCausalLM._decode_stack
+    monkeypatch.setattr(LlamaForCausalLM, "_decode_stack", lambda self, *a: calls.append(1) or stack(self, *a))
+    fused = run()
+    assert len(calls) == params["max_new_tokens"] - 1  # every decode step took the native call
+    monkeypatch.setattr(LlamaForCausalLM, "_fused_decode", staticmethod(lambda hidden, batch: False))
+    assert run() == fused
+    engine.shutdown()

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from droidspeak import kernels
 from droidspeak.layers.attention import Attention
 from droidspeak.layers.linear import grouped_linear
 from droidspeak.layers.mlp import SwiGLU
@@ -52,6 +53,7 @@ class LlamaForCausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+        self._decode_stacks: dict[tuple[int, ...], object] = {}
 
     def init_rope(self, max_positions: int) -> None:
         c = self.config
@@ -75,6 +77,13 @@ class LlamaForCausalLM(nn.Module):
         layer to `batch.e_pool`. `members[g]` runs the rows of `batch.groups`'
         group g (default: this model runs every row)."""
         members = members or [self]
+        if self._fused_decode(hidden, batch):
+            return self._decode_stack(members, batch.kv_pool).run(
+                hidden, start, end, batch.groups.rows if batch.groups else [],
+                batch.groups.native if batch.groups else [],
+                batch.groups.row_group if len(members) > 1 else None, batch.positions, self.cos_sin,
+                batch.kv_pool.k, batch.kv_pool.v, batch.out_cache_loc, batch.req_to_token,
+                batch.req_pool_indices, batch.seq_lens, self.layers[0].self_attn.scale)
         for i in range(start, end):
             for load in batch.loads:  # prefix KV streaming in from the KV store: wait for this layer's
                 load.ensure(i)
@@ -82,6 +91,38 @@ class LlamaForCausalLM(nn.Module):
                 batch.e_pool.store(i, batch.e_loc, hidden)
             hidden = self.layers[i](hidden, batch, self.cos_sin, [m.layers[i] for m in members])
         return hidden
+
+    @staticmethod
+    def _fused_decode(hidden: torch.Tensor, batch: "ForwardBatch") -> bool:
+        """Whether a span runs as one native call (`kernels.DecodeStack`): a bf16
+        decode step with nothing to do between layers (no LoRA deltas, no E cache
+        to keep, no KV-store loads to wait for)."""
+        return (batch.mode.value == "decode" and batch.lora is None and batch.e_loc is None
+                and not batch.loads and kernels.decode_stack_available(hidden))
+
+    def _decode_stack(self, members: "list[LlamaForCausalLM]", kv_pool) -> object:
+        """The native stack of `members`' layers (built once per member list)."""
+        key = tuple(id(m) for m in members) + (id(kv_pool),)
+        stack = self._decode_stacks.get(key)
+        if stack is None:
+            layers = []
+            for i in range(len(self.layers)):
+                mates = [m.layers[i] for m in members]
+                norms = [torch.stack([getattr(m, n).weight for m in mates]) if len(mates) > 1
+                         else getattr(mates[0], n).weight
+                         for n in ("input_layernorm", "post_attention_layernorm")]
+                linears = [m.self_attn.qkv_proj.weight for m in mates]
+                linears += [m.self_attn.o_proj.weight for m in mates]
+                linears += [m.mlp.gate_up_proj.weight for m in mates]
+                linears += [m.mlp.down_proj.weight for m in mates]
+                if self.config.qkv_bias:
+                    linears += [m.self_attn.qkv_proj.bias for m in mates]
+                layers.append(norms + linears)
+            c = self.config
+            stack = kernels.DecodeStack(layers, list(kv_pool.segments.segment_of), len(members), c.qkv_bias,
+                                        c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps)
+            self._decode_stacks[key] = stack
+        return stack
 
     def forward(self, batch: "ForwardBatch", members: "list[LlamaForCausalLM] | None" = None) -> torch.Tensor:
         """All layers; returns the final residual stream [T, hidden] (not normed)."""
