@@ -17,7 +17,7 @@ if not os.environ.get("DROIDSPEAK_NO_EXT"):
         "droidspeak._C",
         sources=["csrc/ops.cpp", "csrc/decode_attention.cpp", "csrc/extend_attention.cpp", "csrc/rope_store.cpp",
                  "csrc/rans.cpp", "csrc/codec_transform.cpp", "csrc/grouped_linear.cpp",
-                 "csrc/norm_act.cpp", "csrc/decode_layers.cpp"],
+                 "csrc/norm_act.cpp", "csrc/layer_stack.cpp"],
         depends=["csrc/ops.h", "csrc/vec.h", "csrc/amx.h"],
         extra_compile_args=["-O3", "-march=native", "-fopenmp"],
         extra_link_args=["-fopenmp"],

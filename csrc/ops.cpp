@@ -2,13 +2,15 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "droidspeak CPU kernels";
+  // The model's long ops release the GIL as torch's own do: the server's event loop
+  // (another thread) runs while the scheduler thread is inside them.
   m.def("rope_and_store", &rope_and_store,
         "Rotate q and k in place (rotate-half RoPE) and store k, v into pool slots");
-  m.def("extend_attention", &extend_attention,
+  m.def("extend_attention", &extend_attention, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "Prefill attention over pool slots, fused with RoPE and the KV store (ragged batch)");
-  m.def("decode_attention", &decode_attention,
+  m.def("decode_attention", &decode_attention, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "Single-token attention reading K/V from the pool through req_to_token");
-  m.def("grouped_linear", &grouped_linear,
+  m.def("grouped_linear", &grouped_linear, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "Segmented bf16 linear: each group of rows through its own weight, one parallel region");
   m.def("amx_available", &amx_available, "Whether grouped_linear runs on AMX tiles on this CPU");
   m.def("rmsnorm", &rmsnorm, "RMSNorm per row (fp32 statistics), optionally one weight row per group");
@@ -20,9 +22,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp32_to_bf16", &fp32_to_bf16, "fp32 -> bf16 on the calling thread (no OpenMP)");
   m.def("codec_transform", &codec_transform,
         "A codec profile's per-layer K and V transforms, on the calling thread");
-  pybind11::class_<DecodeStack>(m, "DecodeStack",
-                                "A co-batched family's decoder layers for decode steps, run in one call")
+  pybind11::class_<LayerStack>(m, "LayerStack", "A co-batched family's decoder layers, run in one call")
       .def(pybind11::init<std::vector<std::vector<at::Tensor>>, std::vector<int64_t>, int64_t, bool, int64_t,
                           int64_t, int64_t, double>())
-      .def("run", &DecodeStack::run);
+      .def("run", &LayerStack::run, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -46,20 +46,24 @@ at::Tensor cachegen_dequantize(const at::Tensor& anchors, const at::Tensor& delt
                                const at::Tensor& anchor_step, const at::Tensor& delta_step, int64_t group,
                                int64_t T);
 
-// A decode step's decoder layers [start, end) in one call (decode_layers.cpp), for
-// the members of a co-batched family: per layer, [ln1, ln2, qkv x M, o x M,
-// gate_up x M, down x M, (qkv bias x M)]; a norm weight is [H] for one member, else
-// [M, H] picked per row by row_group. `rows`/`native`: each member's rows and
-// whether they run on the grouped kernel (empty: one member, torch's matmul).
-class DecodeStack {
+// A forward's decoder layers [start, end) in one call (layer_stack.cpp), for the
+// members of a co-batched family: per layer, [ln1, ln2, qkv x M, o x M, gate_up x M,
+// down x M, (qkv bias x M)]; a norm weight is [H] for one member, else [M, H] picked
+// per row by row_group. `rows`/`native`: each member's rows and whether they run on
+// the grouped kernel (empty: one member, torch's matmul). `decode`: one token per
+// request (rope_and_store + decode_attention), else a ragged extend
+// (extend_attention over prefix_lens / extend_lens).
+class LayerStack {
  public:
-  DecodeStack(std::vector<std::vector<at::Tensor>> layers, std::vector<int64_t> segments, int64_t members,
+  LayerStack(std::vector<std::vector<at::Tensor>> layers, std::vector<int64_t> segments, int64_t members,
               bool has_bias, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps);
   at::Tensor run(at::Tensor hidden, int64_t start, int64_t end, const std::vector<at::Tensor>& rows,
                  const std::vector<bool>& native, const c10::optional<at::Tensor>& row_group,
                  const at::Tensor& positions, const at::Tensor& cos_sin, const at::Tensor& k_pool,
                  const at::Tensor& v_pool, const at::Tensor& out_cache_loc, const at::Tensor& req_to_token,
-                 const at::Tensor& req_pool_indices, const at::Tensor& seq_lens, double scale) const;
+                 const at::Tensor& req_pool_indices, const at::Tensor& seq_lens,
+                 const std::vector<int64_t>& prefix_lens, const std::vector<int64_t>& extend_lens, bool decode,
+                 double scale) const;
 
  private:
   struct Layer {

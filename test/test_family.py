@@ -87,7 +87,7 @@ def spy_decode_rows(monkeypatch) -> list[int]:
     from droidspeak import kernels
     from droidspeak.models.llama import LlamaForCausalLM
     rows = []
-    decode_attention, decode_stack = kernels.decode_attention, LlamaForCausalLM._decode_stack
+    decode_attention, layer_stack = kernels.decode_attention, LlamaForCausalLM._layer_stack
 
     def attention_spy(q, *args):
         rows.append(q.shape[0])
@@ -98,16 +98,17 @@ def spy_decode_rows(monkeypatch) -> list[int]:
             self.stack = stack
 
         def run(self, hidden, start, end, *args):
-            rows.extend([hidden.shape[0]] * (end - start))
+            if args[-2]:  # decode
+                rows.extend([hidden.shape[0]] * (end - start))
             return self.stack.run(hidden, start, end, *args)
     monkeypatch.setattr(kernels, "decode_attention", attention_spy)
-    monkeypatch.setattr(LlamaForCausalLM, "_decode_stack", lambda self, *a: StackSpy(decode_stack(self, *a)))
+    monkeypatch.setattr(LlamaForCausalLM, "_layer_stack", lambda self, *a: StackSpy(layer_stack(self, *a)))
     return rows
 
 
 @pytest.mark.parametrize("max_rows", [32, 2])
-def test_fused_decode_equals_layer_by_layer(family, monkeypatch, max_rows):
-    """bf16 decode runs a step's layers in one native call (csrc/decode_layers.cpp);
+def test_native_layers_equal_layer_by_layer(family, monkeypatch, max_rows):
+    """bf16 forwards run their layers in one native call (csrc/layer_stack.cpp);
     it calls the same kernels in the same order as the Python layers, so a mixed
     family batch gets the same tokens and bit-identical logprobs either way. With
     max_rows=2 most members' rows exceed the grouped kernel and go through torch's
@@ -123,16 +124,16 @@ def test_fused_decode_equals_layer_by_layer(family, monkeypatch, max_rows):
     def run():
         reqs = []
         for model, prompt in jobs:
-            r, _ = engine.make_requests(prompt, params, model=model, return_logprob=True)
+            r, _ = engine.make_requests(prompt, params, model=model, return_logprob=True, logprob_start_len=0)
             reqs.extend(r)
         for _ in engine._drive(reqs):
             pass
         engine.flush_cache()
-        return [(r.output_ids, r.output_token_logprobs) for r in reqs]
+        return [(r.output_ids, r.output_token_logprobs, r.input_token_logprobs) for r in reqs]
     fused_rows = spy_decode_rows(monkeypatch)
     fused = run()
-    assert fused_rows and kernels.decode_stack_available(torch.zeros(1, dtype=torch.bfloat16))
-    monkeypatch.setattr(LlamaForCausalLM, "_fused_decode", staticmethod(lambda hidden, batch: False))
+    assert fused_rows and kernels.layer_stack_available(torch.zeros(1, dtype=torch.bfloat16))
+    monkeypatch.setattr(LlamaForCausalLM, "_native_layers", staticmethod(lambda hidden, batch: False))
     assert run() == fused
     assert_no_leak(engine)
 

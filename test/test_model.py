@@ -104,10 +104,11 @@ def test_default_model_bf16_logits_close_to_transformers_bf16(default_model_path
 
 
 @pytest.mark.parametrize("arch,max_rows", [("qwen2", 32), ("llama", 0)])
-def test_fused_decode_equals_layer_by_layer(tmp_path, monkeypatch, arch, max_rows):
-    """One model's bf16 decode steps in one native call vs layer by layer: the same
-    tokens and bit-identical logprobs, with QKV biases (Qwen2), and with the batch
-    past the grouped kernel's rows (max_rows=0: torch's matmul inside the call)."""
+def test_native_layers_equal_layer_by_layer(tmp_path, monkeypatch, arch, max_rows):
+    """One model's bf16 forwards (prefill, extends over a cached prefix, decode
+    steps) in one native call vs layer by layer: the same tokens and bit-identical
+    logprobs, with QKV biases (Qwen2), and with the rows past the grouped kernel's
+    (max_rows=0: torch's matmul inside the call)."""
     from droidspeak import Engine, kernels
     from droidspeak.models.llama import LlamaForCausalLM
     monkeypatch.setattr(kernels, "GROUPED_KERNEL_MAX_ROWS", max_rows)
@@ -117,13 +118,17 @@ def test_fused_decode_equals_layer_by_layer(tmp_path, monkeypatch, arch, max_row
 
     def run():
         engine.flush_cache()
-        return [(o["output_ids"], o["meta_info"]["output_token_logprobs"])
-                for o in engine.generate(prompts, params, return_logprob=True)]
+        outs = engine.generate(prompts, params, return_logprob=True, logprob_start_len=0)
+        # these hit the cache (input logprobs from 0 would need the whole prompt run)
+        outs += engine.generate([p + " share prefixes" for p in prompts], params, return_logprob=True)
+        assert sum(o["meta_info"]["cached_tokens"] for o in outs) > 0
+        return [(o["output_ids"], o["meta_info"]["output_token_logprobs"],
+                 o["meta_info"]["input_token_logprobs"]) for o in outs]
     calls = []
-    stack = LlamaForCausalLM._decode_stack
-    monkeypatch.setattr(LlamaForCausalLM, "_decode_stack", lambda self, *a: calls.append(1) or stack(self, *a))
-    fused = run()
-    assert len(calls) == params["max_new_tokens"] - 1  # every decode step took the native call
-    monkeypatch.setattr(LlamaForCausalLM, "_fused_decode", staticmethod(lambda hidden, batch: False))
-    assert run() == fused
+    stack = LlamaForCausalLM._layer_stack
+    monkeypatch.setattr(LlamaForCausalLM, "_layer_stack", lambda self, *a: calls.append(1) or stack(self, *a))
+    native = run()
+    assert len(calls) == 2 * params["max_new_tokens"]  # every forward (1 prefill + 11 decode steps, twice)
+    monkeypatch.setattr(LlamaForCausalLM, "_native_layers", staticmethod(lambda hidden, batch: False))
+    assert run() == native
     engine.shutdown()

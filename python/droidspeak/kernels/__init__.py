@@ -112,18 +112,18 @@ def native_bf16(x: torch.Tensor) -> bool:
     return _supported(x) and x.dtype == torch.bfloat16
 
 
-def decode_stack_available(x: torch.Tensor) -> bool:
-    """Whether a bf16 decode step's layers can run as one native call
-    (`DecodeStack`, csrc/decode_layers.cpp) for hidden states `x`."""
-    return native_bf16(x) and hasattr(_native, "DecodeStack")
+def layer_stack_available(x: torch.Tensor) -> bool:
+    """Whether a bf16 forward's layers can run as one native call (`LayerStack`,
+    csrc/layer_stack.cpp) for hidden states `x`."""
+    return native_bf16(x) and hasattr(_native, "LayerStack")
 
 
-def DecodeStack(layers, segments, members, has_bias, num_heads, num_kv_heads, head_dim, eps):
+def LayerStack(layers, segments, members, has_bias, num_heads, num_kv_heads, head_dim, eps):
     """A co-batched family's decoder layers in one native object; its `run` is the
-    DecoderLayer sequence over a decode step (see csrc/ops.h). Callers check
-    `decode_stack_available` first."""
-    return _native.DecodeStack(layers, segments, members, has_bias, num_heads, num_kv_heads, head_dim,
-                               float(eps))
+    DecoderLayer sequence over a decode step or an extend (see csrc/ops.h).
+    Callers check `layer_stack_available` first."""
+    return _native.LayerStack(layers, segments, members, has_bias, num_heads, num_kv_heads, head_dim,
+                              float(eps))
 
 
 def grouped_linear(x, weights, biases, rows):

@@ -53,7 +53,7 @@ class LlamaForCausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
-        self._decode_stacks: dict[tuple[int, ...], object] = {}
+        self._layer_stacks: dict[tuple[int, ...], object] = {}
 
     def init_rope(self, max_positions: int) -> None:
         c = self.config
@@ -77,13 +77,15 @@ class LlamaForCausalLM(nn.Module):
         layer to `batch.e_pool`. `members[g]` runs the rows of `batch.groups`'
         group g (default: this model runs every row)."""
         members = members or [self]
-        if self._fused_decode(hidden, batch):
-            return self._decode_stack(members, batch.kv_pool).run(
+        if self._native_layers(hidden, batch):
+            decode = batch.mode.value == "decode"
+            return self._layer_stack(members, batch.kv_pool).run(
                 hidden, start, end, batch.groups.rows if batch.groups else [],
                 batch.groups.native if batch.groups else [],
                 batch.groups.row_group if len(members) > 1 else None, batch.positions, self.cos_sin,
                 batch.kv_pool.k, batch.kv_pool.v, batch.out_cache_loc, batch.req_to_token,
-                batch.req_pool_indices, batch.seq_lens, self.layers[0].self_attn.scale)
+                batch.req_pool_indices, batch.seq_lens, [] if decode else batch.prefix_lens,
+                [] if decode else batch.extend_lens, decode, self.layers[0].self_attn.scale)
         for i in range(start, end):
             for load in batch.loads:  # prefix KV streaming in from the KV store: wait for this layer's
                 load.ensure(i)
@@ -93,17 +95,17 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     @staticmethod
-    def _fused_decode(hidden: torch.Tensor, batch: "ForwardBatch") -> bool:
-        """Whether a span runs as one native call (`kernels.DecodeStack`): a bf16
-        decode step with nothing to do between layers (no LoRA deltas, no E cache
-        to keep, no KV-store loads to wait for)."""
-        return (batch.mode.value == "decode" and batch.lora is None and batch.e_loc is None
-                and not batch.loads and kernels.decode_stack_available(hidden))
+    def _native_layers(hidden: torch.Tensor, batch: "ForwardBatch") -> bool:
+        """Whether a span runs as one native call (`kernels.LayerStack`): a bf16
+        forward with nothing to do between layers (no LoRA deltas, no E cache to
+        keep, no KV-store loads to wait for)."""
+        return (batch.lora is None and batch.e_loc is None and not batch.loads
+                and kernels.layer_stack_available(hidden))
 
-    def _decode_stack(self, members: "list[LlamaForCausalLM]", kv_pool) -> object:
+    def _layer_stack(self, members: "list[LlamaForCausalLM]", kv_pool) -> object:
         """The native stack of `members`' layers (built once per member list)."""
         key = tuple(id(m) for m in members) + (id(kv_pool),)
-        stack = self._decode_stacks.get(key)
+        stack = self._layer_stacks.get(key)
         if stack is None:
             layers = []
             for i in range(len(self.layers)):
@@ -119,9 +121,9 @@ class LlamaForCausalLM(nn.Module):
                     linears += [m.self_attn.qkv_proj.bias for m in mates]
                 layers.append(norms + linears)
             c = self.config
-            stack = kernels.DecodeStack(layers, list(kv_pool.segments.segment_of), len(members), c.qkv_bias,
+            stack = kernels.LayerStack(layers, list(kv_pool.segments.segment_of), len(members), c.qkv_bias,
                                         c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps)
-            self._decode_stacks[key] = stack
+            self._layer_stacks[key] = stack
         return stack
 
     def forward(self, batch: "ForwardBatch", members: "list[LlamaForCausalLM] | None" = None) -> torch.Tensor:

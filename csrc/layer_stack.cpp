@@ -1,9 +1,10 @@
-// A decode step's decoder layers in one native call. Each layer is the same op
+// A forward's decoder layers in one native call. Each layer is the same op
 // sequence as models/llama.py's DecoderLayer (RMSNorm, grouped QKV linear, RoPE +
-// KV store, decode attention, O linear, residual, RMSNorm, gate/up linear, SwiGLU,
-// down linear, residual), calling the same kernels, so its output is bit for bit
-// the Python path's; what it removes is the ~100 Python-level operations per layer
-// that cost 5-10 ms of a 30-layer batch-16 step on a 2-core CPU.
+// KV store + attention (decode or extend), O linear, residual, RMSNorm, gate/up
+// linear, SwiGLU, down linear, residual), calling the same kernels, so its output
+// is bit for bit the Python path's; what it removes is the ~100 Python-level
+// operations per layer that cost 5-10 ms of a 30-layer batch-16 decode step on a
+// 2-core CPU (and as much of a short extend over a cached prefix).
 #include "ops.h"
 
 #include <utility>
@@ -36,7 +37,7 @@ at::Tensor linear_groups(const at::Tensor& x, const std::vector<at::Tensor>& w,
 
 }  // namespace
 
-DecodeStack::DecodeStack(std::vector<std::vector<at::Tensor>> layers, std::vector<int64_t> segments,
+LayerStack::LayerStack(std::vector<std::vector<at::Tensor>> layers, std::vector<int64_t> segments,
                          int64_t members, bool has_bias, int64_t num_heads, int64_t num_kv_heads,
                          int64_t head_dim, double eps)
     : members_(members), num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps),
@@ -60,12 +61,13 @@ DecodeStack::DecodeStack(std::vector<std::vector<at::Tensor>> layers, std::vecto
   }
 }
 
-at::Tensor DecodeStack::run(at::Tensor hidden, int64_t start, int64_t end, const std::vector<at::Tensor>& rows,
+at::Tensor LayerStack::run(at::Tensor hidden, int64_t start, int64_t end, const std::vector<at::Tensor>& rows,
                             const std::vector<bool>& native, const c10::optional<at::Tensor>& row_group,
                             const at::Tensor& positions, const at::Tensor& cos_sin, const at::Tensor& k_pool,
                             const at::Tensor& v_pool, const at::Tensor& out_cache_loc,
                             const at::Tensor& req_to_token, const at::Tensor& req_pool_indices,
-                            const at::Tensor& seq_lens, double scale) const {
+                            const at::Tensor& seq_lens, const std::vector<int64_t>& prefix_lens,
+                            const std::vector<int64_t>& extend_lens, bool decode, double scale) const {
   TORCH_CHECK(0 <= start && start <= end && end <= static_cast<int64_t>(layers_.size()), "bad layer span");
   TORCH_CHECK(rows.size() == native.size() && (rows.empty() || static_cast<int64_t>(rows.size()) == members_),
               "one row index and one kernel choice per member");
@@ -80,9 +82,14 @@ at::Tensor DecodeStack::run(at::Tensor hidden, int64_t start, int64_t end, const
     at::Tensor k = qkv.narrow(1, q_size, kv_size).view({T, num_kv_heads_, head_dim_});
     at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads_, head_dim_});
     at::Tensor k_cache = k_pool.select(0, i), v_cache = v_pool.select(0, i);
-    rope_and_store(q, k, v, positions, cos_sin, k_cache, v_cache, out_cache_loc.select(0, seg));
-    at::Tensor attn = decode_attention(q, k_cache, v_cache, req_to_token.select(0, seg), req_pool_indices,
-                                       seq_lens, scale);
+    at::Tensor attn;
+    if (decode) {
+      rope_and_store(q, k, v, positions, cos_sin, k_cache, v_cache, out_cache_loc.select(0, seg));
+      attn = decode_attention(q, k_cache, v_cache, req_to_token.select(0, seg), req_pool_indices, seq_lens, scale);
+    } else {
+      attn = extend_attention(q, k, v, positions, cos_sin, k_cache, v_cache, out_cache_loc.select(0, seg),
+                              req_to_token.select(0, seg), req_pool_indices, prefix_lens, extend_lens, scale);
+    }
     hidden = hidden + linear_groups(attn.reshape({T, q_size}), l.o, l.none, rows, native);
     x = rmsnorm(hidden, l.ln2, row_group, eps_);
     at::Tensor h = silu_and_mul(linear_groups(x, l.gate_up, l.none, rows, native));
