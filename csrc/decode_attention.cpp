@@ -224,17 +224,19 @@ void decode_bf16_grouped(const at::Tensor& q, const at::Tensor& k_cache, const a
 }
 
 #ifdef DS_HAVE_AMX
-// AMX path (bf16, D % 32 == 0, G <= 16): one task per (request, KV head) in two
-// passes over its keys, the whole softmax in between (so no running rescale).
-// Scores: S^T = K Q^T per 16 keys, K as the A operand straight as it lies in a
-// slot (16 keys' head slices gathered into a buffer, D/32 tiles), the group's
-// queries as the B operand (pair-interleaved once per task). Output: P V per 32
-// keys, the bf16 probabilities [G x 32] as A, V pair-interleaved (two keys' rows
-// woven together, 16 dims a tile) as B, D/16 accumulators of [G x 16]. Keys past
-// the sequence are zeros (never the pool's unwritten memory: 0 * NaN is NaN).
-// One tile product is 16x32x16 multiply-adds; the register-tiled kernel below
-// spent three horizontal sums per key and was compute-bound at 2.5x the memory
-// time of a decode step's KV.
+// AMX path (bf16, D % 32 == 0): the query rows of one request and KV head (its
+// query tokens x the G query heads sharing that KV head, 16 at a time) attend in
+// two passes over their keys, the whole softmax in between (so no running
+// rescale). Scores: S^T = K Q^T per 16 keys, K as the A operand as it lies in a
+// slot (16 keys' head slices gathered into a buffer, D/32 tiles), the query rows
+// as the B operand (pair-interleaved once per task). Output: P V per 32 keys, the
+// bf16 probabilities [rows x 32] as A, V pair-interleaved (two keys' rows woven
+// together, 16 dims a tile) as B, D/16 accumulators of [rows x 16]. Keys past a
+// row's causal limit get zero probability and keys past the last row's are zeros
+// (never the pool's unwritten memory: 0 * NaN is NaN). One tile product is
+// 16x32x16 multiply-adds; the register-tiled decode kernel below spent three
+// horizontal sums per key and was compute-bound at 2.5x the memory time of a
+// decode step's KV.
 constexpr int kAmxDChunk = 64;  // output dims per pass over V: four accumulator tiles
 constexpr int64_t kAhead = 32;  // keys ahead that a pass prefetches: slots are scattered, so the
                                 // hardware prefetcher cannot follow them
@@ -244,29 +246,64 @@ inline void prefetch_row(const uint16_t* row, int64_t n) {
   for (int64_t i = 0; i < n; i += 32) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
 }
 
-void decode_amx(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& table,
-                const at::Tensor& rows, const at::Tensor& lens, float scale, at::Tensor& out) {
-  const int64_t B = q.size(0), hq = q.size(1), D = q.size(2), hkv = k_cache.size(1);
-  const int64_t G = hq / hkv, width = table.size(1), row_len = hkv * D, nkb = D / 32;
+// out[c] = column c of the 16 x 16 floats at m (rows 16 floats apart): pairs of
+// rows interleaved, then quads, then 128-bit lanes twice.
+inline void transpose16(const float (*m)[16], __m512 (&out)[16]) {
+  __m512 t[16], u[16], v[16];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 a = _mm512_load_ps(m[2 * i]), b = _mm512_load_ps(m[2 * i + 1]);
+    t[2 * i] = _mm512_unpacklo_ps(a, b);
+    t[2 * i + 1] = _mm512_unpackhi_ps(a, b);
+  }
+  for (int g = 0; g < 4; ++g) {  // u[4g + j]: rows 4g..4g+3, column 4L + j in lane L
+    u[4 * g] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88);
+    v[4 + j] = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
+    v[8 + j] = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);
+    v[12 + j] = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
+  }
+  for (int j = 0; j < 4; ++j) {
+    out[j] = _mm512_shuffle_f32x4(v[j], v[8 + j], 0x88);
+    out[8 + j] = _mm512_shuffle_f32x4(v[j], v[8 + j], 0xDD);
+    out[4 + j] = _mm512_shuffle_f32x4(v[4 + j], v[12 + j], 0x88);
+    out[12 + j] = _mm512_shuffle_f32x4(v[4 + j], v[12 + j], 0xDD);
+  }
+}
+
+}  // namespace
+
+bool attend_amx_supported(const at::Tensor& q, const at::Tensor& k_cache) {
+  const int64_t hkv = k_cache.size(1);
+  return q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 && q.size(1) % hkv == 0 &&
+         q.size(2) % 32 == 0 && q.size(2) <= 128 && amx_permitted();
+}
+
+void attend_amx(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& table,
+                const int64_t* rp, const std::vector<int64_t>& prefix_lens, const std::vector<int64_t>& extend_lens,
+                float scale, at::Tensor& out) {
+  const int64_t B = static_cast<int64_t>(extend_lens.size()), hq = q.size(1), D = q.size(2);
+  const int64_t hkv = k_cache.size(1), G = hq / hkv, width = table.size(1), row_len = hkv * D, nkb = D / 32;
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
   const auto* kc = reinterpret_cast<const uint16_t*>(k_cache.data_ptr());
   const auto* vc = reinterpret_cast<const uint16_t*>(v_cache.data_ptr());
   const int32_t* tab = table.data_ptr<int32_t>();
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
   auto* op = out.data_ptr<at::BFloat16>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
-  int64_t max_n = 0;
-  for (int64_t b = 0; b < B; ++b) max_n = std::max(max_n, lp[b]);
-  const int64_t cap = (max_n + 31) / 32 * 32;
-
-  TileConfig scores_cfg, out_cfg;
-  for (int t = 0; t < nkb; ++t) scores_cfg.set(t, 16, static_cast<int>(G * 4));  // Q^T blocks
-  scores_cfg.set(6, 16, 64);                                                   // 16 keys x 32 dims
-  scores_cfg.set(7, 16, static_cast<int>(G * 4));                              // S^T [16 x G]
-  for (int t = 0; t < 4; ++t) out_cfg.set(t, static_cast<int>(G), 64);         // O [G x 16 dims]
-  out_cfg.set(4, static_cast<int>(G), 64);                                     // P [G x 32 keys]
-  out_cfg.set(5, 16, 64);                                                      // V pairs x 16 dims
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), os0 = out.stride(0), os1 = out.stride(1);
+  // tasks: (request, KV head, block of 16 query rows)
+  std::vector<int64_t> q_start(B), task_start(B + 1, 0);
+  int64_t cap = 0;
+  for (int64_t b = 0, acc = 0; b < B; ++b) {
+    q_start[b] = acc;
+    acc += extend_lens[b];
+    task_start[b + 1] = task_start[b] + hkv * ((extend_lens[b] * G + 15) / 16);
+    cap = std::max(cap, prefix_lens[b] + extend_lens[b]);
+  }
+  cap = (cap + 31) / 32 * 32;
 
   // permutex2var indices weaving a (lanes 0-31) and b (32-63) pairwise
   alignas(64) uint16_t lo_idx[32], hi_idx[32];
@@ -280,22 +317,38 @@ void decode_amx(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                          _mm512_set1_epi32(16));
 
-  at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(G * cap);
-    std::vector<uint16_t> p(G * cap);
+  at::parallel_for(0, task_start[B], 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(16 * cap);
+    std::vector<uint16_t> p(16 * cap);
     std::vector<uint16_t> kbuf(16 * D);
     alignas(64) uint32_t qt[4][16][16];
     alignas(64) float ctmp[4][16][16];
     alignas(64) uint32_t vbuf[4][16][16];
     float l[16];
+    int64_t lim[16];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / hkv, g = task % hkv, n = lp[b];
-      const int64_t n32 = (n + 31) / 32 * 32;
+      const int64_t b = std::upper_bound(task_start.begin(), task_start.end(), task) - task_start.begin() - 1;
+      const int64_t chunks = (extend_lens[b] * G + 15) / 16, local = task - task_start[b];
+      const int64_t g = local / chunks, r0 = (local % chunks) * 16;
+      const int64_t nr = std::min<int64_t>(16, extend_lens[b] * G - r0);
       const int32_t* slots = tab + rp[b] * width;
-      for (int64_t h = 0; h < G; ++h) {
-        const auto* qh = reinterpret_cast<const uint32_t*>(qp + b * qs0 + (g * G + h) * qs1);
-        for (int64_t d = 0; d < D / 2; ++d) qt[d / 16][d % 16][h] = qh[d];
+      int64_t n = 0;  // keys any row of the block sees
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t t = (r0 + r) / G, h = g * G + (r0 + r) % G;
+        lim[r] = prefix_lens[b] + t + 1;
+        n = std::max(n, lim[r]);
+        const auto* qh = reinterpret_cast<const uint32_t*>(qp + (q_start[b] + t) * qs0 + h * qs1);
+        for (int64_t d = 0; d < D / 2; ++d) qt[d / 16][d % 16][r] = qh[d];
       }
+      const int64_t n32 = (n + 31) / 32 * 32;
+      TileConfig scores_cfg, out_cfg;
+      for (int t = 0; t < nkb; ++t) scores_cfg.set(t, 16, static_cast<int>(nr * 4));  // Q^T blocks
+      scores_cfg.set(6, 16, 64);                                                    // 16 keys x 32 dims
+      scores_cfg.set(7, 16, static_cast<int>(nr * 4));                              // S^T [16 x rows]
+      for (int t = 0; t < 4; ++t) out_cfg.set(t, static_cast<int>(nr), 64);         // O [rows x 16 dims]
+      out_cfg.set(4, static_cast<int>(nr), 64);                                     // P [rows x 32 keys]
+      out_cfg.set(5, 16, 64);                                                       // V pairs x 16 dims
+
       _tile_loadconfig(&scores_cfg);
       _tile_loadd(0, qt[0], 64);
       if (nkb > 1) _tile_loadd(1, qt[1], 64);
@@ -324,18 +377,26 @@ void decode_amx(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
           _tile_dpbf16ps(7, 6, 3);
         }
         _tile_stored(7, ctmp[0], 64);
-        const __mmask16 live = nb == 16 ? __mmask16(0xFFFF) : __mmask16((1u << nb) - 1);
-        for (int64_t h = 0; h < G; ++h) {
-          const __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(col, _mm512_set1_epi32(static_cast<int>(h))),
-                                               &ctmp[0][0][0], 4);
-          _mm512_mask_storeu_ps(&s[h * cap + t0], live, _mm512_mul_ps(v, _mm512_set1_ps(scale)));
+        __m512 cols[16];
+        if (nr > 4) {
+          transpose16(ctmp[0], cols);
+        } else {  // a few rows (decode's query-head group): gather them
+          for (int64_t r = 0; r < nr; ++r)
+            cols[r] = _mm512_i32gather_ps(_mm512_add_epi32(col, _mm512_set1_epi32(static_cast<int>(r))),
+                                          &ctmp[0][0][0], 4);
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t live = std::min<int64_t>(16, lim[r] - t0);
+          if (live <= 0) continue;
+          _mm512_mask_storeu_ps(&s[r * cap + t0], live == 16 ? __mmask16(0xFFFF) : __mmask16((1u << live) - 1),
+                                _mm512_mul_ps(cols[r], _mm512_set1_ps(scale)));
         }
       }
-      for (int64_t h = 0; h < G; ++h) {
-        float* sh = &s[h * cap];
-        auto* ph = reinterpret_cast<at::BFloat16*>(&p[h * cap]);
-        l[h] = exp_shifted_to_bf16(sh, ph, n, row_max(sh, n), 1.f);
-        std::memset(&p[h * cap + n], 0, (n32 - n) * 2);
+      for (int64_t r = 0; r < nr; ++r) {
+        float* sr = &s[r * cap];
+        auto* pr = reinterpret_cast<at::BFloat16*>(&p[r * cap]);
+        l[r] = exp_shifted_to_bf16(sr, pr, lim[r], row_max(sr, lim[r]), 1.f);
+        std::memset(&p[r * cap + lim[r]], 0, (n32 - lim[r]) * 2);
       }
       _tile_loadconfig(&out_cfg);
       for (int64_t d0 = 0; d0 < D; d0 += kAmxDChunk) {
@@ -357,7 +418,8 @@ void decode_amx(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
               _mm512_store_si512(vbuf[2 * c + 1][pp], _mm512_permutex2var_epi16(va, hi, vb));
             }
             for (int64_t j = t0 + kAhead + 2 * pp; j < std::min(n, t0 + kAhead + 2 * pp + 2); ++j)
-              prefetch_row(vc + static_cast<int64_t>(slots[j]) * row_len + g * D + d0, std::min<int64_t>(D - d0, kAmxDChunk));
+              prefetch_row(vc + static_cast<int64_t>(slots[j]) * row_len + g * D + d0,
+                           std::min<int64_t>(D - d0, kAmxDChunk));
           }
           _tile_loadd(4, &p[t0], cap * 2);
           _tile_loadd(5, vbuf[0], 64);
@@ -377,18 +439,21 @@ void decode_amx(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
           _tile_stored(2, ctmp[2], 64);
           _tile_stored(3, ctmp[3], 64);
         }
-        for (int64_t h = 0; h < G; ++h) {
-          const __m512 inv = _mm512_set1_ps(l[h] > 0.f ? 1.f / l[h] : 0.f);
-          at::BFloat16* dst = op + (b * hq + g * G + h) * D + d0;
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t t = (r0 + r) / G, h = g * G + (r0 + r) % G;
+          const __m512 inv = _mm512_set1_ps(l[r] > 0.f ? 1.f / l[r] : 0.f);
+          at::BFloat16* dst = op + (q_start[b] + t) * os0 + h * os1 + d0;
           for (int64_t dt = 0; dt < nd; ++dt)
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + dt * 16),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(ctmp[dt][h]), inv)));
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(ctmp[dt][r]), inv)));
         }
       }
     }
     _tile_release();
   });
 }
+
+namespace {
 #endif
 
 // The (query heads per KV head, head dim / 16) shapes with a register-tiled path.
@@ -397,12 +462,6 @@ bool decode_bf16_fast(const at::Tensor& q, const at::Tensor& k_cache, const at::
                       at::Tensor& out) {
   if (q.scalar_type() != at::kBFloat16) return false;
   const int64_t G = q.size(1) / k_cache.size(1), D = q.size(2);
-#ifdef DS_HAVE_AMX
-  if (G <= 16 && D % 32 == 0 && D <= 128 && amx_permitted()) {
-    decode_amx(q, k_cache, v_cache, table, rows, lens, scale, out);
-    return true;
-  }
-#endif
 #define DS_DECODE_CASE(GG, VV)                                                      \
   if (G == GG && D == VV * 16) {                                                    \
     decode_bf16_grouped<GG, VV>(q, k_cache, v_cache, table, rows, lens, scale, out); \
@@ -428,6 +487,20 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   auto rows = req_pool_indices.to(at::kLong).contiguous();
   auto lens = seq_lens.to(at::kLong).contiguous();
   auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+#ifdef DS_HAVE_AMX
+  if (attend_amx_supported(q, k_cache)) {  // one query token per request: prefix = length - 1
+    const int64_t B = q.size(0);
+    const int64_t* lp = lens.data_ptr<int64_t>();
+    std::vector<int64_t> prefix(B), ones(B, 1);
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(lp[b] >= 1 && lp[b] <= req_to_token.size(1), "sequence length out of range");
+      prefix[b] = lp[b] - 1;
+    }
+    attend_amx(q, k_cache, v_cache, req_to_token, rows.data_ptr<int64_t>(), prefix, ones, static_cast<float>(scale),
+               out);
+    return out;
+  }
+#endif
   if (decode_bf16_fast(q, k_cache, v_cache, req_to_token, rows, lens, static_cast<float>(scale), out)) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
     decode_impl<scalar_t>(q, k_cache, v_cache, req_to_token, rows, lens, static_cast<float>(scale), out);

@@ -17,6 +17,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                             const at::Tensor& req_to_token, const at::Tensor& req_pool_indices,
                             const at::Tensor& seq_lens, double scale);
 
+// Small-query attention on AMX tiles over pool slots (decode_attention.cpp; only where
+// amx.h's DS_HAVE_AMX is set): request b's query tokens are q rows
+// [sum of extend_lens before b, + extend_lens[b]), token t of them attends to its
+// keys [0, prefix_lens[b] + t], K/V read through req_to_token row rows[b]. Serves
+// decode (one token per request) and extends of a few tokens over a cached prefix.
+bool attend_amx_supported(const at::Tensor& q, const at::Tensor& k_cache);
+void attend_amx(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                const at::Tensor& req_to_token, const int64_t* rows, const std::vector<int64_t>& prefix_lens,
+                const std::vector<int64_t>& extend_lens, float scale, at::Tensor& out);
+
 // Grouped bf16 linear (grouped_linear.cpp): out[rows[g]] = x[rows[g]] @ weights[g]^T + biases[g].
 at::Tensor grouped_linear(const at::Tensor& x, const std::vector<at::Tensor>& weights,
                           const std::vector<c10::optional<at::Tensor>>& biases,

@@ -77,17 +77,22 @@ def test_decode_attention_matches_reference(dtype, atol, hq, hkv, D):
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 # bf16 with D <= 64 packs K^T/V for tiles where the CPU has AMX; D = 128 gathers them plain
 @pytest.mark.parametrize("hq,hkv,D", [(9, 3, 64), (4, 4, 32), (4, 2, 128)])
-@pytest.mark.parametrize("long", [False, True])
-def test_extend_attention_matches_reference(dtype, atol, hq, hkv, D, long):
+@pytest.mark.parametrize("case", ["short", "long", "few"])
+def test_extend_attention_matches_reference(dtype, atol, hq, hkv, D, case):
     """Ragged prefill over pool slots (fresh sequences, and spans over a stored
     prefix as the cross-model recompute runs), fused with RoPE and the store. The
-    long case spans many of the bf16 path's 64-query blocks, with ragged ends."""
+    long case spans many of the bf16 path's 64-query blocks, with ragged ends; in
+    the few case every request adds at most 16 tokens (a short prompt over a cached
+    prefix), which bf16 on AMX runs on the decode kernel's tiles."""
     from droidspeak import _C
     from droidspeak.layers.rotary import cos_sin_cache
-    S, width = (3000, 1200) if long else (600, 400)
+    long = case == "long"
+    S, width = (3000, 1200) if long else (800, 400)
     g = torch.Generator().manual_seed(2)
     if long:
         prefix_lens, extend_lens = [0, 300, 0, 1000, 0], [700, 201, 63, 130, 65]
+    elif case == "few":
+        prefix_lens, extend_lens = [0, 37, 350, 1, 200], [16, 7, 1, 1, 11]
     else:
         prefix_lens, extend_lens = [0, 37, 120, 1, 0], [5, 20, 64, 1, 33]
     rows = torch.tensor([3, 0, 7, 1, 2])
@@ -220,11 +225,12 @@ def test_silu_and_mul_matches_reference():
 
 def test_vector_paths_without_amx():
     """CPUs without AMX (and DROIDSPEAK_NO_AMX=1) run decode attention and the
-    grouped linear on AVX-512 instead of tiles: the same reference comparisons,
+    grouped linear on AVX-512 instead of tiles, and short extends through the
+    blocked kernel: the same reference comparisons,
     in a process where the tile state is never requested."""
     code = ("import sys, pytest; from droidspeak import _C; assert not _C.amx_available(); "
             f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {__file__!r}, "
-            "'-k', '(decode_attention or grouped_linear) and not uses_amx']))")
+            "'-k', '(decode_attention or extend_attention or grouped_linear) and not uses_amx']))")
     env = dict(os.environ, DROIDSPEAK_NO_AMX="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           cwd=os.path.dirname(__file__), timeout=300)
