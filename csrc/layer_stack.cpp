@@ -7,6 +7,7 @@
 // 2-core CPU (and as much of a short extend over a cached prefix).
 #include "ops.h"
 
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -35,7 +36,39 @@ at::Tensor linear_groups(const at::Tensor& x, const std::vector<at::Tensor>& w,
   return out;
 }
 
+// out[rows] += x[rows] @ a^T @ b^T (a LoRA adapter's update of one projection), as
+// lora/batch.py: few rows through the grouped kernel, more through torch's matmul.
+void add_lora(at::Tensor& out, const at::Tensor& x, const at::Tensor& rows, const at::Tensor& a,
+              const at::Tensor& b, int64_t max_grouped_rows) {
+  const at::Tensor xr = x.index_select(0, rows);
+  at::Tensor delta;
+  if (rows.numel() <= max_grouped_rows) {
+    const std::vector<at::Tensor> whole{at::arange(rows.numel(), rows.options().dtype(at::kLong))};
+    const std::vector<c10::optional<at::Tensor>> none{c10::nullopt};
+    delta = grouped_linear(grouped_linear(xr, {a}, none, whole), {b}, none, whole);
+  } else {
+    delta = at::matmul(at::matmul(xr, a.t()), b.t());
+  }
+  out.index_add_(0, rows, delta.to(out.scalar_type()));
+}
+
 }  // namespace
+
+LoRAStack::LoRAStack(std::vector<std::vector<c10::optional<at::Tensor>>> layers) {
+  for (auto& l : layers) {
+    TORCH_CHECK(l.size() == 2 * kLoRAModules, "each layer takes (A, B) or (None, None) per projection");
+    for (size_t i = 0; i < l.size(); i += 2)
+      TORCH_CHECK(l[i].has_value() == l[i + 1].has_value(), "a projection's A and B come together");
+  }
+  layers_ = std::move(layers);
+}
+
+void LoRAStack::apply(at::Tensor& out, const at::Tensor& x, const at::Tensor& rows, int64_t layer, int module,
+                      int64_t max_grouped_rows) const {
+  if (layer >= static_cast<int64_t>(layers_.size())) return;
+  const auto& a = layers_[layer][2 * module];
+  if (a.has_value()) add_lora(out, x, rows, *a, *layers_[layer][2 * module + 1], max_grouped_rows);
+}
 
 LayerStack::LayerStack(std::vector<std::vector<at::Tensor>> layers, std::vector<int64_t> segments,
                          int64_t members, bool has_bias, int64_t num_heads, int64_t num_kv_heads,
@@ -67,7 +100,14 @@ at::Tensor LayerStack::run(at::Tensor hidden, int64_t start, int64_t end, const 
                             const at::Tensor& v_pool, const at::Tensor& out_cache_loc,
                             const at::Tensor& req_to_token, const at::Tensor& req_pool_indices,
                             const at::Tensor& seq_lens, const std::vector<int64_t>& prefix_lens,
-                            const std::vector<int64_t>& extend_lens, bool decode, double scale) const {
+                            const std::vector<int64_t>& extend_lens, bool decode, double scale,
+                            const std::vector<std::shared_ptr<LoRAStack>>& loras,
+                            const std::vector<at::Tensor>& lora_rows, int64_t max_grouped_rows) const {
+  TORCH_CHECK(loras.size() == lora_rows.size(), "one row index per LoRA adapter");
+  // each adapter's update after the projection it belongs to (lora/batch.py's order)
+  auto lora = [&](at::Tensor& out, const at::Tensor& x, int64_t layer, int module) {
+    for (size_t k = 0; k < loras.size(); ++k) loras[k]->apply(out, x, lora_rows[k], layer, module, max_grouped_rows);
+  };
   TORCH_CHECK(0 <= start && start <= end && end <= static_cast<int64_t>(layers_.size()), "bad layer span");
   TORCH_CHECK(rows.size() == native.size() && (rows.empty() || static_cast<int64_t>(rows.size()) == members_),
               "one row index and one kernel choice per member");
@@ -78,6 +118,7 @@ at::Tensor LayerStack::run(at::Tensor hidden, int64_t start, int64_t end, const 
     const int64_t seg = segments_[i];
     at::Tensor x = rmsnorm(hidden, l.ln1, row_group, eps_);
     at::Tensor qkv = linear_groups(x, l.qkv, l.qkv_bias, rows, native);
+    lora(qkv, x, i, 0);
     at::Tensor q = qkv.narrow(1, 0, q_size).view({T, num_heads_, head_dim_});
     at::Tensor k = qkv.narrow(1, q_size, kv_size).view({T, num_kv_heads_, head_dim_});
     at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads_, head_dim_});
@@ -90,10 +131,17 @@ at::Tensor LayerStack::run(at::Tensor hidden, int64_t start, int64_t end, const 
       attn = extend_attention(q, k, v, positions, cos_sin, k_cache, v_cache, out_cache_loc.select(0, seg),
                               req_to_token.select(0, seg), req_pool_indices, prefix_lens, extend_lens, scale);
     }
-    hidden = hidden + linear_groups(attn.reshape({T, q_size}), l.o, l.none, rows, native);
+    attn = attn.reshape({T, q_size});
+    at::Tensor o = linear_groups(attn, l.o, l.none, rows, native);
+    lora(o, attn, i, 1);
+    hidden = hidden + o;
     x = rmsnorm(hidden, l.ln2, row_group, eps_);
-    at::Tensor h = silu_and_mul(linear_groups(x, l.gate_up, l.none, rows, native));
-    hidden = hidden + linear_groups(h, l.down, l.none, rows, native);
+    at::Tensor gate_up = linear_groups(x, l.gate_up, l.none, rows, native);
+    lora(gate_up, x, i, 2);
+    at::Tensor h = silu_and_mul(gate_up);
+    at::Tensor down = linear_groups(h, l.down, l.none, rows, native);
+    lora(down, h, i, 3);
+    hidden = hidden + down;
   }
   return hidden;
 }

@@ -22,6 +22,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp32_to_bf16", &fp32_to_bf16, "fp32 -> bf16 on the calling thread (no OpenMP)");
   m.def("codec_transform", &codec_transform,
         "A codec profile's per-layer K and V transforms, on the calling thread");
+  pybind11::class_<LoRAStack, std::shared_ptr<LoRAStack>>(m, "LoRAStack",
+                                                         "A LoRA adapter's per-layer updates for a LayerStack")
+      .def(pybind11::init<std::vector<std::vector<c10::optional<at::Tensor>>>>());
   pybind11::class_<LayerStack>(m, "LayerStack", "A co-batched family's decoder layers, run in one call")
       .def(pybind11::init<std::vector<std::vector<at::Tensor>>, std::vector<int64_t>, int64_t, bool, int64_t,
                           int64_t, int64_t, double>())

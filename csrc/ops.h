@@ -62,7 +62,21 @@ at::Tensor cachegen_dequantize(const at::Tensor& anchors, const at::Tensor& delt
 // per row by row_group. `rows`/`native`: each member's rows and whether they run on
 // the grouped kernel (empty: one member, torch's matmul). `decode`: one token per
 // request (rope_and_store + decode_attention), else a ragged extend
-// (extend_attention over prefix_lens / extend_lens).
+// (extend_attention over prefix_lens / extend_lens). `loras[k]` adds its updates to
+// rows `lora_rows[k]` (through the grouped kernel up to max_grouped_rows rows).
+// A LoRA adapter's updates for a LayerStack: per layer, (A, B) or (None, None) for
+// each of the fused projections qkv, o, gate_up, down (lora/adapter.py's LoRAWeights).
+class LoRAStack {
+ public:
+  static constexpr int kLoRAModules = 4;
+  explicit LoRAStack(std::vector<std::vector<c10::optional<at::Tensor>>> layers);
+  void apply(at::Tensor& out, const at::Tensor& x, const at::Tensor& rows, int64_t layer, int module,
+             int64_t max_grouped_rows) const;
+
+ private:
+  std::vector<std::vector<c10::optional<at::Tensor>>> layers_;
+};
+
 class LayerStack {
  public:
   LayerStack(std::vector<std::vector<at::Tensor>> layers, std::vector<int64_t> segments, int64_t members,
@@ -73,7 +87,8 @@ class LayerStack {
                  const at::Tensor& v_pool, const at::Tensor& out_cache_loc, const at::Tensor& req_to_token,
                  const at::Tensor& req_pool_indices, const at::Tensor& seq_lens,
                  const std::vector<int64_t>& prefix_lens, const std::vector<int64_t>& extend_lens, bool decode,
-                 double scale) const;
+                 double scale, const std::vector<std::shared_ptr<LoRAStack>>& loras,
+                 const std::vector<at::Tensor>& lora_rows, int64_t max_grouped_rows) const;
 
  private:
   struct Layer {

@@ -98,7 +98,7 @@ def spy_decode_rows(monkeypatch) -> list[int]:
             self.stack = stack
 
         def run(self, hidden, start, end, *args):
-            if args[-2]:  # decode
+            if args[13]:  # run's `decode` flag (after rows .. extend_lens)
                 rows.extend([hidden.shape[0]] * (end - start))
             return self.stack.run(hidden, start, end, *args)
     monkeypatch.setattr(kernels, "decode_attention", attention_spy)

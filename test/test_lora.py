@@ -46,6 +46,40 @@ def test_lora_equals_merged_weights_and_co_batches(paths, engine):
     assert_no_leak(engine)
 
 
+@pytest.mark.parametrize("max_rows", [32, 1])
+def test_native_layers_apply_lora_as_the_python_layers(paths, monkeypatch, max_rows):
+    """bf16 forwards with adapters run their layers in one native call, each
+    adapter's update after its projection as lora/batch.py adds it: the same
+    tokens and bit-identical logprobs as layer by layer, with the base and two
+    adapters (one updating q and v only) in one batch; max_rows=1 sends most
+    adapters' rows through torch's matmul instead of the grouped kernel."""
+    from droidspeak import kernels
+    from droidspeak.models.llama import LlamaForCausalLM
+    monkeypatch.setattr(kernels, "GROUPED_KERNEL_MAX_ROWS", max_rows)
+    engine = Engine(paths["base"], dtype="bfloat16", served_model_name="base", max_total_tokens=4096,
+                    lora_paths=(f"a1={paths['a1']}", f"a2={paths['a2']}"))
+
+    def run():
+        reqs = []
+        for name in ("base", "a1", "a2"):
+            for p in PROMPTS:
+                reqs.extend(engine.make_requests(p, GREEDY, model=name, return_logprob=True)[0])
+        for _ in engine._drive(reqs):
+            pass
+        engine.flush_cache()
+        return [(r.output_ids, r.output_token_logprobs) for r in reqs]
+    calls = []
+    stack = LlamaForCausalLM._layer_stack
+    monkeypatch.setattr(LlamaForCausalLM, "_layer_stack", lambda self, *a: calls.append(1) or stack(self, *a))
+    native = run()
+    assert len(calls) >= GREEDY["max_new_tokens"]
+    monkeypatch.setattr(LlamaForCausalLM, "_native_layers", staticmethod(lambda hidden, batch: False))
+    layer_by_layer = run()
+    assert layer_by_layer == native
+    assert native[3][0] != native[0][0] and native[6][0] != native[0][0]  # the adapters change the output
+    assert_no_leak(engine)
+
+
 def test_load_and_unload_at_run_time(paths, engine):
     engine.load_lora_adapter("late", paths["a1"])
     late = engine.generate(PROMPTS[0], GREEDY, model="late")

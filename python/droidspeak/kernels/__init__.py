@@ -126,6 +126,12 @@ def LayerStack(layers, segments, members, has_bias, num_heads, num_kv_heads, hea
                               float(eps))
 
 
+def LoRAStack(layers):
+    """A LoRA adapter's per-layer (A, B) pairs (None, None where it has none) for
+    qkv, o, gate_up and down, as one native object for `LayerStack.run`."""
+    return _native.LoRAStack(layers)
+
+
 def grouped_linear(x, weights, biases, rows):
     """See `reference.grouped_linear`; native for bf16 (csrc/grouped_linear.cpp)."""
     if native_bf16(x):

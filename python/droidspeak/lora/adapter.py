@@ -6,7 +6,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file
@@ -37,6 +37,7 @@ class LoRAAdapter:
     base_model: str | None
     # (layer, fused module) -> the adapter's update of that projection
     weights: dict[tuple[int, str], LoRAWeights]
+    native: object = field(default=None, repr=False, compare=False)  # kernels.LoRAStack, built on first use
 
 
 def shard_ranges(config: ModelConfig) -> dict[str | None, tuple[int, int] | None]:

@@ -9,9 +9,30 @@ from droidspeak import kernels
 from droidspeak.lora.adapter import LoRAAdapter
 
 
+# The fused projections an adapter may update, in the order of kernels.LoRAStack's slots.
+MODULES = ("qkv", "o", "gate_up", "down")
+
+
 class LoRABatch:
     def __init__(self, groups: list[tuple[LoRAAdapter, torch.Tensor]]):
         self.groups = groups  # (adapter, flat token rows it owns)
+
+    def native(self, num_layers: int) -> tuple[list, list[torch.Tensor]]:
+        """The adapters as native stacks (built once per adapter) and their rows,
+        for `kernels.LayerStack.run`."""
+        stacks = []
+        for adapter, _ in self.groups:
+            if adapter.native is None:
+                layers = []
+                for i in range(num_layers):
+                    slots = []
+                    for module in MODULES:
+                        w = adapter.weights.get((i, module))
+                        slots += [w.a, w.b] if w is not None else [None, None]
+                    layers.append(slots)
+                adapter.native = kernels.LoRAStack(layers)
+            stacks.append(adapter.native)
+        return stacks, [rows for _, rows in self.groups]
 
     def apply(self, out: torch.Tensor, x: torch.Tensor, layer_id: int, module: str) -> None:
         """out[rows] += x[rows] @ A^T @ B^T for each adapter's rows (every shard

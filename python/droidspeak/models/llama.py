@@ -79,13 +79,15 @@ class LlamaForCausalLM(nn.Module):
         members = members or [self]
         if self._native_layers(hidden, batch):
             decode = batch.mode.value == "decode"
+            loras, lora_rows = batch.lora.native(len(self.layers)) if batch.lora is not None else ([], [])
             return self._layer_stack(members, batch.kv_pool).run(
                 hidden, start, end, batch.groups.rows if batch.groups else [],
                 batch.groups.native if batch.groups else [],
                 batch.groups.row_group if len(members) > 1 else None, batch.positions, self.cos_sin,
                 batch.kv_pool.k, batch.kv_pool.v, batch.out_cache_loc, batch.req_to_token,
                 batch.req_pool_indices, batch.seq_lens, [] if decode else batch.prefix_lens,
-                [] if decode else batch.extend_lens, decode, self.layers[0].self_attn.scale)
+                [] if decode else batch.extend_lens, decode, self.layers[0].self_attn.scale, loras, lora_rows,
+                kernels.GROUPED_KERNEL_MAX_ROWS)
         for i in range(start, end):
             for load in batch.loads:  # prefix KV streaming in from the KV store: wait for this layer's
                 load.ensure(i)
@@ -96,11 +98,10 @@ class LlamaForCausalLM(nn.Module):
 
     @staticmethod
     def _native_layers(hidden: torch.Tensor, batch: "ForwardBatch") -> bool:
-        """Whether a span runs as one native call (`kernels.LayerStack`): a bf16
-        forward with nothing to do between layers (no LoRA deltas, no E cache to
-        keep, no KV-store loads to wait for)."""
-        return (batch.lora is None and batch.e_loc is None and not batch.loads
-                and kernels.layer_stack_available(hidden))
+        """Whether a span runs as one native call (`kernels.LayerStack`, LoRA
+        deltas included): a bf16 forward with nothing to do between layers (no E
+        cache to keep, no KV-store loads to wait for)."""
+        return batch.e_loc is None and not batch.loads and kernels.layer_stack_available(hidden)
 
     def _layer_stack(self, members: "list[LlamaForCausalLM]", kv_pool) -> object:
         """The native stack of `members`' layers (built once per member list)."""
