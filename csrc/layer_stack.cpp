@@ -102,8 +102,12 @@ at::Tensor LayerStack::run(at::Tensor hidden, int64_t start, int64_t end, const 
                             const at::Tensor& seq_lens, const std::vector<int64_t>& prefix_lens,
                             const std::vector<int64_t>& extend_lens, bool decode, double scale,
                             const std::vector<std::shared_ptr<LoRAStack>>& loras,
-                            const std::vector<at::Tensor>& lora_rows, int64_t max_grouped_rows) const {
+                            const std::vector<at::Tensor>& lora_rows, int64_t max_grouped_rows,
+                            const c10::optional<at::Tensor>& e_cache, const std::vector<int64_t>& e_index,
+                            const c10::optional<at::Tensor>& e_loc) const {
   TORCH_CHECK(loras.size() == lora_rows.size(), "one row index per LoRA adapter");
+  TORCH_CHECK(!e_cache.has_value() || (e_loc.has_value() && e_index.size() == layers_.size()),
+              "an E cache needs its rows and one index (or -1) per layer");
   // each adapter's update after the projection it belongs to (lora/batch.py's order)
   auto lora = [&](at::Tensor& out, const at::Tensor& x, int64_t layer, int module) {
     for (size_t k = 0; k < loras.size(); ++k) loras[k]->apply(out, x, lora_rows[k], layer, module, max_grouped_rows);
@@ -116,6 +120,8 @@ at::Tensor LayerStack::run(at::Tensor hidden, int64_t start, int64_t end, const 
   for (int64_t i = start; i < end; ++i) {
     const Layer& l = layers_[i];
     const int64_t seg = segments_[i];
+    if (e_cache.has_value() && e_index[i] >= 0)  // the stream entering layer i, as HiddenPool.store keeps it
+      e_cache->select(0, e_index[i]).index_copy_(0, e_loc->select(0, e_index[i]), hidden.to(e_cache->scalar_type()));
     at::Tensor x = rmsnorm(hidden, l.ln1, row_group, eps_);
     at::Tensor qkv = linear_groups(x, l.qkv, l.qkv_bias, rows, native);
     lora(qkv, x, i, 0);

@@ -64,6 +64,8 @@ at::Tensor cachegen_dequantize(const at::Tensor& anchors, const at::Tensor& delt
 // request (rope_and_store + decode_attention), else a ragged extend
 // (extend_attention over prefix_lens / extend_lens). `loras[k]` adds its updates to
 // rows `lora_rows[k]` (through the grouped kernel up to max_grouped_rows rows).
+// `e_cache` ([E, rows, H], HiddenPool.h): the stream entering layer i is kept at
+// rows e_loc[e_index[i]] where e_index[i] >= 0.
 // A LoRA adapter's updates for a LayerStack: per layer, (A, B) or (None, None) for
 // each of the fused projections qkv, o, gate_up, down (lora/adapter.py's LoRAWeights).
 class LoRAStack {
@@ -88,7 +90,9 @@ class LayerStack {
                  const at::Tensor& req_pool_indices, const at::Tensor& seq_lens,
                  const std::vector<int64_t>& prefix_lens, const std::vector<int64_t>& extend_lens, bool decode,
                  double scale, const std::vector<std::shared_ptr<LoRAStack>>& loras,
-                 const std::vector<at::Tensor>& lora_rows, int64_t max_grouped_rows) const;
+                 const std::vector<at::Tensor>& lora_rows, int64_t max_grouped_rows,
+                 const c10::optional<at::Tensor>& e_cache, const std::vector<int64_t>& e_index,
+                 const c10::optional<at::Tensor>& e_loc) const;
 
  private:
   struct Layer {

@@ -50,9 +50,9 @@ def family(tmp_path_factory):
 
 def make_engine(family, **kw):
     paths, profiles = family
-    return Engine(paths["base"], dtype="float32", served_model_name="base",
+    return Engine(paths["base"], served_model_name="base",
                   models=(f"a={paths['a']}", f"b={paths['b']}"), lora_paths=(f"la={paths['la']}",),
-                  cross_model_profiles=profiles, **{"max_total_tokens": 4096, **kw})
+                  cross_model_profiles=profiles, **{"dtype": "float32", "max_total_tokens": 4096, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +186,34 @@ def test_e_cache_equals_sender_hidden_state(engine):
         seq.release()
     assert torch.equal(stored, captured[0][:stored.shape[0]])
     assert stored.shape[0] >= len(ids) - 1
+
+
+def test_native_layers_keep_the_e_cache_as_the_python_layers(family, monkeypatch):
+    """In bf16 a sender's forwards keep the E cache inside the native layer call
+    (csrc/layer_stack.cpp); receivers' cross-model hits then recompute from it.
+    Against layer by layer: the same tokens and logprobs, and the same E cache."""
+    from droidspeak.models.llama import LlamaForCausalLM
+    engine = make_engine(family, dtype="bfloat16")
+    ctx = len(ids_of(engine, CONTEXT))
+
+    def hand_off():
+        engine.flush_cache()
+        outs = [run(engine, "a", ids_of(engine, CONTEXT + QUESTIONS[1]), ctx)]
+        outs += [run(engine, m, ids_of(engine, CONTEXT + QUESTIONS[0]), ctx) for m in ("b", "la")]
+        assert [o["meta_info"]["cross_model_cached_tokens"] for o in outs] == [0, ctx, ctx]
+        return ([(o["output_ids"], o["meta_info"]["output_token_logprobs"],
+                  o["meta_info"]["input_token_logprobs"]) for o in outs],
+                engine.runner.e_pool.h.view(torch.int16).clone())  # bitwise: unused rows may hold NaNs
+    calls = []
+    stack = LlamaForCausalLM._layer_stack
+    monkeypatch.setattr(LlamaForCausalLM, "_layer_stack", lambda self, *a: calls.append(1) or stack(self, *a))
+    native, e_native = hand_off()
+    assert calls
+    monkeypatch.setattr(LlamaForCausalLM, "_native_layers", staticmethod(lambda hidden, batch: False))
+    python, e_python = hand_off()
+    assert native == python
+    assert torch.equal(e_native, e_python)
+    assert_no_leak(engine)
 
 
 def test_receiver_shares_sender_slots_outside_the_group(engine):

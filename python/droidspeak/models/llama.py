@@ -87,7 +87,7 @@ class LlamaForCausalLM(nn.Module):
                 batch.kv_pool.k, batch.kv_pool.v, batch.out_cache_loc, batch.req_to_token,
                 batch.req_pool_indices, batch.seq_lens, [] if decode else batch.prefix_lens,
                 [] if decode else batch.extend_lens, decode, self.layers[0].self_attn.scale, loras, lora_rows,
-                kernels.GROUPED_KERNEL_MAX_ROWS)
+                kernels.GROUPED_KERNEL_MAX_ROWS, *self._e_cache_args(batch))
         for i in range(start, end):
             for load in batch.loads:  # prefix KV streaming in from the KV store: wait for this layer's
                 load.ensure(i)
@@ -99,9 +99,16 @@ class LlamaForCausalLM(nn.Module):
     @staticmethod
     def _native_layers(hidden: torch.Tensor, batch: "ForwardBatch") -> bool:
         """Whether a span runs as one native call (`kernels.LayerStack`, LoRA
-        deltas included): a bf16 forward with nothing to do between layers (no E
-        cache to keep, no KV-store loads to wait for)."""
-        return batch.e_loc is None and not batch.loads and kernels.layer_stack_available(hidden)
+        deltas and the E cache included): a bf16 forward with no KV-store loads
+        to wait for between layers."""
+        return not batch.loads and kernels.layer_stack_available(hidden)
+
+    def _e_cache_args(self, batch: "ForwardBatch") -> tuple:
+        """(cache tensor, index per layer or -1, rows) for the stack's E-cache store."""
+        if batch.e_loc is None:
+            return None, [], None
+        pool = batch.e_pool
+        return pool.h, [pool.index.get(i, -1) for i in range(len(self.layers))], batch.e_loc
 
     def _layer_stack(self, members: "list[LlamaForCausalLM]", kv_pool) -> object:
         """The native stack of `members`' layers (built once per member list)."""
