@@ -71,8 +71,8 @@ void LoRAStack::apply(at::Tensor& out, const at::Tensor& x, const at::Tensor& ro
 }
 
 LayerStack::LayerStack(std::vector<std::vector<at::Tensor>> layers, std::vector<int64_t> segments,
-                         int64_t members, bool has_bias, int64_t num_heads, int64_t num_kv_heads,
-                         int64_t head_dim, double eps)
+                       int64_t members, bool has_bias, int64_t num_heads, int64_t num_kv_heads,
+                       int64_t head_dim, double eps)
     : members_(members), num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps),
       segments_(std::move(segments)) {
   TORCH_CHECK(members >= 1 && layers.size() == segments_.size(), "one segment per layer, at least one member");
@@ -95,16 +95,16 @@ LayerStack::LayerStack(std::vector<std::vector<at::Tensor>> layers, std::vector<
 }
 
 at::Tensor LayerStack::run(at::Tensor hidden, int64_t start, int64_t end, const std::vector<at::Tensor>& rows,
-                            const std::vector<bool>& native, const c10::optional<at::Tensor>& row_group,
-                            const at::Tensor& positions, const at::Tensor& cos_sin, const at::Tensor& k_pool,
-                            const at::Tensor& v_pool, const at::Tensor& out_cache_loc,
-                            const at::Tensor& req_to_token, const at::Tensor& req_pool_indices,
-                            const at::Tensor& seq_lens, const std::vector<int64_t>& prefix_lens,
-                            const std::vector<int64_t>& extend_lens, bool decode, double scale,
-                            const std::vector<std::shared_ptr<LoRAStack>>& loras,
-                            const std::vector<at::Tensor>& lora_rows, int64_t max_grouped_rows,
-                            const c10::optional<at::Tensor>& e_cache, const std::vector<int64_t>& e_index,
-                            const c10::optional<at::Tensor>& e_loc) const {
+                          const std::vector<bool>& native, const c10::optional<at::Tensor>& row_group,
+                          const at::Tensor& positions, const at::Tensor& cos_sin, const at::Tensor& k_pool,
+                          const at::Tensor& v_pool, const at::Tensor& out_cache_loc,
+                          const at::Tensor& req_to_token, const at::Tensor& req_pool_indices,
+                          const at::Tensor& seq_lens, const std::vector<int64_t>& prefix_lens,
+                          const std::vector<int64_t>& extend_lens, bool decode, double scale,
+                          const std::vector<std::shared_ptr<LoRAStack>>& loras,
+                          const std::vector<at::Tensor>& lora_rows, int64_t max_grouped_rows,
+                          const c10::optional<at::Tensor>& e_cache, const std::vector<int64_t>& e_index,
+                          const c10::optional<at::Tensor>& e_loc) const {
   TORCH_CHECK(loras.size() == lora_rows.size(), "one row index per LoRA adapter");
   TORCH_CHECK(!e_cache.has_value() || (e_loc.has_value() && e_index.size() == layers_.size()),
               "an E cache needs its rows and one index (or -1) per layer");

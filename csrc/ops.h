@@ -82,7 +82,7 @@ class LoRAStack {
 class LayerStack {
  public:
   LayerStack(std::vector<std::vector<at::Tensor>> layers, std::vector<int64_t> segments, int64_t members,
-              bool has_bias, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps);
+             bool has_bias, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps);
   at::Tensor run(at::Tensor hidden, int64_t start, int64_t end, const std::vector<at::Tensor>& rows,
                  const std::vector<bool>& native, const c10::optional<at::Tensor>& row_group,
                  const at::Tensor& positions, const at::Tensor& cos_sin, const at::Tensor& k_pool,
