@@ -24,6 +24,13 @@ struct alignas(64) TileConfig {
   }
 };
 
+// Column c of a stored 16 x 16 fp32 tile (rows 64 bytes apart), as one vector.
+inline __m512 tile_column(const float (*tile)[16], int c) {
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(16));
+  return _mm512_i32gather_ps(_mm512_add_epi32(rows, _mm512_set1_epi32(c)), &tile[0][0], 4);
+}
+
 // Linux hands out the tile state only on request, once per process;
 // DROIDSPEAK_NO_AMX=1 keeps the vector paths (to compare the two).
 inline bool amx_permitted() {

@@ -314,8 +314,6 @@ void attend_amx(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
     hi_idx[2 * i + 1] = static_cast<uint16_t>(48 + i);
   }
   const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
-  const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                         _mm512_set1_epi32(16));
 
   at::parallel_for(0, task_start[B], 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(16 * cap);
@@ -381,9 +379,7 @@ void attend_amx(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
         if (nr > 4) {
           transpose16(ctmp[0], cols);
         } else {  // a few rows (decode's query-head group): gather them
-          for (int64_t r = 0; r < nr; ++r)
-            cols[r] = _mm512_i32gather_ps(_mm512_add_epi32(col, _mm512_set1_epi32(static_cast<int>(r))),
-                                          &ctmp[0][0][0], 4);
+          for (int64_t r = 0; r < nr; ++r) cols[r] = tile_column(ctmp[0], static_cast<int>(r));
         }
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t live = std::min<int64_t>(16, lim[r] - t0);

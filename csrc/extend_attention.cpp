@@ -280,18 +280,18 @@ at::Tensor extend_attention(at::Tensor q, at::Tensor k, const at::Tensor& v, con
               "req_pool_indices must be int64 [B]");
   TORCH_CHECK(req_to_token.dim() == 2, "req_to_token must be [rows, context]");
   int64_t total = 0;
-  for (auto n : extend_lens) total += n;
+  [[maybe_unused]] int64_t longest = 0;  // read by the AMX dispatch below
+  for (size_t b = 0; b < extend_lens.size(); ++b) {
+    TORCH_CHECK(prefix_lens[b] >= 0 && extend_lens[b] >= 0 && prefix_lens[b] + extend_lens[b] <= req_to_token.size(1),
+                "sequence longer than req_to_token");
+    total += extend_lens[b];
+    longest = std::max(longest, extend_lens[b]);
+  }
   TORCH_CHECK(total == q.size(0), "extend_lens must sum to the number of tokens");
   rope_and_store(q, k, v, positions, cos_sin_cache, k_cache, v_cache, out_loc);
 #ifdef DS_HAVE_AMX
   // a few tokens per request (a short prompt over a cached prefix): the decode
   // kernel's tiles, without packing the prefix's K^T and V for brgemm first
-  int64_t longest = 0;
-  for (size_t b = 0; b < extend_lens.size(); ++b) {
-    TORCH_CHECK(prefix_lens[b] >= 0 && extend_lens[b] >= 0 && prefix_lens[b] + extend_lens[b] <= req_to_token.size(1),
-                "sequence longer than req_to_token");
-    longest = std::max(longest, extend_lens[b]);
-  }
   if (longest <= kSmallExtend && attend_amx_supported(q, k_cache)) {
     auto out = at::empty(q.sizes(), q.options());
     auto rows = req_pool_indices.contiguous();
@@ -311,7 +311,6 @@ at::Tensor extend_attention(at::Tensor q, at::Tensor k, const at::Tensor& v, con
   for (size_t b = 0; b < extend_lens.size(); ++b) {
     const int64_t n = extend_lens[b], p = prefix_lens[b];
     if (n == 0) continue;
-    TORCH_CHECK(p >= 0 && p + n <= req_to_token.size(1), "sequence longer than req_to_token");
     if (blocked && p + n >= BQ) {  // a few fresh tokens are as fast through SDPA
       KVRows kv;
       kv.koff.resize(p + n);

@@ -160,13 +160,11 @@ std::vector<uint32_t> pack_rows(const uint16_t* xp, int64_t ldx, const int64_t* 
 // across the tile, biased, rounded to bf16 (nearest even) and stored at once.
 inline void store_block(const float (*acc)[kAmxRows][kAmxCols], int nsub, int64_t M, const int64_t* r,
                         const float* bias16, int64_t n0, int64_t N, uint16_t* op) {
-  const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                         _mm512_set1_epi32(kAmxCols));
+  static_assert(kAmxRows == 16 && kAmxCols == 16, "tile_column reads 16 x 16 tiles");
   for (int s = 0; s < nsub; ++s) {
     const __m512 b = bias16 ? _mm512_loadu_ps(bias16 + s * kAmxRows) : _mm512_setzero_ps();
     for (int64_t m = 0; m < M; ++m) {
-      const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(_mm512_add_epi32(col, _mm512_set1_epi32(int(m))),
-                                                         &acc[s][0][0], 4), b);
+      const __m512 v = _mm512_add_ps(tile_column(acc[s], static_cast<int>(m)), b);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + r[m] * N + n0 + s * kAmxRows),
                           (__m256i)_mm512_cvtneps_pbh(v));
     }
