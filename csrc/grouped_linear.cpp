@@ -163,11 +163,15 @@ inline void store_block(const float (*acc)[kAmxRows][kAmxCols], int nsub, int64_
   static_assert(kAmxRows == 16 && kAmxCols == 16, "tile_column reads 16 x 16 tiles");
   for (int s = 0; s < nsub; ++s) {
     const __m512 b = bias16 ? _mm512_loadu_ps(bias16 + s * kAmxRows) : _mm512_setzero_ps();
-    for (int64_t m = 0; m < M; ++m) {
-      const __m512 v = _mm512_add_ps(tile_column(acc[s], static_cast<int>(m)), b);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + r[m] * N + n0 + s * kAmxRows),
-                          (__m256i)_mm512_cvtneps_pbh(v));
+    __m512 cols[16];
+    if (M > 4) {  // a fuller block: one in-register transpose instead of a gather per row
+      transpose16(acc[s], cols);
+    } else {
+      for (int64_t m = 0; m < M; ++m) cols[m] = tile_column(acc[s], static_cast<int>(m));
     }
+    for (int64_t m = 0; m < M; ++m)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + r[m] * N + n0 + s * kAmxRows),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(cols[m], b)));
   }
 }
 
