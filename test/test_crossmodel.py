@@ -10,6 +10,7 @@ import torch
 
 from droidspeak import Engine
 from droidspeak.crossmodel.profile import GroupScore, Profile, ProfileError, fingerprint, profile_path
+from droidspeak.runner.batch import recompute_start
 from droidspeak.runner.sequence import Sequence
 from helpers import build_lora_adapter, build_tiny_model, derive_finetune, record_fetches
 from conftest import assert_no_leak
@@ -145,7 +146,10 @@ def test_cross_hit_recomputes_the_group(engine, sender, receiver, group, tail, m
     fused = group == (0, NUM_LAYERS)
     assert [len(prefill.recompute), len(prefill.fused_recompute)] == ([0, 1] if fused else [1, 0])
     job = (prefill.fused_recompute or prefill.recompute)[0]
-    assert prefill.extend_lens == [len(ids) - (job.start if fused else ctx)]
+    # a tail recompute also runs the attention sink (token 0), as a KV-only request of the same pass
+    sink = [1] if tail < 1 else []
+    assert prefill.extend_lens == [len(ids) - (job.start if fused else ctx)] + sink
+    assert prefill.kv_only == len(sink) and (job.sink is not None) == bool(sink)
     assert out["meta_info"]["cached_tokens"] == ctx and out["meta_info"]["cross_model_cached_tokens"] == ctx
     expected = reference_logprobs(engine, sender, receiver, ids, ctx, group, tail)
     assert torch.allclose(engine_logprobs(out), expected, atol=1e-5)
@@ -213,6 +217,39 @@ def test_native_layers_keep_the_e_cache_as_the_python_layers(family, monkeypatch
     python, e_python = hand_off()
     assert native == python
     assert torch.equal(e_native, e_python)
+    assert_no_leak(engine)
+
+
+def test_tail_recompute_owns_the_attention_sink(engine):
+    """b -> la recomputes every layer over the last half of the context, and the
+    context's first token too: the receiver's entry owns that token's slots
+    (holding exactly its own prefill's KV of it) and shares the sender's between."""
+    engine.flush_cache()
+    ids = ids_of(engine, CONTEXT + QUESTIONS[0])
+    ctx = len(ids_of(engine, CONTEXT))
+    run(engine, "b", ids_of(engine, CONTEXT + QUESTIONS[1]), ctx)
+    run(engine, "la", ids, ctx)
+    cache, runner = engine.scheduler.cache, engine.runner
+    b, la = engine.resolve("b"), engine.resolve("la")
+    sender = cache.match_prefix(ids[:ctx], b.cache_namespace).indices
+    receiver = cache.match_prefix(ids[:ctx], la.cache_namespace).indices
+    first = recompute_start(0, ctx, 0.5)
+    assert not bool((sender[:, 0] == receiver[:, 0]).any())  # the sink: the receiver's own
+    assert torch.equal(sender[:, 1:first], receiver[:, 1:first])  # shared up to the tail
+    assert not bool((sender[:, first:] == receiver[:, first:]).any())
+    assert int(runner.allocator.refs[0, receiver[0, 0]]) == 1
+    own = Sequence(runner)
+    try:
+        own.extend(ids[:1], la.model_id, la.lora_id)
+        k_own, v_own = own.kv(1)
+    finally:
+        own.release()
+    pool, segs = runner.kv_pool, runner.kv_pool.segments
+    for layer in range(NUM_LAYERS):
+        slot = receiver[segs.segment_of[layer], 0]
+        torch.testing.assert_close(pool.k[layer, slot], k_own[layer, 0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(pool.v[layer, slot], v_own[layer, 0], rtol=0, atol=1e-5)
+        assert not torch.allclose(pool.k[layer, sender[segs.segment_of[layer], 0]], k_own[layer, 0], atol=1e-3)
     assert_no_leak(engine)
 
 

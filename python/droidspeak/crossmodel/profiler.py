@@ -4,7 +4,8 @@ For a (sender, receiver) pair it prefills each calibration context with the
 sender (keeping its E cache at every candidate group start), then for every
 contiguous group [s, e) on a `step`-layer grid, for wholesale reuse, and for
 recomputing every layer over only the last part of the context (a *tail*: the
-question attends most to the tokens just before it), lets the receiver reuse the
+question attends most to the tokens just before it; the context's first token,
+the attention sink, is recomputed with it), lets the receiver reuse the
 sender's KV with that group recomputed and reads the question
 (and answer, or N tokens the receiver generates itself) over it. Each group is
 scored against the receiver's own full prefill of the same context: KL of the
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from droidspeak.crossmodel.calibration import Item
 from droidspeak.crossmodel.profile import GroupScore, Profile, fingerprint, profile_path
 from droidspeak.crossmodel.quality import divergence
+from droidspeak.runner.batch import SINK_TOKENS
 from droidspeak.runner.model_runner import KVLayout
 from droidspeak.runner.sequence import Sequence
 
@@ -122,7 +124,7 @@ class Profiler:
 
     def settings_key(self, sender: str, receiver: str) -> str:
         h = hashlib.sha256(json.dumps([sender, receiver, self.step, self.context_tokens, self.generate_tokens,
-                                       self.groups, [asdict(i) for i in self.items]]).encode())
+                                       self.groups, [asdict(i) for i in self.items], SINK_TOKENS]).encode())
         return h.hexdigest()[:16]
 
     @torch.inference_mode()
@@ -153,7 +155,7 @@ class Profiler:
                           [scores[g] for g in self.groups],
                           fingerprint(paths[sender]), fingerprint(paths[receiver]),
                           {"items": len(self.items), "context_tokens": self.context_tokens,
-                           "generate_tokens": self.generate_tokens,
+                           "generate_tokens": self.generate_tokens, "sink_tokens": SINK_TOKENS,
                            "domains": sorted({i.domain for i in self.items if i.domain})})
         profile.save(profile_path(out_dir, sender, receiver))
         os.remove(partial)

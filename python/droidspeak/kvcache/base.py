@@ -14,7 +14,7 @@ Ownership: slots are reference counted (`SlotAllocator`). An entry holds one
 reference to each slot it stores; `insert` takes its own references, so callers
 always drop theirs afterwards. A request holds references to the slots it computed:
 [prefix_len, kv_len) in every segment, plus, after a cross-model hit, the
-recomputed segments of [cross_start, prefix_len).
+recomputed segments of [cross_start, prefix_len) and of [0, cross_sink).
 """
 from __future__ import annotations
 
@@ -176,7 +176,9 @@ class PrefixCache(abc.ABC):
             g = req.cross_spaces
             self.allocator.free(table[g.start:g.stop, req.req_pool_idx, req.cross_start:req.prefix_len]
                                 .to(torch.int64), g)
-            req.cross_spaces = None
+            if req.cross_sink:
+                self.allocator.free(table[g.start:g.stop, req.req_pool_idx, :req.cross_sink].to(torch.int64), g)
+            req.cross_spaces, req.cross_sink = None, 0
         if req.erows:
             self.e_allocator.free(torch.cat(req.erows, dim=1))
             req.erows = []

@@ -171,9 +171,10 @@ class RadixCache(PrefixCache):
             self.e_allocator.share(erows)
         else:
             erows = None
-        # Entries of one node cover the same tokens: an entry shares another's
-        # slots in a segment iff their first slots there are equal.
-        full = not any(bool((slots[:, 0] == other.slots[:, 0]).any()) for other in node.entries.values())
+        # Entries of one node cover the same tokens, so a shared slot sits at the same
+        # position in both (a cross-model entry may own its first token, the
+        # recomputed attention sink, and share the next ones).
+        full = not any(bool((slots == other.slots).any()) for other in node.entries.values())
         node.entries[variant] = Entry(slots, erows, full)
         if full:
             node.num_full += 1

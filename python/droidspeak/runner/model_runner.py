@@ -140,8 +140,9 @@ class ModelRunner:
             if load.temporary_erows:
                 load.ensure_e()
         groups: dict[tuple[int, int, int], list[Recompute]] = {}
-        for job in jobs:
-            groups.setdefault((job.model_id, job.layer_start, job.layer_end), []).append(job)
+        for job in jobs:  # a job's sink tokens run in the same pass, as a request of their own
+            groups.setdefault((job.model_id, job.layer_start, job.layer_end), []).extend(
+                j for j in (job, job.sink_job()) if j is not None)
         table = self.req_to_token_pool.table
         for (model_id, start, end), group in groups.items():
             sub = ForwardBatch(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from droidspeak.runner.batch import ForwardBatch, ForwardMode, Recompute, recompute_start
+from droidspeak.runner.batch import ForwardBatch, ForwardMode, Recompute, recompute_start, sink_tokens
 
 
 class Sequence:
@@ -81,7 +81,8 @@ class Sequence:
         """Take the sender's first `n` tokens of KV, as a cross-model hit does:
         every layer is the sender's except `group` = [start, end), which this
         sequence's model recomputes from the sender's E cache at `start` into
-        fresh slots, for the last `tail` share of the tokens (`recompute_start`).
+        fresh slots, for the last `tail` share of the tokens (`recompute_start`)
+        and the attention sink before them (`sink_tokens`).
         `group=None` (or an empty one) is wholesale reuse."""
         assert self.length == 0 and sender.length >= n
         self.table[:, :n] = sender.table[:, :n]
@@ -89,13 +90,17 @@ class Sequence:
         if group is not None and group[0] < group[1]:
             runner = self.runner
             m = recompute_start(0, n, tail)
+            sink = sink_tokens(0, m, group[0])
             spaces = runner.kv_pool.segments.covering(*group)
-            slots = runner.allocator.allocate(n - m, spaces)
-            self._owned.append((slots, spaces))
-            self.table[spaces.start:spaces.stop, m:n] = slots.to(torch.int32)
+            for a, b in ((0, sink), (m, n)):
+                if b > a:
+                    slots = runner.allocator.allocate(b - a, spaces)
+                    self._owned.append((slots, spaces))
+                    self.table[spaces.start:spaces.stop, a:b] = slots.to(torch.int32)
             e_rows = sender.e_rows(group[0])[m:n] if group[0] > 0 else None
             runner.recompute([Recompute(self.row, m, n, group[0], group[1], e_rows,
-                                        torch.tensor(sender.ids[m:n]), model_id, lora_id)])
+                                        torch.tensor(sender.ids[m:n]), model_id, lora_id,
+                                        torch.tensor(sender.ids[:sink]) if sink else None)])
         self.length = n
 
     def release(self) -> None:

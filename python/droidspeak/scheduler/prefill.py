@@ -8,7 +8,7 @@ import torch
 
 from droidspeak.kvcache.base import PrefixCache
 from droidspeak.kvcache.pool import ReqToTokenPool, SlotAllocator
-from droidspeak.runner.batch import ForwardBatch, ForwardMode, Recompute, recompute_start
+from droidspeak.runner.batch import ForwardBatch, ForwardMode, Recompute, recompute_start, sink_tokens
 from droidspeak.scheduler.request import Req
 
 WAIT_FOR_MEMORY = object()  # a usable KV-store load that does not fit yet: admit the request later
@@ -189,7 +189,10 @@ class PrefillAdder:
         else:
             if choice.start < choice.end and policy.e_index(choice.start) is not None:
                 erows, temporary = e_alloc.allocate(n), True  # the sender's, for this forward only
-            self._queue_recompute(req, variant, choice, start, recompute_start(start, end, choice.tail), end, erows)
+            first = recompute_start(start, end, choice.tail)
+            # the sink's loaded slots are the request's own, like the rest of the span
+            self._queue_recompute(req, variant, choice, start, first, end, erows,
+                                  sink_tokens(start, first, choice.start))
         req.store_load = self.offloader.bind(load, start, slots, erows, temporary)
         self.budget -= n
         return True
@@ -213,30 +216,34 @@ class PrefillAdder:
         # Only the last `tail` share of the span is recomputed; before it the
         # sender's KV serves every layer.
         first = recompute_start(hit.start, end, choice.tail)
-        if spaces and not self._make_room(end - first):
+        sink = sink_tokens(hit.start, first, choice.start) if spaces else 0
+        if spaces and not self._make_room(end - first + sink):
             return False
         table, row = self.req_pool.table, req.req_pool_idx
         table[:, row, hit.start:end] = hit.indices.to(torch.int32)
-        req.cross_start, req.cross_spaces = first, spaces  # what the request owns: spaces over [first, end)
+        # what the request owns: spaces over [first, end) and [0, sink)
+        req.cross_start, req.cross_spaces, req.cross_sink = first, spaces, sink
         if spaces:
-            table[spaces.start:spaces.stop, row, first:end] = \
-                self.allocator.allocate(end - first, spaces).to(torch.int32)
-            self.budget -= end - first
-        self._queue_recompute(req, hit.sender, choice, hit.start, first, end, hit.erows)
+            for a, b in ((0, sink), (first, end)):
+                if b > a:
+                    table[spaces.start:spaces.stop, row, a:b] = self.allocator.allocate(b - a, spaces).to(torch.int32)
+            self.budget -= end - first + sink
+        self._queue_recompute(req, hit.sender, choice, hit.start, first, end, hit.erows, sink)
         return True
 
     def _queue_recompute(self, req: Req, sender: int, choice, start: int, first: int, end: int,
-                         erows: torch.Tensor | None) -> None:
+                         erows: torch.Tensor | None, sink: int = 0) -> None:
         """Queue the receiver's recompute of `choice`'s layer group over [first, end)
-        of a cross-model hit [start, end) (nothing for an empty group), from the
-        sender's E-cache rows `erows` [E, end - start] when the group starts above
-        layer 0, and count the hit."""
+        of a cross-model hit [start, end) (nothing for an empty group), and over
+        the sink tokens [0, sink), from the sender's E-cache rows `erows`
+        [E, end - start] when the group starts above layer 0, and count the hit."""
         if choice.start < choice.end:
             e_index = self.cross_policy.e_index(choice.start)
             req.recompute = Recompute(req.req_pool_idx, first, end, choice.start, choice.end,
                                       None if e_index is None else erows[e_index, first - start:].clone(),
                                       torch.tensor(req.fill_ids[first:end], dtype=torch.int64),
-                                      req.model_id, req.lora_id)
+                                      req.model_id, req.lora_id,
+                                      torch.tensor(req.fill_ids[:sink], dtype=torch.int64) if sink else None)
         self.cross_policy.record_hit(sender, req.cache_variant, end - start, (choice.start, choice.end),
                                      req.origin_input_ids, end, choice.tail)
 
@@ -281,6 +288,7 @@ def build_prefill_batch(entries: list[PrefillEntry], runner) -> tuple[ForwardBat
     extend (listed in `batch.fused_recompute`, not `batch.recompute`)."""
     ids, positions, locs, extra_rows, extra_pos, e_locs = [], [], [], [], [], []
     separate, fused, firsts, lens = [], [], [], []
+    sinks: list[Recompute] = []  # sink tokens of fused recomputes: KV-only requests after the others
     start = 0
     table = runner.req_to_token_pool.table
     num_layers = runner.model_config.num_layers
@@ -290,6 +298,8 @@ def build_prefill_batch(entries: list[PrefillEntry], runner) -> tuple[ForwardBat
         if fuses_with_extend(r.recompute, r, num_layers):
             fused.append(r.recompute)
             first = r.recompute.start
+            if r.recompute.sink is not None:
+                sinks.append(r.recompute.sink_job())
         elif r.recompute is not None:
             separate.append(r.recompute)
         end = r.kv_len + n
@@ -310,21 +320,31 @@ def build_prefill_batch(entries: list[PrefillEntry], runner) -> tuple[ForwardBat
         firsts.append(first)
         lens.append(end - first)
         start += end - first
+    for job in sinks:  # same layers from the embeddings, so the same pass: rows of their own
+        ids.extend(job.input_ids.tolist())
+        positions.append(torch.arange(job.start, job.end))
+        locs.append(table[:, job.req_pool_idx, job.start:job.end])
+        e_locs.append(None)
+        firsts.append(job.start)
+        lens.append(job.end - job.start)
     batch = ForwardBatch(
         mode=ForwardMode.EXTEND,
         input_ids=torch.tensor(ids, dtype=torch.int64),
         positions=torch.cat(positions),
         out_cache_loc=torch.cat(locs, dim=1).to(torch.int64),
-        req_pool_indices=torch.tensor([e.req.req_pool_idx for e in entries], dtype=torch.int64),
-        seq_lens=torch.tensor([e.req.kv_len + e.num_tokens for e in entries], dtype=torch.int64),
+        req_pool_indices=torch.tensor([e.req.req_pool_idx for e in entries] + [j.req_pool_idx for j in sinks],
+                                      dtype=torch.int64),
+        seq_lens=torch.tensor([e.req.kv_len + e.num_tokens for e in entries] + [j.end for j in sinks],
+                              dtype=torch.int64),
         prefix_lens=firsts,
         extend_lens=lens,
         kv_pool=runner.kv_pool,
         req_to_token=table,
-        model_ids=[e.req.model_id for e in entries],
-        lora_ids=[e.req.lora_id for e in entries],
+        model_ids=[e.req.model_id for e in entries] + [j.model_id for j in sinks],
+        lora_ids=[e.req.lora_id for e in entries] + [j.lora_id for j in sinks],
         recompute=separate,
         fused_recompute=fused,
+        kv_only=len(sinks),
     )
     batch.e_pool, batch.e_loc = runner.e_pool, stack_e_loc(e_locs, lens)
     batch.loads = [e.req.store_load for e in entries if e.req.store_load is not None]

@@ -58,6 +58,7 @@ class Req:
     last_node: Any = None
     cross_start: int = 0          # [cross_start, prefix_len) came from another variant
     cross_spaces: range | None = None  # KV segments of that span this request recomputed
+    cross_sink: int = 0           # ... and of its first tokens [0, cross_sink) (the attention sink)
     recompute: Any = None         # the pending cross-model recompute (runner.batch.Recompute)
     erows: list[torch.Tensor] = field(default_factory=list)  # owned E-cache rows, see kvcache.base
     cached_tokens: int = 0        # prompt tokens served from the prefix cache

@@ -217,7 +217,8 @@ class Scheduler:
         # A forward that waited for the KV store is not a sample of prefill cost.
         if self.cross_policy is not None and not batch.loads:
             token_layers = batch.num_tokens * self.runner.model_config.num_layers + sum(
-                (j.end - j.start) * (j.layer_end - j.layer_start) for j in batch.recompute)
+                (j.end - j.start + (len(j.sink) if j.sink is not None else 0)) * (j.layer_end - j.layer_start)
+                for j in batch.recompute)
             self.cross_policy.observe_prefill(time.perf_counter() - start, token_layers)
         if self.offloader is not None and not batch.recompute and not batch.fused_recompute and not batch.loads:
             attended = sum(e.num_tokens * (e.req.kv_len + e.num_tokens / 2) for e in entries)
