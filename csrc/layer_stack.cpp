@@ -117,12 +117,18 @@ at::Tensor LayerStack::run(at::Tensor hidden, int64_t start, int64_t end, const 
               "one row index and one kernel choice per member");
   TORCH_CHECK(hidden.dim() == 2, "hidden must be [T, H]");
   const int64_t T = hidden.size(0), q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
+  at::Tensor residual;  // the last layer's MLP output, added together with the next norm
   for (int64_t i = start; i < end; ++i) {
     const Layer& l = layers_[i];
     const int64_t seg = segments_[i];
+    at::Tensor x;
+    if (residual.defined()) {
+      std::tie(hidden, x) = add_rmsnorm(hidden, residual, l.ln1, row_group, eps_);
+    } else {
+      x = rmsnorm(hidden, l.ln1, row_group, eps_);
+    }
     if (e_cache.has_value() && e_index[i] >= 0)  // the stream entering layer i, as HiddenPool.store keeps it
       e_cache->select(0, e_index[i]).index_copy_(0, e_loc->select(0, e_index[i]), hidden.to(e_cache->scalar_type()));
-    at::Tensor x = rmsnorm(hidden, l.ln1, row_group, eps_);
     at::Tensor qkv = linear_groups(x, l.qkv, l.qkv_bias, rows, native);
     lora(qkv, x, i, 0);
     at::Tensor q = qkv.narrow(1, 0, q_size).view({T, num_heads_, head_dim_});
@@ -140,14 +146,13 @@ at::Tensor LayerStack::run(at::Tensor hidden, int64_t start, int64_t end, const 
     attn = attn.reshape({T, q_size});
     at::Tensor o = linear_groups(attn, l.o, l.none, rows, native);
     lora(o, attn, i, 1);
-    hidden = hidden + o;
-    x = rmsnorm(hidden, l.ln2, row_group, eps_);
+    std::tie(hidden, x) = add_rmsnorm(hidden, o, l.ln2, row_group, eps_);
     at::Tensor gate_up = linear_groups(x, l.gate_up, l.none, rows, native);
     lora(gate_up, x, i, 2);
     at::Tensor h = silu_and_mul(gate_up);
     at::Tensor down = linear_groups(h, l.down, l.none, rows, native);
     lora(down, h, i, 3);
-    hidden = hidden + down;
+    residual = down;
   }
-  return hidden;
+  return residual.defined() ? hidden + residual : hidden;
 }

@@ -18,30 +18,43 @@ namespace {
 constexpr int64_t kRowGrain = 64;
 
 template <typename scalar_t>
-void rmsnorm_impl(const at::Tensor& x, const at::Tensor& weight, const int64_t* row_group, double eps,
-                  at::Tensor& out) {
+inline void norm_row(const scalar_t* row, const scalar_t* w, int64_t H, double eps, scalar_t* dst) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < H; ++i) {
+    const float v = static_cast<float>(row[i]);
+    ss += v * v;
+  }
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(H) + static_cast<float>(eps));
+  for (int64_t i = 0; i < H; ++i) {
+    // normalise in fp32, round to the input dtype, then scale (as torch does)
+    const scalar_t y = static_cast<scalar_t>(static_cast<float>(row[i]) * inv);
+    dst[i] = static_cast<scalar_t>(static_cast<float>(w[i]) * static_cast<float>(y));
+  }
+}
+
+// RMSNorm of x, or with `delta` of x + delta (rounded to the dtype as torch's add
+// rounds it, and written to `sum`): the residual add and the next norm in one pass.
+template <typename scalar_t>
+void rmsnorm_impl(const at::Tensor& x, const at::Tensor* delta, const at::Tensor& weight, const int64_t* row_group,
+                  double eps, at::Tensor& out, at::Tensor* sum) {
   const int64_t T = x.size(0), H = x.size(1);
   const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* dp = delta ? delta->data_ptr<scalar_t>() : nullptr;
+  scalar_t* sp = sum ? sum->data_ptr<scalar_t>() : nullptr;
   const scalar_t* wp = weight.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
-  const int64_t ldx = x.stride(0);
+  const int64_t ldx = x.stride(0), ldd = delta ? delta->stride(0) : 0;
   at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const scalar_t* row = xp + t * ldx;
-      const scalar_t* w = wp + (row_group ? row_group[t] : 0) * H;
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < H; ++i) {
-        const float v = static_cast<float>(row[i]);
-        ss += v * v;
+      if (dp) {
+        scalar_t* s = sp + t * H;
+        const scalar_t* d = dp + t * ldd;
+        for (int64_t i = 0; i < H; ++i) s[i] = static_cast<scalar_t>(static_cast<float>(row[i]) + static_cast<float>(d[i]));
+        row = s;
       }
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(H) + static_cast<float>(eps));
-      scalar_t* dst = op + t * H;
-      for (int64_t i = 0; i < H; ++i) {
-        // normalise in fp32, round to the input dtype, then scale (as torch does)
-        const scalar_t y = static_cast<scalar_t>(static_cast<float>(row[i]) * inv);
-        dst[i] = static_cast<scalar_t>(static_cast<float>(w[i]) * static_cast<float>(y));
-      }
+      norm_row(row, wp + (row_group ? row_group[t] : 0) * H, H, eps, op + t * H);
     }
   });
 }
@@ -82,11 +95,16 @@ void silu_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
 
 }  // namespace
 
-at::Tensor rmsnorm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& row_group,
-                   double eps) {
+namespace {
+
+at::Tensor norm(const at::Tensor& x, const at::Tensor* delta, const at::Tensor& weight,
+                const c10::optional<at::Tensor>& row_group, double eps, at::Tensor* sum) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [T, H] with contiguous rows");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.is_contiguous(), "weight must match x");
   const int64_t H = x.size(1);
+  if (delta)
+    TORCH_CHECK(delta->sizes() == x.sizes() && delta->stride(1) == 1 && delta->scalar_type() == x.scalar_type(),
+                "delta must be x's shape and dtype with contiguous rows");
   at::Tensor groups;
   const int64_t* gp = nullptr;
   if (row_group.has_value()) {
@@ -100,10 +118,26 @@ at::Tensor rmsnorm(const at::Tensor& x, const at::Tensor& weight, const c10::opt
     TORCH_CHECK(weight.numel() == H, "weight must be [H]");
   }
   auto out = at::empty({x.size(0), H}, x.options());
+  if (sum) *sum = at::empty({x.size(0), H}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rmsnorm", [&] {
-    rmsnorm_impl<scalar_t>(x, weight, gp, eps, out);
+    rmsnorm_impl<scalar_t>(x, delta, weight, gp, eps, out, sum);
   });
   return out;
+}
+
+}  // namespace
+
+at::Tensor rmsnorm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& row_group,
+                   double eps) {
+  return norm(x, nullptr, weight, row_group, eps, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rmsnorm(const at::Tensor& x, const at::Tensor& delta,
+                                               const at::Tensor& weight,
+                                               const c10::optional<at::Tensor>& row_group, double eps) {
+  at::Tensor sum;
+  at::Tensor out = norm(x, &delta, weight, row_group, eps, &sum);
+  return {sum, out};
 }
 
 at::Tensor silu_and_mul(const at::Tensor& gate_up) {

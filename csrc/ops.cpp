@@ -14,6 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Segmented bf16 linear: each group of rows through its own weight, one parallel region");
   m.def("amx_available", &amx_available, "Whether grouped_linear runs on AMX tiles on this CPU");
   m.def("rmsnorm", &rmsnorm, "RMSNorm per row (fp32 statistics), optionally one weight row per group");
+  m.def("add_rmsnorm", &add_rmsnorm, "(x + delta, rmsnorm(x + delta)): a residual add and the next norm, one pass");
   m.def("silu_and_mul", &silu_and_mul, "SwiGLU activation: silu(gate) * up over [T, 2 * I]");
   m.def("rans_encode", &rans_encode, "Static-model rANS: encode int32 symbols segment by segment");
   m.def("rans_decode", &rans_decode, "Static-model rANS: decode, validating the untrusted stream");

@@ -37,6 +37,11 @@ bool amx_available();  // whether grouped_linear runs on AMX tiles (K % 32 == 0,
 // (row_group) or one weight for all, and silu(gate) * up over a fused [T, 2 * I] input.
 at::Tensor rmsnorm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& row_group,
                    double eps);
+// (x + delta, rmsnorm(x + delta)): a residual add and the norm after it in one pass,
+// the sum rounded as torch's add rounds it (the same values as the two ops).
+std::tuple<at::Tensor, at::Tensor> add_rmsnorm(const at::Tensor& x, const at::Tensor& delta,
+                                               const at::Tensor& weight,
+                                               const c10::optional<at::Tensor>& row_group, double eps);
 at::Tensor silu_and_mul(const at::Tensor& gate_up);
 
 // rANS entropy coder (rans.cpp): `symbols` int32 in segments of `seg_lens`, segment s coded

@@ -211,6 +211,26 @@ def test_rmsnorm_matches_reference(T, H, groups):
         _C.rmsnorm(x, weight.reshape(1, -1)[:, :H] if groups is None else weight, torch.full((T,), 9), 1e-5)
 
 
+@pytest.mark.parametrize("T,groups", [(5, None), (130, 3)])
+def test_add_rmsnorm_equals_add_then_rmsnorm(T, groups):
+    # the layer stack's fused residual add + norm must be the Python layers' two ops bit for bit
+    g = torch.Generator().manual_seed(T)
+    H = 576
+    x = (torch.randn(T, H, generator=g) * 3).to(torch.bfloat16)
+    delta = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    if groups:
+        weight = (1 + 0.1 * torch.randn(groups, H, generator=g)).to(torch.bfloat16)
+        row_group = torch.randint(0, groups, (T,), generator=g)
+    else:
+        weight, row_group = (1 + 0.1 * torch.randn(H, generator=g)).to(torch.bfloat16), None
+    from droidspeak import _C
+    total, normed = _C.add_rmsnorm(x, delta, weight, row_group, 1e-5)
+    assert torch.equal(total, x + delta)
+    assert torch.equal(normed, _C.rmsnorm(x + delta, weight, row_group, 1e-5))
+    with pytest.raises(RuntimeError, match="delta must be"):
+        _C.add_rmsnorm(x, delta[:, :8], weight, row_group, 1e-5)
+
+
 def test_silu_and_mul_matches_reference():
     g = torch.Generator().manual_seed(0)
     gate_up = (torch.randn(7, 2 * 1536, generator=g) * 4).to(torch.bfloat16)
