@@ -9,7 +9,12 @@
 
 #include "vec.h"
 
+#ifdef CPU_CAPABILITY_AVX512
+#include <immintrin.h>
+#endif
+
 #include <cmath>
+#include <limits>
 #include <type_traits>
 
 namespace {
@@ -138,6 +143,52 @@ std::tuple<at::Tensor, at::Tensor> add_rmsnorm(const at::Tensor& x, const at::Te
   at::Tensor sum;
   at::Tensor out = norm(x, &delta, weight, row_group, eps, &sum);
   return {sum, out};
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1 && x.size(1) > 0,
+              "x must be a non-empty float32 [B, V] with contiguous rows");
+  const int64_t B = x.size(0), V = x.size(1), ld = x.stride(0);
+  auto out = at::empty({B}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  // a row per task: a greedy decode batch's logits are a few MB, two threads read them
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* row = xp + b * ld;
+      int64_t i = 0, nan_at = -1;
+      float best = -std::numeric_limits<float>::infinity();
+#ifdef CPU_CAPABILITY_AVX512
+      __m512 m = _mm512_set1_ps(best);
+      for (; i + 16 <= V && nan_at < 0; i += 16) {
+        const __m512 v = _mm512_loadu_ps(row + i);
+        const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        if (nan) nan_at = i + __builtin_ctz(nan);
+        m = _mm512_max_ps(m, v);
+      }
+      if (nan_at < 0) best = _mm512_reduce_max_ps(m);
+#endif
+      for (; i < V && nan_at < 0; ++i) {
+        if (std::isnan(row[i])) nan_at = i;
+        else if (row[i] > best) best = row[i];
+      }
+      if (nan_at >= 0) {  // NaN is the maximum, as torch.max has it
+        op[b] = nan_at;
+        continue;
+      }
+      int64_t j = 0;  // the first index holding the maximum
+#ifdef CPU_CAPABILITY_AVX512
+      const __m512 target = _mm512_set1_ps(best);
+      for (; j + 16 <= V; j += 16) {
+        const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + j), target, _CMP_EQ_OQ);
+        if (hit) break;
+      }
+#endif
+      while (row[j] != best) ++j;
+      op[b] = j;
+    }
+  });
+  return out;
 }
 
 at::Tensor silu_and_mul(const at::Tensor& gate_up) {

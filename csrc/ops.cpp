@@ -15,6 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available, "Whether grouped_linear runs on AMX tiles on this CPU");
   m.def("rmsnorm", &rmsnorm, "RMSNorm per row (fp32 statistics), optionally one weight row per group");
   m.def("add_rmsnorm", &add_rmsnorm, "(x + delta, rmsnorm(x + delta)): a residual add and the next norm, one pass");
+  m.def("argmax_rows", &argmax_rows, "Index of each row's first maximum of a float32 [B, V] (greedy sampling)");
   m.def("silu_and_mul", &silu_and_mul, "SwiGLU activation: silu(gate) * up over [T, 2 * I]");
   m.def("rans_encode", &rans_encode, "Static-model rANS: encode int32 symbols segment by segment");
   m.def("rans_decode", &rans_decode, "Static-model rANS: decode, validating the untrusted stream");

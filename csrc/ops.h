@@ -43,6 +43,8 @@ std::tuple<at::Tensor, at::Tensor> add_rmsnorm(const at::Tensor& x, const at::Te
                                                const at::Tensor& weight,
                                                const c10::optional<at::Tensor>& row_group, double eps);
 at::Tensor silu_and_mul(const at::Tensor& gate_up);
+// Index of each row's first maximum (a NaN counts as the maximum), as torch.max(-1).indices.
+at::Tensor argmax_rows(const at::Tensor& x);
 
 // rANS entropy coder (rans.cpp): `symbols` int32 in segments of `seg_lens`, segment s coded
 // with frequency table s (int32, summing to 2^15) of `freqs`, split by `table_lens`.

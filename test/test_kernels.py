@@ -231,6 +231,25 @@ def test_add_rmsnorm_equals_add_then_rmsnorm(T, groups):
         _C.add_rmsnorm(x, delta[:, :8], weight, row_group, 1e-5)
 
 
+def test_argmax_rows_matches_torch():
+    # greedy sampling's argmax: the first maximum of each row, a NaN counting as the maximum
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 49157, generator=g)  # a tail past the 16-wide vectors
+    x[1, 100] = x[1, 40000] = x[1].max() + 1  # a tie: the first wins
+    x[2, 49156] = 50.0                          # the maximum in the scalar tail
+    x[3, 7] = float("nan")
+    x[3, 30000] = float("nan")
+    x[4] = float("-inf")
+    from droidspeak import _C
+    got = _C.argmax_rows(x)
+    assert torch.equal(got, x.max(-1).indices)
+    assert got.tolist()[1:4] == [100, 49156, 7]
+    strided = torch.randn(8, 3, generator=g).t()  # columns of rows: the wrapper makes them contiguous
+    assert torch.equal(kernels.argmax_rows(strided), strided.max(-1).indices)
+    with pytest.raises(RuntimeError, match="float32"):
+        _C.argmax_rows(x.to(torch.bfloat16))
+
+
 def test_silu_and_mul_matches_reference():
     g = torch.Generator().manual_seed(0)
     gate_up = (torch.randn(7, 2 * 1536, generator=g) * 4).to(torch.bfloat16)

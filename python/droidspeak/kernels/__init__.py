@@ -149,6 +149,14 @@ def rmsnorm(x, weight, row_group, eps):
     return reference.rmsnorm(x, weight, row_group, eps)
 
 
+def argmax_rows(x):
+    """See `reference.argmax_rows`; native for float32 (torch's max over a
+    [16, 49152] batch of logits took 0.7 ms here, the native pass 0.1 ms)."""
+    if _supported(x) and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] > 0:
+        return _native.argmax_rows(x if x.stride(1) == 1 else x.contiguous())
+    return reference.argmax_rows(x)
+
+
 def silu_and_mul(gate_up):
     """See `reference.silu_and_mul`; native for bf16."""
     if native_bf16(gate_up):

@@ -103,3 +103,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's activation over the fused projection: silu(gate) * up."""
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Index of each row's first maximum of [B, V] (a NaN counts as the maximum)."""
+    return x.max(-1).indices
