@@ -253,6 +253,40 @@ def test_tail_recompute_owns_the_attention_sink(engine):
     assert_no_leak(engine)
 
 
+@pytest.fixture(scope="module")
+def tail_family(tmp_path_factory, family):
+    """The same models with tail profiles only: the KV layout is one segment, so a
+    receiver's recomputed tokens (tail and sink) free slots in every segment."""
+    paths, _ = family
+    profiles = str(tmp_path_factory.mktemp("tail_profiles"))
+    write_profile(profiles, paths, "b", "la", (0, NUM_LAYERS), tail=0.5)
+    write_profile(profiles, paths, "b", "a", (0, NUM_LAYERS), tail=0.25)
+    return paths, profiles
+
+
+def test_tail_hits_chunked_equal_unchunked_with_exact_accounting(tail_family):
+    """A tail + sink hit prefilled in chunks of 8 gives the unchunked hit's outputs,
+    and the tree's evictable size counts every slot its receivers own (with one
+    segment, free + evictable is the whole pool)."""
+    outs = {}
+    for chunk in (None, 8):
+        e = make_engine(tail_family, **({} if chunk is None else {"chunked_prefill_size": chunk}))
+        assert e.runner.allocator.num_spaces == 1
+        ids = ids_of(e, CONTEXT + QUESTIONS[0])
+        ctx = len(ids_of(e, CONTEXT))
+        for receiver in ("la", "a"):
+            e.flush_cache()
+            run(e, "b", ids_of(e, CONTEXT + QUESTIONS[1]), ctx)
+            out = run(e, receiver, ids, ctx)
+            assert out["meta_info"]["cross_model_cached_tokens"] == ctx
+            outs[chunk, receiver] = (engine_logprobs(out), out["output_ids"])
+            assert_no_leak(e)
+        e.shutdown()
+    for receiver in ("la", "a"):
+        assert outs[None, receiver][1] == outs[8, receiver][1]
+        assert torch.allclose(outs[None, receiver][0], outs[8, receiver][0], atol=1e-4)
+
+
 def test_receiver_shares_sender_slots_outside_the_group(engine):
     engine.flush_cache()
     ids = ids_of(engine, CONTEXT + QUESTIONS[0])

@@ -5,9 +5,11 @@ changes, so eviction never rescans the tree; a node is evicted with all its
 entries.
 
 Sizes (evictable, protected) count token slots that eviction would return in
-every KV segment: a node's weight is its length times its number of *full*
-entries, those that own slots in every segment (a cross-model entry shares the
-sender's slots outside its recomputed layers, so it adds none)."""
+every KV segment: a node's weight is, summed over its entries, the tokens whose
+slots the entry shares with no entry stored on the node before it (a cross-model
+entry shares the sender's slots outside its recomputed layers, so its recomputed
+tokens add to the weight only when those layers are every segment, as a tail
+recompute of all layers is)."""
 from __future__ import annotations
 
 import heapq
@@ -23,12 +25,18 @@ from droidspeak.kvcache.pool import ReqToTokenPool, SlotAllocator
 class Entry(NamedTuple):
     slots: torch.Tensor         # [G, n] one slot per KV segment per token
     erows: torch.Tensor | None  # [E, n] E-cache rows (0 = not kept), None if none at all
-    full: bool = True           # owns its slots in every segment (not sharing another entry's)
+    # [n] bool: tokens whose slots (in every segment) no earlier entry of the node
+    # shares, i.e. what evicting the node frees for this entry; None: all of them
+    own: torch.Tensor | None = None
+
+    @property
+    def own_tokens(self) -> int:
+        return self.slots.shape[1] if self.own is None else int(self.own.sum())
 
     def split(self, n: int) -> tuple["Entry", "Entry"]:
-        e = self.erows
-        return (Entry(self.slots[:, :n], None if e is None else e[:, :n], self.full),
-                Entry(self.slots[:, n:], None if e is None else e[:, n:], self.full))
+        e, o = self.erows, self.own
+        return (Entry(self.slots[:, :n], None if e is None else e[:, :n], None if o is None else o[:n]),
+                Entry(self.slots[:, n:], None if e is None else e[:, n:], None if o is None else o[n:]))
 
     def has_e(self, index: int | None) -> bool:
         """Holds the E cache of layer `index` for every token (None: none needed)."""
@@ -36,24 +44,20 @@ class Entry(NamedTuple):
 
 
 class TreeNode:
-    __slots__ = ("children", "parent", "key", "entries", "num_full", "lock_ref", "last_access")
+    __slots__ = ("children", "parent", "key", "entries", "weight", "lock_ref", "last_access")
 
     def __init__(self, key: list[int], parent: "TreeNode | None"):
         self.children: dict[int, TreeNode] = {}
         self.parent = parent
         self.key = key
         self.entries: dict[int, Entry] = {}
-        self.num_full = 0
+        self.weight = 0  # slots eviction returns in every segment (see the module docstring)
         self.lock_ref = 0
         self.last_access = 0
 
     @property
     def is_leaf(self) -> bool:
         return not self.children
-
-    @property
-    def weight(self) -> int:
-        return len(self.key) * self.num_full
 
     def __lt__(self, other: "TreeNode") -> bool:
         return self.last_access < other.last_access
@@ -172,23 +176,28 @@ class RadixCache(PrefixCache):
         else:
             erows = None
         # Entries of one node cover the same tokens, so a shared slot sits at the same
-        # position in both (a cross-model entry may own its first token, the
-        # recomputed attention sink, and share the next ones).
-        full = not any(bool((slots == other.slots).any()) for other in node.entries.values())
-        node.entries[variant] = Entry(slots, erows, full)
-        if full:
-            node.num_full += 1
-            if node.lock_ref:
-                self._protected_size += len(node.key)
-            else:
-                self._evictable_size += len(node.key)
+        # position in both (a cross-model entry owns its recomputed tokens, the tail
+        # and the attention sink, and shares the sender's between them).
+        own = None
+        for other in node.entries.values():
+            shared = (slots == other.slots).any(dim=0)
+            own = ~shared if own is None else own & ~shared
+        if own is not None and bool(own.all()):
+            own = None
+        entry = node.entries[variant] = Entry(slots, erows, own)
+        node.weight += entry.own_tokens
+        if node.lock_ref:
+            self._protected_size += entry.own_tokens
+        else:
+            self._evictable_size += entry.own_tokens
 
     def _split(self, child: TreeNode, n: int) -> TreeNode:
         """Cut `child` after its first n tokens; returns the new upper node."""
         upper = TreeNode(child.key[:n], child.parent)
         for variant, entry in child.entries.items():
             upper.entries[variant], child.entries[variant] = entry.split(n)
-        upper.num_full = child.num_full
+        upper.weight = sum(e.own_tokens for e in upper.entries.values())
+        child.weight -= upper.weight
         upper.lock_ref = child.lock_ref
         upper.last_access = child.last_access
         upper.children[child.key[n]] = child
