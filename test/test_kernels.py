@@ -181,6 +181,21 @@ def test_grouped_linear_row_is_independent_of_its_batch(T, K, N):
     assert torch.equal(single[0], full[one[0]])
 
 
+@pytest.mark.parametrize("K,N", [(576, 200), (100, 60), (1536, 576)])
+def test_grouped_linear_few_rows_equal_the_tiled_rows(K, N):
+    # groups of up to three rows read the weights row by row (the dot-product
+    # path's streaming loop), larger ones in tiles of rows: the same sums in the
+    # same order, so each row is bit-identical either way, bias and the outputs
+    # past the last 16-feature block included
+    x, weights, biases, _ = _grouped_case(16, K, N, 1, True, 3)
+    tiled = kernels.grouped_linear(x, weights, biases, [torch.arange(16)])
+    for m in (1, 2, 3):
+        few = kernels.grouped_linear(x[:m].contiguous(), weights, biases, [torch.arange(m)])
+        assert torch.equal(few, tiled[:m])
+    want = reference.grouped_linear(x.float(), [weights[0].float()], [biases[0].float()], [torch.arange(16)])
+    torch.testing.assert_close(tiled.float(), want, rtol=8e-3, atol=1e-2)
+
+
 def test_grouped_linear_rejects_bad_input():
     x, weights, biases, rows = _grouped_case(8, 64, 32, 2, False, 2)
     with pytest.raises(RuntimeError, match="out of range"):

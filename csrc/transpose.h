@@ -1,0 +1,41 @@
+#pragma once
+// A 16 x 16 fp32 transpose in registers (AVX-512), shared by the AMX store paths
+// and the grouped linear's row-sequential reduction.
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+// GCC 12 flags the intrinsics' own `_mm512_undefined_ps` placeholder (GCC bug
+// 105593, fixed in 13) wherever the shuffles below are inlined.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// out[c] = column c of the 16 x 16 floats at m (rows 16 floats apart): pairs of
+// rows interleaved, then quads, then 128-bit lanes twice.
+inline void transpose16(const float (*m)[16], __m512 (&out)[16]) {
+  __m512 t[16], u[16], v[16];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 a = _mm512_load_ps(m[2 * i]), b = _mm512_load_ps(m[2 * i + 1]);
+    t[2 * i] = _mm512_unpacklo_ps(a, b);
+    t[2 * i + 1] = _mm512_unpackhi_ps(a, b);
+  }
+  for (int g = 0; g < 4; ++g) {  // u[4g + j]: rows 4g..4g+3, column 4L + j in lane L
+    u[4 * g] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88);
+    v[4 + j] = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
+    v[8 + j] = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);
+    v[12 + j] = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
+  }
+  for (int j = 0; j < 4; ++j) {
+    out[j] = _mm512_shuffle_f32x4(v[j], v[8 + j], 0x88);
+    out[8 + j] = _mm512_shuffle_f32x4(v[j], v[8 + j], 0xDD);
+    out[4 + j] = _mm512_shuffle_f32x4(v[4 + j], v[12 + j], 0x88);
+    out[12 + j] = _mm512_shuffle_f32x4(v[4 + j], v[12 + j], 0xDD);
+  }
+}
+#pragma GCC diagnostic pop
+#endif
