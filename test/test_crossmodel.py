@@ -1,5 +1,6 @@
 """Cross-model KV reuse (DroidSpeak) on a tiny family: selective recompute against
 its references, the E cache, shared slots, the policy and profile files."""
+import dataclasses
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from droidspeak import Engine
+from droidspeak.crossmodel.policy import PairStats
 from droidspeak.crossmodel.profile import GroupScore, Profile, ProfileError, fingerprint, profile_path
 from droidspeak.runner.batch import recompute_start
 from droidspeak.runner.sequence import Sequence
@@ -137,6 +139,7 @@ def test_cross_hit_recomputes_the_group(engine, sender, receiver, group, tail, m
     assert first["meta_info"]["cached_tokens"] == 0
     runner, batches = engine.runner, []
     forward = runner.forward
+    before = dataclasses.replace(engine.cross_policy.stats.get((sender, receiver), PairStats()))
     monkeypatch.setattr(runner, "forward", lambda batch, *a: batches.append(batch) or forward(batch, *a))
     out = run(engine, receiver, ids, ctx)
     monkeypatch.undo()
@@ -162,8 +165,11 @@ def test_cross_hit_recomputes_the_group(engine, sender, receiver, group, tail, m
     again = run(engine, receiver, ids, ctx)
     assert again["meta_info"]["cached_tokens"] == ctx and again["meta_info"]["cross_model_cached_tokens"] == 0
     assert torch.allclose(engine_logprobs(again), expected, atol=1e-5)
+    # the hit's counters: its recomputed (token, layer) pairs are the job's tokens and sink
     stats = engine.cross_policy.stats[(sender, receiver)]
-    assert stats.hits >= 1 and stats.layers_recomputed >= group[1] - group[0]
+    assert stats.hits == before.hits + 1 and stats.tokens == before.tokens + ctx
+    assert stats.token_layers_recomputed - before.token_layers_recomputed == \
+        (job.end - job.start + len(sink)) * (group[1] - group[0])
     assert_no_leak(engine)
 
 
@@ -491,12 +497,17 @@ def test_server_reports_cross_model_hits(family):
                    timeout=60).raise_for_status()
         metrics = httpx.get(url + "/metrics").text
         assert 'droidspeak_cross_model_hits_total{receiver="b",sender="a"} 1.0' in metrics
+        assert 'droidspeak_cross_model_recomputed_layers_total{receiver="b",sender="a"} 2.0' in metrics
         # per-model series are labelled with the model or adapter that served the request
         for name in ("a", "b", "la"):
             assert f'droidspeak_requests_total{{finish_reason="length",model_name="{name}"}} 1.0' in metrics
         info = httpx.get(url + "/server_info").json()
         pair = next(p for p in info["cross_model_pairs"] if (p["sender"], p["receiver"]) == ("a", "b"))
         assert pair["recompute_layers"] == [2, 4] and pair["hits"] == 1 and pair["reused_tokens"] > 0
+        # layers [2, 4) over the whole reused prompt (a group from the E cache has no tail)
+        assert pair["recomputed_token_layers"] == 2 * pair["reused_tokens"]
+        assert (f'droidspeak_cross_model_recomputed_token_layers_total{{receiver="b",sender="a"}} '
+                f'{2.0 * pair["reused_tokens"]}') in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -35,7 +35,7 @@ class PairStats:
     hits: int = 0
     tokens: int = 0             # prompt tokens reused from the sender
     layers_recomputed: int = 0  # summed over hits
-    token_layers_recomputed: int = 0
+    token_layers_recomputed: int = 0  # recomputed (token, layer) pairs, sink included
 
 
 class CrossModelPolicy:
@@ -145,7 +145,8 @@ class CrossModelPolicy:
             out.append({"sender": s, "receiver": r, "recompute_layers": [c.target.start, c.target.end],
                         "recompute_tail": c.target.tail, "idle_recompute_layers": [c.idle.start, c.idle.end],
                         "idle_recompute_tail": c.idle.tail, "hits": st.hits,
-                        "reused_tokens": st.tokens, "recomputed_layers": st.layers_recomputed})
+                        "reused_tokens": st.tokens, "recomputed_layers": st.layers_recomputed,
+                        "recomputed_token_layers": st.token_layers_recomputed})
         return out
 
     # ---- what the scheduler asks ---------------------------------------------
@@ -182,13 +183,18 @@ class CrossModelPolicy:
         return self.layout.e_layers.index(layer) if layer > 0 else None
 
     def record_hit(self, sender: int, receiver: int, tokens: int, group: tuple[int, int],
-                   prompt_ids: list[int] | None = None, span_end: int = 0, tail: float = 1.0) -> None:
+                   prompt_ids: list[int] | None = None, span_end: int = 0, tail: float = 1.0,
+                   recomputed_tokens: int | None = None) -> None:
+        """Count a cross-model hit of `tokens` reused tokens whose group recomputes
+        `recomputed_tokens` of them (default: the tail share of `tokens`)."""
         key = (self._names.get(sender, str(sender)), self._names.get(receiver, str(receiver)))
         st = self.stats.setdefault(key, PairStats())
         st.hits += 1
         st.tokens += tokens
         st.layers_recomputed += group[1] - group[0]
-        st.token_layers_recomputed += round(tokens * tail) * (group[1] - group[0])
+        if recomputed_tokens is None:
+            recomputed_tokens = round(tokens * tail)
+        st.token_layers_recomputed += recomputed_tokens * (group[1] - group[0])
         if self.hit_listener is not None and prompt_ids is not None:
             self.hit_listener(sender, receiver, prompt_ids, span_end, group, tail)
 

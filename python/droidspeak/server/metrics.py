@@ -88,6 +88,9 @@ class CrossModelCollector:
             (CounterMetricFamily("droidspeak_cross_model_recomputed_layers",
                                  "Layers recomputed over reused prompts, summed over hits",
                                  labels=["sender", "receiver"]), "layers_recomputed"),
+            (CounterMetricFamily("droidspeak_cross_model_recomputed_token_layers",
+                                 "Token x layer pairs recomputed over reused prompts (the compute the hits cost)",
+                                 labels=["sender", "receiver"]), "token_layers_recomputed"),
         ]
         stats = list(self.policy.stats.items())
         for family, attr in families:
