@@ -140,6 +140,16 @@ inline void widen_bf16(const at::BFloat16* src, at::vec::Vectorized<float> (&out
   }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(CPU_CAPABILITY_AVX512)
+// Without AMX tiles, the scores come from AVX512-BF16 dot products over the raw
+// bf16 K rows (exact products, fp32 sums; the scale moves into the softmax, where
+// it is exact for a power-of-two scale), four tokens' sums reduced together. On
+// a Zen 4 VM, widening each K row to fp32 first and reducing every (token, head)
+// sum on its own: batch-16 decode attention over 30 layers at 256 tokens 6.3-7.4
+// ms against 5.8-5.9 (the two builds alternated three times).
+#define DS_DECODE_DPBF16 1
+#endif
+
 // bf16 fast path: one task per (request, KV head), the query-head group's queries
 // and output accumulators held in registers (G heads x V vectors of 16 floats),
 // each K/V head slice widened once straight into registers.
@@ -166,20 +176,64 @@ void decode_bf16_grouped(const at::Tensor& q, const at::Tensor& k_cache, const a
       const int64_t b = task / hkv, g = task % hkv;
       const int64_t n = lp[b];
       const int32_t* slots = tab + rp[b] * width;
-      fVec qv[G][V], acc[G][V];
+      fVec acc[G][V];
       float m[G], l[G];
+#ifdef DS_DECODE_DPBF16
+      // q . k straight from the bf16 values (exact products, fp32 sums), 32 lanes
+      // per instruction; the scale goes into the softmax instead
+      __m512i qb[G][V / 2];
+      for (int h = 0; h < G; ++h)
+        for (int c = 0; c < V / 2; ++c)
+          qb[h][c] = _mm512_loadu_si512(qp + b * qs0 + (g * G + h) * qs1 + c * 32);
+      const float softmax_scale = scale;
+#else
+      fVec qv[G][V];
       for (int h = 0; h < G; ++h) {
         widen_bf16<V>(qp + b * qs0 + (g * G + h) * qs1, qv[h]);
-        for (int v = 0; v < V; ++v) {
-          qv[h][v] = qv[h][v] * fVec(scale);
-          acc[h][v] = fVec(0.f);
-        }
+        for (int v = 0; v < V; ++v) qv[h][v] = qv[h][v] * fVec(scale);
+      }
+      const float softmax_scale = 1.f;
+#endif
+      for (int h = 0; h < G; ++h) {
+        for (int v = 0; v < V; ++v) acc[h][v] = fVec(0.f);
         m[h] = -std::numeric_limits<float>::infinity();
         l[h] = 0.f;
       }
       for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
         const int64_t nb = std::min(kBlock, n - t0);
-        for (int64_t j = 0; j < nb; ++j) {
+        int64_t j = 0;
+#ifdef DS_DECODE_DPBF16
+        // four tokens at a time: their dot products reduced together (one tree
+        // of adds for four sums instead of four horizontal reductions)
+        for (; j + 4 <= nb; j += 4) {
+          __m512i kb[4][V / 2];
+          for (int t = 0; t < 4; ++t)
+            for (int c = 0; c < V / 2; ++c)
+              kb[t][c] = _mm512_loadu_si512(kc + static_cast<int64_t>(slots[t0 + j + t]) * row_len + g * D + c * 32);
+          for (int h = 0; h < G; ++h) {
+            __m256 half[4];
+            for (int t = 0; t < 4; ++t) {
+              __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)qb[h][0], (__m512bh)kb[t][0]);
+              for (int c = 1; c < V / 2; ++c) d = _mm512_dpbf16_ps(d, (__m512bh)qb[h][c], (__m512bh)kb[t][c]);
+              half[t] = _mm256_add_ps(_mm512_castps512_ps256(d),
+                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
+            }
+            const __m256 hs = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[2], half[3]));
+            _mm_storeu_ps(&sc[h][j], _mm_add_ps(_mm256_castps256_ps128(hs), _mm256_extractf128_ps(hs, 1)));
+          }
+        }
+        for (; j < nb; ++j) {
+          __m512i kb[V / 2];
+          for (int c = 0; c < V / 2; ++c)
+            kb[c] = _mm512_loadu_si512(kc + static_cast<int64_t>(slots[t0 + j]) * row_len + g * D + c * 32);
+          for (int h = 0; h < G; ++h) {
+            __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)qb[h][0], (__m512bh)kb[0]);
+            for (int c = 1; c < V / 2; ++c) d = _mm512_dpbf16_ps(d, (__m512bh)qb[h][c], (__m512bh)kb[c]);
+            sc[h][j] = _mm512_reduce_add_ps(d);
+          }
+        }
+#else
+        for (; j < nb; ++j) {
           fVec kv[V];
           widen_bf16<V>(kc + static_cast<int64_t>(slots[t0 + j]) * row_len + g * D, kv);
           for (int h = 0; h < G; ++h) {
@@ -196,11 +250,12 @@ void decode_bf16_grouped(const at::Tensor& q, const at::Tensor& k_cache, const a
 #endif
           }
         }
+#endif
         for (int h = 0; h < G; ++h) {
-          const float block_max = row_max(sc[h], nb);
+          const float block_max = row_max(sc[h], nb) * softmax_scale;
           const float new_m = std::max(m[h], block_max);
           const float corr = std::exp(m[h] - new_m);
-          l[h] = l[h] * corr + exp_shifted(sc[h], nb, new_m);
+          l[h] = l[h] * corr + exp_shifted(sc[h], nb, new_m, softmax_scale);
           for (int v = 0; v < V; ++v) acc[h][v] = acc[h][v] * fVec(corr);
           m[h] = new_m;
         }

@@ -30,7 +30,7 @@
 #include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-#include <immintrin.h>
+#include "simd.h"
 #define DS_HAVE_AVX512BF16 1
 #endif
 #include "amx.h"
@@ -59,10 +59,6 @@ inline uint16_t float_to_bf16(float f) {
 }
 
 #ifdef DS_HAVE_AVX512BF16
-// GCC 12 flags the intrinsics' own undefined-vector placeholders (GCC bug 105593)
-// where the casts and reductions below are inlined.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
 // out[m][j] = dot(x_m, w_j) over K for MM rows and NN outputs (rows of w, stride ldw).
 template <int MM, int NN>
 inline void tile(const uint16_t* const* xs, const uint16_t* w, int64_t ldw, int64_t K,

@@ -2,13 +2,7 @@
 // A 16 x 16 fp32 transpose in registers (AVX-512), shared by the AMX store paths
 // and the grouped linear's row-sequential reduction.
 #if defined(__AVX512F__)
-#include <immintrin.h>
-
-// GCC 12 flags the intrinsics' own `_mm512_undefined_ps` placeholder (GCC bug
-// 105593, fixed in 13) wherever the shuffles below are inlined.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include "simd.h"
 // out[c] = column c of the 16 x 16 floats at m (rows 16 floats apart): pairs of
 // rows interleaved, then quads, then 128-bit lanes twice.
 inline void transpose16(const float (*m)[16], __m512 (&out)[16]) {
@@ -37,5 +31,4 @@ inline void transpose16(const float (*m)[16], __m512 (&out)[16]) {
     out[12 + j] = _mm512_shuffle_f32x4(v[4 + j], v[12 + j], 0xDD);
   }
 }
-#pragma GCC diagnostic pop
 #endif

@@ -9,6 +9,8 @@
 #endif
 #include <ATen/cpu/vec/vec.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
