@@ -211,15 +211,12 @@ void decode_bf16_grouped(const at::Tensor& q, const at::Tensor& k_cache, const a
             for (int c = 0; c < V / 2; ++c)
               kb[t][c] = _mm512_loadu_si512(kc + static_cast<int64_t>(slots[t0 + j + t]) * row_len + g * D + c * 32);
           for (int h = 0; h < G; ++h) {
-            __m256 half[4];
+            __m512 d[4];
             for (int t = 0; t < 4; ++t) {
-              __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)qb[h][0], (__m512bh)kb[t][0]);
-              for (int c = 1; c < V / 2; ++c) d = _mm512_dpbf16_ps(d, (__m512bh)qb[h][c], (__m512bh)kb[t][c]);
-              half[t] = _mm256_add_ps(_mm512_castps512_ps256(d),
-                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
+              d[t] = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)qb[h][0], (__m512bh)kb[t][0]);
+              for (int c = 1; c < V / 2; ++c) d[t] = _mm512_dpbf16_ps(d[t], (__m512bh)qb[h][c], (__m512bh)kb[t][c]);
             }
-            const __m256 hs = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[2], half[3]));
-            _mm_storeu_ps(&sc[h][j], _mm_add_ps(_mm256_castps256_ps128(hs), _mm256_extractf128_ps(hs, 1)));
+            _mm_storeu_ps(&sc[h][j], hsum4(d[0], d[1], d[2], d[3]));
           }
         }
         for (; j < nb; ++j) {

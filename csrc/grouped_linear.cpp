@@ -90,14 +90,7 @@ inline void tile(const uint16_t* const* xs, const uint16_t* w, int64_t ldw, int6
   }
   if constexpr (NN == 4) {
     // four horizontal sums at once (a fixed tree, so still order-deterministic)
-    for (int m = 0; m < MM; ++m) {
-      __m256 half[4];
-      for (int j = 0; j < 4; ++j)
-        half[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[m][j]),
-                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[m][j]), 1)));
-      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[2], half[3]));
-      _mm_storeu_ps(out[m], _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-    }
+    for (int m = 0; m < MM; ++m) _mm_storeu_ps(out[m], hsum4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
   } else {
     for (int m = 0; m < MM; ++m)
       for (int j = 0; j < NN; ++j) out[m][j] = _mm512_reduce_add_ps(acc[m][j]);
@@ -160,7 +153,7 @@ inline void seq_block(const uint16_t* const* xs, const uint16_t* w, int64_t K,
   }
 }
 
-// out[i] = tile()'s horizontal sum of row i of `lanes`: h_j = a_j + a_{j+8},
+// out[i] = hsum4's horizontal sum (tile()'s) of row i of `lanes`: h_j = a_j + a_{j+8},
 // ((h0 + h1) + (h2 + h3)) + ((h4 + h5) + (h6 + h7)), for 16 rows at once.
 inline __m512 tree_sum16(const float (*lanes)[16]) {
   __m512 t[16];

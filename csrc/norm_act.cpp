@@ -9,10 +9,6 @@
 
 #include "vec.h"
 
-#ifdef CPU_CAPABILITY_AVX512
-#include <immintrin.h>
-#endif
-
 #include <cmath>
 #include <limits>
 #include <type_traits>

@@ -183,17 +183,15 @@ class CrossModelPolicy:
         return self.layout.e_layers.index(layer) if layer > 0 else None
 
     def record_hit(self, sender: int, receiver: int, tokens: int, group: tuple[int, int],
-                   prompt_ids: list[int] | None = None, span_end: int = 0, tail: float = 1.0,
-                   recomputed_tokens: int | None = None) -> None:
+                   recomputed_tokens: int, prompt_ids: list[int] | None = None, span_end: int = 0,
+                   tail: float = 1.0) -> None:
         """Count a cross-model hit of `tokens` reused tokens whose group recomputes
-        `recomputed_tokens` of them (default: the tail share of `tokens`)."""
+        `recomputed_tokens` tokens (its tail and attention sink)."""
         key = (self._names.get(sender, str(sender)), self._names.get(receiver, str(receiver)))
         st = self.stats.setdefault(key, PairStats())
         st.hits += 1
         st.tokens += tokens
         st.layers_recomputed += group[1] - group[0]
-        if recomputed_tokens is None:
-            recomputed_tokens = round(tokens * tail)
         st.token_layers_recomputed += recomputed_tokens * (group[1] - group[0])
         if self.hit_listener is not None and prompt_ids is not None:
             self.hit_listener(sender, receiver, prompt_ids, span_end, group, tail)

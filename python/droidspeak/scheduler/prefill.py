@@ -245,7 +245,7 @@ class PrefillAdder:
                                       req.model_id, req.lora_id,
                                       torch.tensor(req.fill_ids[:sink], dtype=torch.int64) if sink else None)
         self.cross_policy.record_hit(sender, req.cache_variant, end - start, (choice.start, choice.end),
-                                     req.origin_input_ids, end, choice.tail, end - first + sink)
+                                     end - first + sink, req.origin_input_ids, end, choice.tail)
 
     def _make_room(self, n: int) -> bool:
         short = n - self.allocator.available_size
