@@ -92,6 +92,62 @@ inline void transpose16x16_epi32(__m512i (&r)[16]) {
 }
 #endif
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define DS_HAVE_AVX512BF16 1
+// c[r][0..64) = sum over pairs kp < K2 of row r's pair kp of a (two bf16, one
+// 32-bit word; rows lda_w words apart) times row kp of b (64 pairs, ldb_w words
+// apart), for R rows, in fp32: a bf16 GEMM against a VNNI-packed B, as brgemm
+// does on tiles, here with AVX512-BF16 dot products (each lane of one
+// instruction adds a pair's two products to one output column, so no
+// horizontal sums). It serves both products of the blocked path on CPUs without
+// AMX: Q @ K^T (b: one packed K^T block, 64 keys) and P @ V (b: 64 head dims of
+// the packed V). oneDNN/MKL's bf16 brgemm there ran on an fp32 path (scores and
+// P @ V at a third of the linears' rate on a Zen 4 VM).
+template <int R>
+inline void vnni_rows64(const uint32_t* a, int64_t lda_w, const uint32_t* b, int64_t ldb_w, int64_t K2, float* c,
+                        int64_t ldc) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < K2; ++kp) {
+    const uint32_t* br = b + kp * ldb_w;
+    __m512i bv[4];
+    for (int j = 0; j < 4; ++j) bv[j] = _mm512_loadu_si512(br + 16 * j);
+    for (int r = 0; r < R; ++r) {
+      const __m512i av = _mm512_set1_epi32(static_cast<int>(a[r * lda_w + kp]));
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)av, (__m512bh)bv[j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j]);
+}
+
+constexpr int64_t kVnniRows = 6;  // 24 accumulators, 4 B vectors and a broadcast in 32 registers
+
+// vnni_rows64 over M rows; K2_of(r0, rows) gives the pairs a tile of rows needs
+// (P @ V stops at the tile's last visible key: P is zero past it).
+template <typename PairsOf>
+inline void vnni_gemm64(int64_t M, const at::BFloat16* a, int64_t lda, const at::BFloat16* b, int64_t ldb_w,
+                        PairsOf pairs_of, float* c, int64_t ldc) {
+  const auto* aw = reinterpret_cast<const uint32_t*>(a);
+  const auto* bw = reinterpret_cast<const uint32_t*>(b);
+  const int64_t lda_w = lda / 2;
+  for (int64_t r0 = 0; r0 < M; r0 += kVnniRows) {
+    const int64_t rows = std::min(kVnniRows, M - r0), K2 = pairs_of(r0, rows);
+    const uint32_t* ar = aw + r0 * lda_w;
+    float* cr = c + r0 * ldc;
+    switch (rows) {
+      case 6: vnni_rows64<6>(ar, lda_w, bw, ldb_w, K2, cr, ldc); break;
+      case 5: vnni_rows64<5>(ar, lda_w, bw, ldb_w, K2, cr, ldc); break;
+      case 4: vnni_rows64<4>(ar, lda_w, bw, ldb_w, K2, cr, ldc); break;
+      case 3: vnni_rows64<3>(ar, lda_w, bw, ldb_w, K2, cr, ldc); break;
+      case 2: vnni_rows64<2>(ar, lda_w, bw, ldb_w, K2, cr, ldc); break;
+      default: vnni_rows64<1>(ar, lda_w, bw, ldb_w, K2, cr, ldc); break;
+    }
+  }
+}
+#endif
+
 // Packs head h's keys kb*kKB .. +kKB (zero past L) as one VNNI block of K^T
 // ([D/2][kKB] pairs of head dims: a key's (d, d+1) pair is one 32-bit word of its
 // row, so this is a word transpose) and its values as VNNI rows of V ([kKB/2][D]
@@ -164,8 +220,15 @@ void blocked_causal_bf16(const at::Tensor& q, const KVRows& kv, int64_t hk, int6
   // with zero keys to whole blocks, straight from where the rows lie (in parallel
   // over heads and blocks), and both products run as brgemm. Elsewhere K^T and V
   // are gathered plain and P @ V goes through oneDNN's matmul (about twice
-  // brgemm's rate without AMX).
-  const bool vnni = at::native::cpublas::could_pack(at::kBFloat16) && D % 2 == 0 && D <= kKB;
+  // brgemm's rate without AMX), except on CPUs with AVX512-BF16, where the same
+  // packed blocks go through vnni_gemm64 (D a multiple of 64).
+  const bool tiles = at::native::cpublas::could_pack(at::kBFloat16) && amx_available() && D % 2 == 0 && D <= kKB;
+#if defined(DS_HAVE_AVX512BF16) && defined(CPU_CAPABILITY_AVX512)
+  const bool dots = !tiles && D % 64 == 0;
+#else
+  const bool dots = false;
+#endif
+  const bool vnni = tiles || dots;
   const int64_t nkb = (L + kKB - 1) / kKB, Le = nkb * kKB;
   std::vector<at::Tensor> kt(hk), vh(hk);
   for (int64_t h = 0; h < hk; ++h) {
@@ -220,9 +283,17 @@ void blocked_causal_bf16(const at::Tensor& q, const KVRows& kv, int64_t hk, int6
       if (vnni) {
         const int64_t kblocks = (kend + kKB - 1) / kKB, kpad = kblocks * kKB;  // P's row length
         const at::BFloat16* ktp = kt[h].data_ptr<at::BFloat16>();
-        for (int64_t c = 0; c < kblocks; ++c)
-          at::native::cpublas::brgemm(M, kKB, D, D, kKB, kpad, false, qbuf.get(), ktp + c * D * kKB,
-                                      sbuf.get() + c * kKB, true);
+        for (int64_t c = 0; c < kblocks; ++c) {
+          if (tiles) {
+            at::native::cpublas::brgemm(M, kKB, D, D, kKB, kpad, false, qbuf.get(), ktp + c * D * kKB,
+                                        sbuf.get() + c * kKB, true);
+          } else {
+#ifdef DS_HAVE_AVX512BF16
+            vnni_gemm64(M, qbuf.get(), D, ktp + c * D * kKB, kKB, [&](int64_t, int64_t) { return D / 2; },
+                        sbuf.get() + c * kKB, kpad);
+#endif
+          }
+        }
         // unnormalised probabilities (exp of the shifted scores, at most 1) in
         // bf16, one pass per row; each output row is divided by its sum after P @ V
         for (int64_t r = 0; r < M; ++r) {
@@ -232,8 +303,21 @@ void blocked_causal_bf16(const at::Tensor& q, const KVRows& kv, int64_t hk, int6
           rsum[r] = exp_shifted_to_bf16(sr, pr, visible, row_max(sr, visible) * scale, scale);
           std::fill(pr + visible, pr + kpad, at::BFloat16(0.f));
         }
-        at::native::cpublas::brgemm(M, D, kpad, kpad, D, D, false, pp, vh[h].data_ptr<at::BFloat16>(),
-                                    obuf.get(), true);
+        if (tiles) {
+          at::native::cpublas::brgemm(M, D, kpad, kpad, D, D, false, pp, vh[h].data_ptr<at::BFloat16>(),
+                                      obuf.get(), true);
+        } else {
+#ifdef DS_HAVE_AVX512BF16
+          // a tile of rows stops at its last visible key (P is zero past it)
+          const auto pairs = [&](int64_t r0, int64_t rows) {
+            int64_t last = 0;
+            for (int64_t r = r0; r < r0 + rows; ++r) last = std::max(last, p + s0 + r % bq + 1);
+            return (last + 1) / 2;
+          };
+          for (int64_t d0 = 0; d0 < D; d0 += 64)
+            vnni_gemm64(M, pp, kpad, vh[h].data_ptr<at::BFloat16>() + 2 * d0, D, pairs, obuf.get() + d0, D);
+#endif
+        }
         using fVec = at::vec::Vectorized<float>;
         for (int64_t g = 0; g < gper; ++g)
           for (int64_t j = 0; j < bq; ++j) {
@@ -263,7 +347,7 @@ void blocked_causal_bf16(const at::Tensor& q, const KVRows& kv, int64_t hk, int6
         for (int64_t j = 0; j < bq; ++j)
           std::copy_n(ob + (g * bq + j) * D, D, op + (s0 + j) * os0 + (h * G + g0 + g) * os1);
     }
-    at::native::cpublas::brgemm_release(vnni);
+    at::native::cpublas::brgemm_release(tiles);
   });
 }
 
