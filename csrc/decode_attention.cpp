@@ -140,7 +140,7 @@ inline void widen_bf16(const at::BFloat16* src, at::vec::Vectorized<float> (&out
   }
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(CPU_CAPABILITY_AVX512)
+#if defined(DS_HAVE_AVX512BF16) && defined(CPU_CAPABILITY_AVX512)
 // Without AMX tiles, the scores come from AVX512-BF16 dot products over the raw
 // bf16 K rows (exact products, fp32 sums; the scale moves into the softmax, where
 // it is exact for a power-of-two scale), four tokens' sums reduced together. On

@@ -92,8 +92,7 @@ inline void transpose16x16_epi32(__m512i (&r)[16]) {
 }
 #endif
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-#define DS_HAVE_AVX512BF16 1
+#ifdef DS_HAVE_AVX512BF16
 // c[r][0..64) = sum over pairs kp < K2 of row r's pair kp of a (two bf16, one
 // 32-bit word; rows lda_w words apart) times row kp of b (64 pairs, ldb_w words
 // apart), for R rows, in fp32: a bf16 GEMM against a VNNI-packed B, as brgemm

@@ -29,10 +29,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include "simd.h"
-#define DS_HAVE_AVX512BF16 1
-#endif
 #include "amx.h"
 #include "transpose.h"
 

@@ -6,6 +6,10 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
+// The AVX512-BF16 dot-product kernels' build-time guard, one definition for every file.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define DS_HAVE_AVX512BF16 1
+#endif
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"

@@ -72,7 +72,7 @@ inline float exp_shifted_to_bf16(const float* s, at::BFloat16* p, int64_t n, flo
   const Vec vshift(shift), vscale(scale);
   Vec vsum(0.f);
   int64_t j = 0;
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#if defined(CPU_CAPABILITY_AVX512) && defined(DS_HAVE_AVX512BF16)
   Vec vsum2(0.f);  // two sums: one chain of adds per 32 values was the loop's limit
   for (; j + 32 <= n; j += 32) {
     const __m512 a = at::vec::fmsub(Vec::loadu(s + j), vscale, vshift).exp_u20();
