@@ -23,6 +23,13 @@ struct alignas(64) TileConfig {
     rows[tile] = static_cast<uint8_t>(rows_);
     colsb[tile] = static_cast<uint16_t>(colsb_);
   }
+  // GCC 12 does not count ldtilecfg as reading all 64 bytes: in a small function
+  // it dropped the stores of rows and colsb (a #GP at the load). The empty asm
+  // with a memory clobber keeps them.
+  void load() const {
+    asm volatile("" : : "r"(this) : "memory");
+    _tile_loadconfig(this);
+  }
 };
 
 // Column c of a stored 16 x 16 fp32 tile (rows 64 bytes apart), as one vector.

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include "amx.h"
+#include "team.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -306,27 +307,37 @@ bool attend_amx_supported(const at::Tensor& q, const at::Tensor& k_cache) {
          q.size(2) % 32 == 0 && q.size(2) <= 128 && amx_permitted();
 }
 
-void attend_amx(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& table,
-                const int64_t* rp, const std::vector<int64_t>& prefix_lens, const std::vector<int64_t>& extend_lens,
-                float scale, at::Tensor& out) {
-  const int64_t B = static_cast<int64_t>(extend_lens.size()), hq = q.size(1), D = q.size(2);
-  const int64_t hkv = k_cache.size(1), G = hq / hkv, width = table.size(1), row_len = hkv * D, nkb = D / 32;
-  const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
-  const auto* kc = reinterpret_cast<const uint16_t*>(k_cache.data_ptr());
-  const auto* vc = reinterpret_cast<const uint16_t*>(v_cache.data_ptr());
-  const int32_t* tab = table.data_ptr<int32_t>();
-  auto* op = out.data_ptr<at::BFloat16>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), os0 = out.stride(0), os1 = out.stride(1);
+AmxAttention::AmxAttention(int64_t hq, int64_t hkv, int64_t D, const int64_t* rows, std::vector<int64_t> prefix_lens,
+                           std::vector<int64_t> extend_lens, float scale)
+    : hq_(hq), hkv_(hkv), D_(D), G_(hq / hkv), scale_(scale), rows_(rows), prefix_lens_(std::move(prefix_lens)),
+      extend_lens_(std::move(extend_lens)) {
+  const int64_t B = static_cast<int64_t>(extend_lens_.size());
   // tasks: (request, KV head, block of 16 query rows)
-  std::vector<int64_t> q_start(B), task_start(B + 1, 0);
-  int64_t cap = 0;
+  q_start_.resize(B);
+  task_start_.assign(B + 1, 0);
   for (int64_t b = 0, acc = 0; b < B; ++b) {
-    q_start[b] = acc;
-    acc += extend_lens[b];
-    task_start[b + 1] = task_start[b] + hkv * ((extend_lens[b] * G + 15) / 16);
-    cap = std::max(cap, prefix_lens[b] + extend_lens[b]);
+    q_start_[b] = acc;
+    acc += extend_lens_[b];
+    task_start_[b + 1] = task_start_[b] + hkv * ((extend_lens_[b] * G_ + 15) / 16);
+    cap_ = std::max(cap_, prefix_lens_[b] + extend_lens_[b]);
   }
-  cap = (cap + 31) / 32 * 32;
+  cap_ = (cap_ + 31) / 32 * 32;
+}
+
+void AmxAttention::run(int64_t begin, int64_t end, const Layer& io) const {
+  const int64_t hkv = hkv_, G = G_, D = D_, row_len = hkv * D, nkb = D / 32, cap = cap_, width = io.width;
+  const float scale = scale_;
+  const auto& q_start = q_start_;
+  const auto& task_start = task_start_;
+  const auto& prefix_lens = prefix_lens_;
+  const auto& extend_lens = extend_lens_;
+  const int64_t* rp = rows_;
+  const uint16_t* qp = io.q;
+  const uint16_t* kc = io.k;
+  const uint16_t* vc = io.v;
+  const int32_t* tab = io.table;
+  at::BFloat16* op = io.out;
+  const int64_t qs0 = io.qs0, qs1 = io.qs1, os0 = io.os0, os1 = io.os1;
 
   // permutex2var indices weaving a (lanes 0-31) and b (32-63) pairwise
   alignas(64) uint16_t lo_idx[32], hi_idx[32];
@@ -337,8 +348,7 @@ void attend_amx(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
     hi_idx[2 * i + 1] = static_cast<uint16_t>(48 + i);
   }
   const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
-
-  at::parallel_for(0, task_start[B], 1, [&](int64_t begin, int64_t end) {
+  {
     std::vector<float> s(16 * cap);
     std::vector<uint16_t> p(16 * cap);
     std::vector<uint16_t> kbuf(16 * D);
@@ -370,7 +380,7 @@ void attend_amx(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
       out_cfg.set(4, static_cast<int>(nr), 64);                                     // P [rows x 32 keys]
       out_cfg.set(5, 16, 64);                                                       // V pairs x 16 dims
 
-      _tile_loadconfig(&scores_cfg);
+      scores_cfg.load();
       _tile_loadd(0, qt[0], 64);
       if (nkb > 1) _tile_loadd(1, qt[1], 64);
       if (nkb > 2) _tile_loadd(2, qt[2], 64);
@@ -417,7 +427,7 @@ void attend_amx(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
         l[r] = exp_shifted_to_bf16(sr, pr, lim[r], row_max(sr, lim[r]), 1.f);
         std::memset(&p[r * cap + lim[r]], 0, (n32 - lim[r]) * 2);
       }
-      _tile_loadconfig(&out_cfg);
+      out_cfg.load();
       for (int64_t d0 = 0; d0 < D; d0 += kAmxDChunk) {
         const int64_t nd = std::min<int64_t>(4, (D - d0) / 16);
         _tile_zero(0);
@@ -468,6 +478,25 @@ void attend_amx(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
         }
       }
     }
+  }
+}
+
+void attend_amx(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& table,
+                const int64_t* rp, const std::vector<int64_t>& prefix_lens, const std::vector<int64_t>& extend_lens,
+                float scale, at::Tensor& out) {
+  const AmxAttention attn(q.size(1), k_cache.size(1), q.size(2), rp, prefix_lens, extend_lens, scale);
+  const AmxAttention::Layer io{reinterpret_cast<const uint16_t*>(q.data_ptr()),
+                               q.stride(0),
+                               q.stride(1),
+                               reinterpret_cast<const uint16_t*>(k_cache.data_ptr()),
+                               reinterpret_cast<const uint16_t*>(v_cache.data_ptr()),
+                               table.data_ptr<int32_t>(),
+                               table.size(1),
+                               out.data_ptr<at::BFloat16>(),
+                               out.stride(0),
+                               out.stride(1)};
+  at::parallel_for(0, attn.tasks(), 1, [&](int64_t begin, int64_t end) {
+    attn.run(begin, end, io);
     _tile_release();
   });
 }

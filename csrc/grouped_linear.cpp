@@ -31,6 +31,7 @@
 
 #include "simd.h"
 #include "amx.h"
+#include "team.h"
 #include "transpose.h"
 
 namespace {
@@ -200,23 +201,17 @@ inline void dot_tile(const uint16_t* const* xs, int64_t M, const uint16_t* w, in
 #endif
 
 #ifdef DS_HAVE_AMX
-constexpr int64_t kAmxK = 32;        // K values per tile product (16 pairs)
-constexpr int64_t kAmxRows = 16;     // tile rows: output features of A, K pairs of B
-constexpr int64_t kAmxCols = 16;     // batch rows per B tile
-constexpr int64_t kAmxTaskN = 32;    // output features per task: two accumulator tiles
+using amx_linear::kCols;
+using amx_linear::kRows;
+constexpr int64_t kAmxK = amx_linear::kK;
+constexpr int64_t kAmxRows = kRows;
+constexpr int64_t kAmxCols = kCols;
 constexpr int64_t kAmxPrefetch = 4;  // K blocks ahead that the weight rows are prefetched
 
-// The B operand of every 16-row block of one group: for K block kb, tile row p
-// holds, for each of the block's rows, its K values 2p and 2p + 1 of that block
-// (rows past the group's end are zero).
+// The B operand of every 16-row block of one group (rows past its end are zero).
 std::vector<uint32_t> pack_rows(const uint16_t* xp, int64_t ldx, const int64_t* r, int64_t rn, int64_t K) {
-  const int64_t kbc = K / kAmxK, mblocks = (rn + kAmxCols - 1) / kAmxCols;
-  std::vector<uint32_t> packed(mblocks * kbc * kAmxRows * kAmxCols, 0u);
-  for (int64_t m = 0; m < rn; ++m) {
-    const uint16_t* row = xp + r[m] * ldx;
-    uint32_t* dst = packed.data() + (m / kAmxCols) * kbc * kAmxRows * kAmxCols + m % kAmxCols;
-    for (int64_t p = 0; p < K / 2; ++p) std::memcpy(dst + p * kAmxCols, row + 2 * p, 4);
-  }
+  std::vector<uint32_t> packed(amx_linear::packed_words(rn, K), 0u);
+  amx_linear::pack_rows(xp, ldx, r, rn, K, 0, K / 2, packed.data());
   return packed;
 }
 
@@ -296,7 +291,7 @@ void amx_task(const uint32_t* packed, int64_t rn, const uint16_t* w, const uint1
 
 bool use_amx(int64_t K, int64_t N) {
 #ifdef DS_HAVE_AMX
-  return K % kAmxK == 0 && N % kAmxRows == 0 && amx_permitted();
+  return amx_linear::supported(K, N);
 #else
   (void)K;
   (void)N;
@@ -305,6 +300,34 @@ bool use_amx(int64_t K, int64_t N) {
 }
 
 }  // namespace
+
+#ifdef DS_HAVE_AMX
+namespace amx_linear {
+
+void pack_rows(const uint16_t* x, int64_t ldx, const int64_t* r, int64_t rn, int64_t K, int64_t p0, int64_t p1,
+               uint32_t* packed) {
+  for (int64_t m = 0; m < rn; ++m) {
+    const uint16_t* row = x + r[m] * ldx;
+    uint32_t* dst = packed + (m / kCols) * (K / kK) * kRows * kCols + m % kCols;
+    for (int64_t p = p0; p < p1; ++p) std::memcpy(dst + p * kCols, row + 2 * p, 4);
+  }
+}
+
+void load_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.set(t, kRows, 64);
+  cfg.load();
+}
+
+void task(const uint32_t* packed, int64_t rn, const uint16_t* w, const uint16_t* bias, int64_t K, int64_t N,
+          int64_t t, const int64_t* r, uint16_t* op) {
+  const int64_t n0 = t * kTaskN;
+  const int nsub = static_cast<int>(std::min<int64_t>(2, (N - n0) / kRows));
+  amx_task(packed, rn, w, bias, K, N, n0, nsub, r, op);
+}
+
+}  // namespace amx_linear
+#endif
 
 at::Tensor grouped_linear(const at::Tensor& x, const std::vector<at::Tensor>& weights,
                           const std::vector<c10::optional<at::Tensor>>& biases,
@@ -344,7 +367,7 @@ at::Tensor grouped_linear(const at::Tensor& x, const std::vector<at::Tensor>& we
 
 #ifdef DS_HAVE_AMX
   if (use_amx(K, N)) {
-    const int64_t amx_blocks = (N + kAmxTaskN - 1) / kAmxTaskN;
+    const int64_t amx_blocks = amx_linear::tasks(N);
     std::vector<std::vector<uint32_t>> packed(G);
     std::vector<int64_t> amx_start(G + 1, 0);
     for (int64_t g = 0; g < G; ++g) {
@@ -353,18 +376,11 @@ at::Tensor grouped_linear(const at::Tensor& x, const std::vector<at::Tensor>& we
       amx_start[g + 1] = amx_start[g] + (rn ? amx_blocks : 0);
     }
     at::parallel_for(0, amx_start[G], 1, [&](int64_t begin, int64_t end) {
-      TileConfig cfg;
-      for (int t = 0; t < 8; ++t) {
-        cfg.rows[t] = kAmxRows;
-        cfg.colsb[t] = 64;
-      }
-      _tile_loadconfig(&cfg);
+      amx_linear::load_config();
       for (int64_t t = begin; t < end; ++t) {
         const int64_t g = std::upper_bound(amx_start.begin(), amx_start.end(), t) - amx_start.begin() - 1;
-        const int64_t n0 = (t - amx_start[g]) * kAmxTaskN;
-        const int nsub = std::min<int64_t>(2, (N - n0) / kAmxRows);
-        amx_task(packed[g].data(), row_idx[g].numel(), wp[g], bp[g], K, N, n0, nsub,
-                 row_idx[g].data_ptr<int64_t>(), op);
+        amx_linear::task(packed[g].data(), row_idx[g].numel(), wp[g], bp[g], K, N, t - amx_start[g],
+                         row_idx[g].data_ptr<int64_t>(), op);
       }
       _tile_release();
     });

@@ -7,9 +7,19 @@
 // 2-core CPU (and as much of a short extend over a cached prefix).
 #include "ops.h"
 
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <utility>
 #include <vector>
+
+#include "rowops.h"
+#include "team.h"
 
 namespace {
 
@@ -94,6 +104,212 @@ LayerStack::LayerStack(std::vector<std::vector<at::Tensor>> layers, std::vector<
   }
 }
 
+#ifdef DS_HAVE_AMX
+namespace {
+
+std::atomic<int64_t> team_steps{0};
+
+// DROIDSPEAK_NO_DECODE_TEAM=1 runs decode steps kernel by kernel (to compare).
+bool team_enabled() {
+  const char* off = std::getenv("DROIDSPEAK_NO_DECODE_TEAM");
+  return !(off && *off && std::strcmp(off, "0") != 0);
+}
+
+const uint16_t* u16(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
+uint16_t* u16(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); }
+
+// [begin, end) of `total` items for thread `tid` of `n`, in contiguous chunks.
+inline void share(int64_t total, int tid, int n, int64_t& begin, int64_t& end) {
+  const int64_t chunk = (total + n - 1) / n;
+  begin = std::min(total, tid * chunk);
+  end = std::min(total, begin + chunk);
+}
+
+}  // namespace
+
+// A decode step's layers inside one parallel region (the decode team): every
+// phase of a layer (the row-wise ops, packing rows for the tiles, a linear's
+// tasks, RoPE + store, attention's tasks) is split between the threads, with a
+// barrier between phases. Run kernel by kernel, a batch-16 step on two cores
+// left the second thread idle for a third of the step while the first ran the
+// row-wise ops (norms, SwiGLU, RoPE, packing) between ~5 parallel regions per
+// layer. Each phase calls the work items that the standalone kernels call
+// (rowops.h, team.h), so outputs are bit-identical to the kernel-by-kernel run.
+bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, const std::vector<at::Tensor>& rows,
+                             const std::vector<bool>& native, const c10::optional<at::Tensor>& row_group,
+                             const at::Tensor& positions, const at::Tensor& cos_sin, const at::Tensor& k_pool,
+                             const at::Tensor& v_pool, const at::Tensor& out_cache_loc,
+                             const at::Tensor& req_to_token, const at::Tensor& req_pool_indices,
+                             const at::Tensor& seq_lens, double scale) const {
+  const int64_t T = hidden.size(0), H = hidden.size(1), hq = num_heads_, hkv = num_kv_heads_, D = head_dim_;
+  const int64_t q_size = hq * D, kv_size = hkv * D, qkv_n = q_size + 2 * kv_size;
+  if (rows.empty() || end <= start || !team_enabled() || hidden.scalar_type() != at::kBFloat16) return false;
+  if (std::find(native.begin(), native.end(), false) != native.end()) return false;
+  const int64_t I2 = layers_[start].gate_up[0].size(0), I = I2 / 2;
+  if (!amx_linear::supported(H, qkv_n) || !amx_linear::supported(q_size, H) || !amx_linear::supported(H, I2) ||
+      !amx_linear::supported(I, H) || D % 32 != 0 || D > 128 || k_pool.scalar_type() != at::kBFloat16 ||
+      positions.scalar_type() != at::kLong || cos_sin.scalar_type() != at::kFloat || !cos_sin.is_contiguous() ||
+      cos_sin.size(1) != D || req_to_token.scalar_type() != at::kInt || !req_to_token.is_contiguous() ||
+      !k_pool.is_contiguous() || !v_pool.is_contiguous() || req_pool_indices.numel() != T)
+    return false;
+  for (int64_t i = start; i < end; ++i) {
+    const Layer& l = layers_[i];
+    for (size_t m = 0; m < rows.size(); ++m) {
+      const std::pair<const at::Tensor*, std::pair<int64_t, int64_t>> shapes[] = {
+          {&l.qkv[m], {qkv_n, H}}, {&l.o[m], {H, q_size}}, {&l.gate_up[m], {I2, H}}, {&l.down[m], {H, I}}};
+      for (const auto& [w, nk] : shapes)
+        if (w->dim() != 2 || w->size(0) != nk.first || w->size(1) != nk.second || !w->is_contiguous() ||
+            w->scalar_type() != at::kBFloat16)
+          return false;
+      if (l.qkv_bias[m].has_value() &&
+          (l.qkv_bias[m]->numel() != qkv_n || !l.qkv_bias[m]->is_contiguous() ||
+           l.qkv_bias[m]->scalar_type() != at::kBFloat16))
+        return false;
+    }
+    for (const at::Tensor* ln : {&l.ln1, &l.ln2})
+      if (ln->scalar_type() != at::kBFloat16 || !ln->is_contiguous() || ln->size(-1) != H) return false;
+  }
+  // every row in exactly one group
+  const int64_t G = static_cast<int64_t>(rows.size());
+  std::vector<at::Tensor> row_idx(G);
+  std::vector<int64_t> rn(G);
+  std::vector<bool> seen(T, false);
+  for (int64_t g = 0; g < G; ++g) {
+    row_idx[g] = rows[g].to(at::kLong).contiguous();
+    rn[g] = row_idx[g].numel();
+    const int64_t* r = row_idx[g].data_ptr<int64_t>();
+    for (int64_t m = 0; m < rn[g]; ++m) {
+      if (r[m] < 0 || r[m] >= T || seen[r[m]]) return false;
+      seen[r[m]] = true;
+    }
+  }
+  if (std::find(seen.begin(), seen.end(), false) != seen.end()) return false;
+  at::Tensor rg;
+  const int64_t* rgp = nullptr;
+  if (row_group.has_value()) {
+    rg = row_group->to(at::kLong).contiguous();
+    TORCH_CHECK(rg.numel() == T, "one group per row");
+    rgp = rg.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t)
+      TORCH_CHECK(rgp[t] >= 0 && rgp[t] < layers_[start].ln1.size(0), "row group out of range");
+  } else {
+    TORCH_CHECK(layers_[start].ln1.numel() == H, "norm weight must be [H]");
+  }
+  const at::Tensor lens = seq_lens.to(at::kLong).contiguous(), req_rows = req_pool_indices.to(at::kLong).contiguous();
+  const at::Tensor pos = positions.contiguous(), loc = out_cache_loc.to(at::kLong).contiguous();
+  const int64_t width = req_to_token.size(2), slots = k_pool.size(1);
+  std::vector<int64_t> prefix(T), ones(T, 1);
+  for (int64_t b = 0; b < T; ++b) {
+    const int64_t len = lens.data_ptr<int64_t>()[b];
+    TORCH_CHECK(len >= 1 && len <= width, "sequence length out of range");
+    prefix[b] = len - 1;
+  }
+  const int64_t* locp = loc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < loc.numel(); ++i) TORCH_CHECK(locp[i] >= 0 && locp[i] < slots, "cache slot out of range");
+  const AmxAttention attn(hq, hkv, D, req_rows.data_ptr<int64_t>(), prefix, ones, static_cast<float>(scale));
+
+  // buffers, reused by every layer; each group's packed rows per K (their padding stays zero)
+  auto opts = hidden.options();
+  at::Tensor h = hidden.contiguous().clone(), x = at::empty({T, H}, opts), qkv = at::empty({T, qkv_n}, opts);
+  at::Tensor att = at::empty({T, hq, D}, opts), o = at::empty({T, H}, opts), gu = at::empty({T, I2}, opts);
+  at::Tensor act = at::empty({T, I}, opts), down = at::empty({T, H}, opts);
+  std::vector<std::vector<uint32_t>> pk_h(G), pk_q(G), pk_i(G);
+  for (int64_t g = 0; g < G; ++g) {
+    pk_h[g].assign(amx_linear::packed_words(rn[g], H), 0u);
+    pk_q[g].assign(amx_linear::packed_words(rn[g], q_size), 0u);
+    pk_i[g].assign(amx_linear::packed_words(rn[g], I), 0u);
+  }
+  uint16_t *hp = u16(h), *xp = u16(x), *qkvp = u16(qkv), *attp = u16(att), *op = u16(o), *gup = u16(gu),
+           *actp = u16(act), *downp = u16(down);
+  auto bf = [](uint16_t* p) { return reinterpret_cast<at::BFloat16*>(p); };
+  const int64_t* posp = pos.data_ptr<int64_t>();
+  const float* csp = cos_sin.data_ptr<float>();
+  auto* kpool = reinterpret_cast<at::BFloat16*>(k_pool.data_ptr());
+  auto* vpool = reinterpret_cast<at::BFloat16*>(v_pool.data_ptr());
+  const int64_t layer_elems = slots * kv_size, seg_elems = req_to_token.size(1) * width;
+  const int32_t* tab = req_to_token.data_ptr<int32_t>();
+  const float eps = static_cast<float>(eps_);
+
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const int tid = omp_get_thread_num(), n = omp_get_num_threads();
+    int64_t rb, re;
+    share(T, tid, n, rb, re);
+    // out = src @ w^T (+ bias) per group: this thread's share of the K pairs of
+    // every group's rows packed for the tiles, then its share of the N / 32
+    // tasks per group
+    auto linear = [&](const uint16_t* src, const std::vector<at::Tensor>& w,
+                      const std::vector<c10::optional<at::Tensor>>& bias, std::vector<std::vector<uint32_t>>& packed,
+                      int64_t K, int64_t N, uint16_t* out) {
+      int64_t b, e;
+      share(K / 2, tid, n, b, e);
+      for (int64_t g = 0; g < G; ++g)
+        amx_linear::pack_rows(src, K, row_idx[g].data_ptr<int64_t>(), rn[g], K, b, e, packed[g].data());
+#pragma omp barrier
+      const int64_t per = amx_linear::tasks(N);
+      share(G * per, tid, n, b, e);
+      amx_linear::load_config();
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t g = t / per;
+        amx_linear::task(packed[g].data(), rn[g], u16(w[g]), bias[g].has_value() ? u16(*bias[g]) : nullptr, K, N,
+                         t % per, row_idx[g].data_ptr<int64_t>(), out);
+      }
+#pragma omp barrier
+    };
+    for (int64_t i = start; i < end; ++i) {
+      const Layer& l = layers_[i];
+      const int64_t seg = segments_[i];
+      const auto* ln1 = reinterpret_cast<const at::BFloat16*>(l.ln1.data_ptr());
+      const auto* ln2 = reinterpret_cast<const at::BFloat16*>(l.ln2.data_ptr());
+      for (int64_t t = rb; t < re; ++t) {  // (the last layer's residual add +) input norm
+        if (i > start) add_row(bf(hp + t * H), bf(downp + t * H), H, bf(hp + t * H));
+        norm_row(bf(hp + t * H), ln1 + (rgp ? rgp[t] : 0) * H, H, eps, bf(xp + t * H));
+      }
+#pragma omp barrier
+      linear(xp, l.qkv, l.qkv_bias, pk_h, H, qkv_n, qkvp);
+      for (int64_t t = rb; t < re; ++t) {  // RoPE, K and V into the pool
+        at::BFloat16* row = bf(qkvp + t * qkv_n);
+        const int64_t slot = locp[seg * T + t];
+        rope_store_token(row, D, hq, row + q_size, D, row + q_size + kv_size, D, hkv, D, csp, posp[t],
+                         kpool + i * layer_elems + slot * kv_size, vpool + i * layer_elems + slot * kv_size);
+      }
+#pragma omp barrier
+      {
+        int64_t b, e;
+        share(attn.tasks(), tid, n, b, e);
+        const AmxAttention::Layer io{qkvp, qkv_n, D, u16(k_pool) + i * layer_elems, u16(v_pool) + i * layer_elems,
+                                     tab + seg * seg_elems, width, bf(attp), q_size, D};
+        attn.run(b, e, io);
+      }
+#pragma omp barrier
+      linear(attp, l.o, l.none, pk_q, q_size, H, op);
+      for (int64_t t = rb; t < re; ++t) {  // residual add + post-attention norm
+        add_row(bf(hp + t * H), bf(op + t * H), H, bf(hp + t * H));
+        norm_row(bf(hp + t * H), ln2 + (rgp ? rgp[t] : 0) * H, H, eps, bf(xp + t * H));
+      }
+#pragma omp barrier
+      linear(xp, l.gate_up, l.none, pk_h, H, I2, gup);
+      for (int64_t t = rb; t < re; ++t)  // SwiGLU
+        silu_mul_row(bf(gup + t * I2), bf(gup + t * I2 + I), I, bf(actp + t * I));
+#pragma omp barrier
+      linear(actp, l.down, l.none, pk_i, I, H, downp);
+    }
+    _tile_release();
+  }
+  hidden = h + down;
+  team_steps.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+#endif
+
+int64_t decode_team_steps() {
+#ifdef DS_HAVE_AMX
+  return team_steps.load(std::memory_order_relaxed);
+#else
+  return 0;
+#endif
+}
+
 at::Tensor LayerStack::run(at::Tensor hidden, int64_t start, int64_t end, const std::vector<at::Tensor>& rows,
                           const std::vector<bool>& native, const c10::optional<at::Tensor>& row_group,
                           const at::Tensor& positions, const at::Tensor& cos_sin, const at::Tensor& k_pool,
@@ -116,6 +332,12 @@ at::Tensor LayerStack::run(at::Tensor hidden, int64_t start, int64_t end, const 
   TORCH_CHECK(rows.size() == native.size() && (rows.empty() || static_cast<int64_t>(rows.size()) == members_),
               "one row index and one kernel choice per member");
   TORCH_CHECK(hidden.dim() == 2, "hidden must be [T, H]");
+#ifdef DS_HAVE_AMX
+  if (decode && loras.empty() && !e_cache.has_value() &&
+      decode_team(hidden, start, end, rows, native, row_group, positions, cos_sin, k_pool, v_pool, out_cache_loc,
+                  req_to_token, req_pool_indices, seq_lens, scale))
+    return hidden;
+#endif
   const int64_t T = hidden.size(0), q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
   at::Tensor residual;  // the last layer's MLP output, added together with the next norm
   for (int64_t i = start; i < end; ++i) {

@@ -7,32 +7,15 @@
 
 #include <ATen/Parallel.h>
 
-#include "vec.h"
+#include "rowops.h"
 
 #include <cmath>
 #include <limits>
-#include <type_traits>
 
 namespace {
 
 // Rows per task: decode batches stay on the calling thread (no team start-up).
 constexpr int64_t kRowGrain = 64;
-
-template <typename scalar_t>
-inline void norm_row(const scalar_t* row, const scalar_t* w, int64_t H, double eps, scalar_t* dst) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t i = 0; i < H; ++i) {
-    const float v = static_cast<float>(row[i]);
-    ss += v * v;
-  }
-  const float inv = 1.f / std::sqrt(ss / static_cast<float>(H) + static_cast<float>(eps));
-  for (int64_t i = 0; i < H; ++i) {
-    // normalise in fp32, round to the input dtype, then scale (as torch does)
-    const scalar_t y = static_cast<scalar_t>(static_cast<float>(row[i]) * inv);
-    dst[i] = static_cast<scalar_t>(static_cast<float>(w[i]) * static_cast<float>(y));
-  }
-}
 
 // RMSNorm of x, or with `delta` of x + delta (rounded to the dtype as torch's add
 // rounds it, and written to `sum`): the residual add and the next norm in one pass.
@@ -50,10 +33,8 @@ void rmsnorm_impl(const at::Tensor& x, const at::Tensor* delta, const at::Tensor
     for (int64_t t = begin; t < end; ++t) {
       const scalar_t* row = xp + t * ldx;
       if (dp) {
-        scalar_t* s = sp + t * H;
-        const scalar_t* d = dp + t * ldd;
-        for (int64_t i = 0; i < H; ++i) s[i] = static_cast<scalar_t>(static_cast<float>(row[i]) + static_cast<float>(d[i]));
-        row = s;
+        add_row(row, dp + t * ldd, H, sp + t * H);
+        row = sp + t * H;
       }
       norm_row(row, wp + (row_group ? row_group[t] : 0) * H, H, eps, op + t * H);
     }
@@ -69,27 +50,7 @@ void silu_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
   at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const scalar_t* g = gp + t * ld;
-      const scalar_t* u = g + I;
-      scalar_t* dst = op + t * I;
-      int64_t i = 0;
-      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-        using bVec = at::vec::Vectorized<at::BFloat16>;
-        using fVec = at::vec::Vectorized<float>;
-        const fVec one(1.f);
-        for (; i + bVec::size() <= I; i += bVec::size()) {
-          auto [g0, g1] = at::vec::convert_bfloat16_float(bVec::loadu(g + i));
-          auto [u0, u1] = at::vec::convert_bfloat16_float(bVec::loadu(u + i));
-          // silu rounded to bf16 first, then the product rounded, as torch does
-          auto s = at::vec::convert_float_bfloat16(g0 / (one + g0.neg().exp()), g1 / (one + g1.neg().exp()));
-          auto [s0, s1] = at::vec::convert_bfloat16_float(s);
-          at::vec::convert_float_bfloat16(s0 * u0, s1 * u1).store(dst + i);
-        }
-      }
-      for (; i < I; ++i) {
-        const float gv = static_cast<float>(g[i]);
-        const scalar_t s = static_cast<scalar_t>(gv / (1.f + std::exp(-gv)));  // F.silu, rounded
-        dst[i] = static_cast<scalar_t>(static_cast<float>(s) * static_cast<float>(u[i]));
-      }
+      silu_mul_row(g, g + I, I, op + t * I);
     }
   });
 }

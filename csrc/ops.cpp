@@ -13,6 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_linear", &grouped_linear, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "Segmented bf16 linear: each group of rows through its own weight, one parallel region");
   m.def("amx_available", &amx_available, "Whether grouped_linear runs on AMX tiles on this CPU");
+  m.def("decode_team_steps", &decode_team_steps, "LayerStack runs that took the decode team so far");
   m.def("rmsnorm", &rmsnorm, "RMSNorm per row (fp32 statistics), optionally one weight row per group");
   m.def("add_rmsnorm", &add_rmsnorm, "(x + delta, rmsnorm(x + delta)): a residual add and the next norm, one pass");
   m.def("argmax_rows", &argmax_rows, "Index of each row's first maximum of a float32 [B, V] (greedy sampling)");

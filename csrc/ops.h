@@ -75,6 +75,9 @@ at::Tensor cachegen_dequantize(const at::Tensor& anchors, const at::Tensor& delt
 // rows e_loc[e_index[i]] where e_index[i] >= 0.
 // A LoRA adapter's updates for a LayerStack: per layer, (A, B) or (None, None) for
 // each of the fused projections qkv, o, gate_up, down (lora/adapter.py's LoRAWeights).
+// How many LayerStack runs so far took the decode team (layer_stack.cpp).
+int64_t decode_team_steps();
+
 class LoRAStack {
  public:
   static constexpr int kLoRAModules = 4;
@@ -102,6 +105,14 @@ class LayerStack {
                  const c10::optional<at::Tensor>& e_loc) const;
 
  private:
+  // A decode step's layers in one parallel region where the kernels allow it
+  // (AMX tiles for every linear and the attention, no LoRA, no E cache);
+  // false (hidden untouched) when they do not.
+  bool decode_team(at::Tensor& hidden, int64_t start, int64_t end, const std::vector<at::Tensor>& rows,
+                   const std::vector<bool>& native, const c10::optional<at::Tensor>& row_group,
+                   const at::Tensor& positions, const at::Tensor& cos_sin, const at::Tensor& k_pool,
+                   const at::Tensor& v_pool, const at::Tensor& out_cache_loc, const at::Tensor& req_to_token,
+                   const at::Tensor& req_pool_indices, const at::Tensor& seq_lens, double scale) const;
   struct Layer {
     at::Tensor ln1, ln2;
     std::vector<at::Tensor> qkv, o, gate_up, down;

@@ -3,23 +3,15 @@
 
 #include <ATen/Parallel.h>
 
-namespace {
+#include "rowops.h"
 
-template <typename scalar_t>
-void rotate_row(scalar_t* x, const float* cos, const float* sin, int64_t half) {
-  for (int64_t i = 0; i < half; ++i) {
-    const float x1 = static_cast<float>(x[i]);
-    const float x2 = static_cast<float>(x[i + half]);
-    x[i] = static_cast<scalar_t>(x1 * cos[i] - x2 * sin[i]);
-    x[i + half] = static_cast<scalar_t>(x2 * cos[i] + x1 * sin[i]);
-  }
-}
+namespace {
 
 template <typename scalar_t>
 void rope_store_impl(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
                      const at::Tensor& cos_sin, at::Tensor& k_cache, at::Tensor& v_cache,
                      const at::Tensor& out_loc) {
-  const int64_t T = q.size(0), hq = q.size(1), hkv = k.size(1), D = q.size(2), half = D / 2;
+  const int64_t T = q.size(0), hq = q.size(1), hkv = k.size(1), D = q.size(2);
   scalar_t* qp = q.data_ptr<scalar_t>();
   scalar_t* kp = k.data_ptr<scalar_t>();
   const scalar_t* vp = v.data_ptr<scalar_t>();
@@ -31,22 +23,9 @@ void rope_store_impl(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
   at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const float* cos = cs + pos[t] * D;
-      const float* sin = cos + half;
-      for (int64_t h = 0; h < hq; ++h) rotate_row(qp + t * qs0 + h * qs1, cos, sin, half);
-      scalar_t* kdst = kc + loc[t] * hkv * D;
-      scalar_t* vdst = vc + loc[t] * hkv * D;
-      for (int64_t h = 0; h < hkv; ++h) {
-        scalar_t* krow = kp + t * ks0 + h * ks1;
-        rotate_row(krow, cos, sin, half);
-        const scalar_t* vrow = vp + t * vs0 + h * vs1;
-        for (int64_t d = 0; d < D; ++d) {
-          kdst[h * D + d] = krow[d];
-          vdst[h * D + d] = vrow[d];
-        }
-      }
-    }
+    for (int64_t t = begin; t < end; ++t)
+      rope_store_token(qp + t * qs0, qs1, hq, kp + t * ks0, ks1, vp + t * vs0, vs1, hkv, D, cs, pos[t],
+                       kc + loc[t] * hkv * D, vc + loc[t] * hkv * D);
   });
 }
 

@@ -41,8 +41,9 @@ def build_tokenizer(path: str, vocab_size: int = 400):
 
 def build_tiny_model(path: str, arch: str = "llama", seed: int = 0, num_layers: int = 3,
                      rope_scaling: dict | None = None, tie: bool = True,
-                     max_positions: int = 2048) -> str:
-    """Save a random tiny model + tokenizer under `path`; returns `path`."""
+                     max_positions: int = 2048, dims: dict | None = None) -> str:
+    """Save a random tiny model + tokenizer under `path`; returns `path`.
+    `dims` overrides the sizes (hidden_size, intermediate_size, heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     os.makedirs(path, exist_ok=True)
@@ -52,6 +53,7 @@ def build_tiny_model(path: str, arch: str = "llama", seed: int = 0, num_layers: 
                   max_position_embeddings=max_positions, tie_word_embeddings=tie,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   rms_norm_eps=1e-5, initializer_range=0.2)
+    common.update(dims or {})
     torch.manual_seed(seed)
     if arch == "llama":
         rope = {"rope_type": "default", "rope_theta": 10000.0} if rope_scaling is None else \

@@ -241,3 +241,49 @@ def test_models_file_toml_and_yaml(family, tmp_path):
             load_models_file(str(tmp_path / name))
     with pytest.raises(InvalidRequestError, match="cannot read"):
         load_models_file(str(tmp_path / "missing.toml"))
+
+
+# Sizes that the AMX kernels take (head dim 32, every K a multiple of 32), so
+# that on a CPU with AMX the decode steps run as the decode team.
+TILE_DIMS = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decode_team_equals_kernel_by_kernel(tmp_path, monkeypatch, arch):
+    """On AMX CPUs a decode step's layers run in one parallel region, each phase
+    split between the threads (csrc/layer_stack.cpp's decode team); a co-batched
+    family (several members' rows, one weight row per member in the norms, QKV
+    biases for Qwen2) gets bit-identical logprobs from it, from the native call
+    run kernel by kernel (DROIDSPEAK_NO_DECODE_TEAM=1) and from the Python layers."""
+    from droidspeak import _C
+    from droidspeak.models.llama import LlamaForCausalLM
+    base = build_tiny_model(str(tmp_path / "base"), arch, seed=3, num_layers=2, dims=TILE_DIMS)
+    ft1 = derive_finetune(base, str(tmp_path / "ft1"), seed=4)
+    engine = Engine(base, dtype="bfloat16", served_model_name="base", max_total_tokens=4096,
+                    models=(f"ft1={ft1}",))
+    jobs = [(m, p) for p in PROMPTS for m in ("base", "ft1")] + [("base", "a longer prompt " * 9)]
+    params = dict(GREEDY, max_new_tokens=10)
+
+    def run():
+        reqs = []
+        for model, prompt in jobs:
+            r, _ = engine.make_requests(prompt, params, model=model, return_logprob=True)
+            reqs.extend(r)
+        for _ in engine._drive(reqs):
+            pass
+        engine.flush_cache()
+        return [(r.output_ids, r.output_token_logprobs) for r in reqs]
+    steps = _C.decode_team_steps()
+    team = run()
+    ran = _C.decode_team_steps() - steps
+    # every decode step of the run took the team where the CPU has AMX
+    assert ran >= params["max_new_tokens"] - 1 if _C.amx_available() else ran == 0
+    monkeypatch.setenv("DROIDSPEAK_NO_DECODE_TEAM", "1")
+    steps = _C.decode_team_steps()
+    assert run() == team
+    assert _C.decode_team_steps() == steps
+    monkeypatch.setattr(LlamaForCausalLM, "_native_layers", staticmethod(lambda hidden, batch: False))
+    assert run() == team
+    assert len({tuple(t[0]) for t in team}) > 2  # the members and prompts really differ
+    assert_no_leak(engine)
+    engine.shutdown()

@@ -1,0 +1,71 @@
+#pragma once
+// The AMX decode kernels' work items, for callers that run them inside their
+// own parallel region (the decode team in layer_stack.cpp) as well as through
+// the standalone ops (grouped_linear, decode_attention), which use the same
+// functions, so both paths compute every output the same way.
+#include "ops.h"
+
+#include "amx.h"
+
+#include <cstdint>
+#include <vector>
+
+#ifdef DS_HAVE_AMX
+namespace amx_linear {
+
+constexpr int64_t kK = 32;      // K values per tile product (16 pairs)
+constexpr int64_t kRows = 16;   // tile rows: output features of A, K pairs of B
+constexpr int64_t kCols = 16;   // batch rows per B tile
+constexpr int64_t kTaskN = 32;  // output features per task: two accumulator tiles
+
+inline bool supported(int64_t K, int64_t N) { return K % kK == 0 && N % kRows == 0 && amx_permitted(); }
+inline int64_t tasks(int64_t N) { return (N + kTaskN - 1) / kTaskN; }
+// uint32 words of one group's B operand for `rn` rows of K values (zeroed by the caller)
+inline int64_t packed_words(int64_t rn, int64_t K) { return (rn + kCols - 1) / kCols * (K / kK) * kRows * kCols; }
+
+// K pairs [p0, p1) of a group's rn rows (row m at x + r[m] * ldx, K values)
+// into its B operand: for K block kb, tile row p holds each row's K values 2p
+// and 2p + 1 of that block. (Split by pairs, not rows: the rows of one tile row
+// share its cache line.)
+void pack_rows(const uint16_t* x, int64_t ldx, const int64_t* r, int64_t rn, int64_t K, int64_t p0, int64_t p1,
+               uint32_t* packed);
+// The tile shapes `task` uses, on the calling thread.
+void load_config();
+// Task t of a group: outputs [32 t, 32 t + 32) for all of the group's rn rows
+// (`r`: their rows in the [T, N] bf16 output `op`), from the packed rows, the
+// [N, K] weight and an optional bias.
+void task(const uint32_t* packed, int64_t rn, const uint16_t* w, const uint16_t* bias, int64_t K, int64_t N,
+          int64_t t, const int64_t* r, uint16_t* op);
+
+}  // namespace amx_linear
+
+// Attention of ragged query rows over the pool on AMX tiles (see attend_amx):
+// the task list is fixed by the batch, the tensors (a layer's) are given per run.
+class AmxAttention {
+ public:
+  struct Layer {
+    const uint16_t* q;  // [T, hq, D] bf16, rows qs0 apart, heads qs1
+    int64_t qs0, qs1;
+    const uint16_t* k;  // the layer's pool, [slots, hkv, D]
+    const uint16_t* v;
+    const int32_t* table;  // req_to_token rows, `width` slots each
+    int64_t width;
+    at::BFloat16* out;  // [T, hq, D], rows os0 apart, heads os1
+    int64_t os0, os1;
+  };
+
+  AmxAttention(int64_t hq, int64_t hkv, int64_t D, const int64_t* rows, std::vector<int64_t> prefix_lens,
+               std::vector<int64_t> extend_lens, float scale);
+  int64_t tasks() const { return task_start_.back(); }
+  // Tasks [begin, end) on the calling thread (it loads its own tile configs;
+  // the caller releases the tile state when done with AMX).
+  void run(int64_t begin, int64_t end, const Layer& io) const;
+
+ private:
+  int64_t hq_, hkv_, D_, G_;
+  float scale_;
+  const int64_t* rows_;
+  std::vector<int64_t> prefix_lens_, extend_lens_, q_start_, task_start_;
+  int64_t cap_ = 0;
+};
+#endif
