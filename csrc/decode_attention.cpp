@@ -387,24 +387,36 @@ void AmxAttention::run(int64_t begin, int64_t end, const Layer& io) const {
       if (nkb > 3) _tile_loadd(3, qt[3], 64);
       for (int64_t t0 = 0; t0 < n; t0 += 16) {
         const int64_t nb = std::min<int64_t>(16, n - t0);
-        for (int64_t j = 0; j < nb; ++j) {
-          std::memcpy(&kbuf[j * D], kc + static_cast<int64_t>(slots[t0 + j]) * row_len + g * D, D * 2);
-          if (t0 + kAhead + j < n) prefetch_row(kc + static_cast<int64_t>(slots[t0 + kAhead + j]) * row_len + g * D, D);
+        for (int64_t j = 0; j < nb && t0 + kAhead + j < n; ++j)
+          prefetch_row(kc + static_cast<int64_t>(slots[t0 + kAhead + j]) * row_len + g * D, D);
+        // 16 keys in consecutive slots (as a prefill and the decode steps after
+        // it usually leave them) load straight from the pool; others (and the
+        // last, partial block) are gathered into kbuf, zero past the end
+        bool run = nb == 16;
+        for (int64_t j = 1; run && j < 16; ++j) run = slots[t0 + j] == slots[t0] + j;
+        const uint16_t* kt = kbuf.data();
+        int64_t kstride = D * 2;
+        if (run) {
+          kt = kc + static_cast<int64_t>(slots[t0]) * row_len + g * D;
+          kstride = row_len * 2;
+        } else {
+          for (int64_t j = 0; j < nb; ++j)
+            std::memcpy(&kbuf[j * D], kc + static_cast<int64_t>(slots[t0 + j]) * row_len + g * D, D * 2);
+          for (int64_t j = nb; j < 16; ++j) std::memset(&kbuf[j * D], 0, D * 2);
         }
-        for (int64_t j = nb; j < 16; ++j) std::memset(&kbuf[j * D], 0, D * 2);
         _tile_zero(7);
-        _tile_loadd(6, kbuf.data(), D * 2);
+        _tile_loadd(6, kt, kstride);
         _tile_dpbf16ps(7, 6, 0);
         if (nkb > 1) {
-          _tile_loadd(6, kbuf.data() + 32, D * 2);
+          _tile_loadd(6, kt + 32, kstride);
           _tile_dpbf16ps(7, 6, 1);
         }
         if (nkb > 2) {
-          _tile_loadd(6, kbuf.data() + 64, D * 2);
+          _tile_loadd(6, kt + 64, kstride);
           _tile_dpbf16ps(7, 6, 2);
         }
         if (nkb > 3) {
-          _tile_loadd(6, kbuf.data() + 96, D * 2);
+          _tile_loadd(6, kt + 96, kstride);
           _tile_dpbf16ps(7, 6, 3);
         }
         _tile_stored(7, ctmp[0], 64);
