@@ -7,6 +7,7 @@
 #include "ops.h"
 #include "vec.h"  // before any ATen header that pulls in Vectorized<>
 #include "amx.h"
+#include "team.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -32,12 +33,12 @@ namespace {
 // K^T and V, and the probabilities are left unnormalised (each output row is
 // divided by its sum after P @ V): 32 -> 16-19 ms per layer at 2,048 tokens.
 constexpr int64_t BQ = 64;
-// Tokens per request up to which an extend runs on attend_amx: 1 token over a
+// kAmxSmallExtend (team.h): tokens per request up to which an extend runs on
+// attend_amx: 1 token over a
 // 2,000-token prefix took 0.12 ms per layer there against 0.34-0.49 through the
 // packed brgemm path, 16 tokens 0.40-0.47 against 0.37-0.61 (30-layer pool,
 // alternating processes); past that the packed path's reuse of K^T across query
 // blocks wins.
-constexpr int64_t kSmallExtend = 16;
 constexpr int64_t kKB = 64;  // keys per packed block (oneDNN's VNNI B takes ld_b <= 64)
 
 // Softmax of s[0..n) * scale, in place in fp32, then written to p as bf16.
@@ -375,7 +376,7 @@ at::Tensor extend_attention(at::Tensor q, at::Tensor k, const at::Tensor& v, con
 #ifdef DS_HAVE_AMX
   // a few tokens per request (a short prompt over a cached prefix): the decode
   // kernel's tiles, without packing the prefix's K^T and V for brgemm first
-  if (longest <= kSmallExtend && attend_amx_supported(q, k_cache)) {
+  if (longest <= kAmxSmallExtend && attend_amx_supported(q, k_cache)) {
     auto out = at::empty(q.sizes(), q.options());
     auto rows = req_pool_indices.contiguous();
     attend_amx(q, k_cache, v_cache, req_to_token, rows.data_ptr<int64_t>(), prefix_lens, extend_lens,

@@ -127,7 +127,9 @@ inline void share(int64_t total, int tid, int n, int64_t& begin, int64_t& end) {
 
 }  // namespace
 
-// A decode step's layers inside one parallel region (the decode team): every
+// A decode step's layers (or a short extend's: at most kAmxSmallExtend tokens
+// per request, as a prompt over a cached prefix) inside one parallel region (the
+// decode team): every
 // phase of a layer (the row-wise ops, packing rows for the tiles, a linear's
 // tasks, RoPE + store, attention's tasks) is split between the threads, with a
 // barrier between phases. Run kernel by kernel, a batch-16 step on two cores
@@ -140,7 +142,8 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
                              const at::Tensor& positions, const at::Tensor& cos_sin, const at::Tensor& k_pool,
                              const at::Tensor& v_pool, const at::Tensor& out_cache_loc,
                              const at::Tensor& req_to_token, const at::Tensor& req_pool_indices,
-                             const at::Tensor& seq_lens, double scale) const {
+                             const at::Tensor& seq_lens, const std::vector<int64_t>& prefix_lens,
+                             const std::vector<int64_t>& extend_lens, bool decode, double scale) const {
   const int64_t T = hidden.size(0), H = hidden.size(1), hq = num_heads_, hkv = num_kv_heads_, D = head_dim_;
   const int64_t q_size = hq * D, kv_size = hkv * D, qkv_n = q_size + 2 * kv_size;
   if (rows.empty() || end <= start || !team_enabled() || hidden.scalar_type() != at::kBFloat16) return false;
@@ -150,8 +153,21 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
       !amx_linear::supported(I, H) || D % 32 != 0 || D > 128 || k_pool.scalar_type() != at::kBFloat16 ||
       positions.scalar_type() != at::kLong || cos_sin.scalar_type() != at::kFloat || !cos_sin.is_contiguous() ||
       cos_sin.size(1) != D || req_to_token.scalar_type() != at::kInt || !req_to_token.is_contiguous() ||
-      !k_pool.is_contiguous() || !v_pool.is_contiguous() || req_pool_indices.numel() != T)
+      !k_pool.is_contiguous() || !v_pool.is_contiguous())
     return false;
+  // requests: a decode step's one token each, or an extend of at most
+  // kAmxSmallExtend tokens per request (which extend_attention runs on the same
+  // tiles)
+  const int64_t B = decode ? T : static_cast<int64_t>(extend_lens.size());
+  if (req_pool_indices.numel() != B || (!decode && prefix_lens.size() != extend_lens.size())) return false;
+  if (!decode) {
+    int64_t total = 0;
+    for (int64_t e : extend_lens) {
+      if (e > kAmxSmallExtend) return false;
+      total += e;
+    }
+    if (total != T) return false;
+  }
   for (int64_t i = start; i < end; ++i) {
     const Layer& l = layers_[i];
     for (size_t m = 0; m < rows.size(); ++m) {
@@ -198,15 +214,19 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
   const at::Tensor lens = seq_lens.to(at::kLong).contiguous(), req_rows = req_pool_indices.to(at::kLong).contiguous();
   const at::Tensor pos = positions.contiguous(), loc = out_cache_loc.to(at::kLong).contiguous();
   const int64_t width = req_to_token.size(2), slots = k_pool.size(1);
-  std::vector<int64_t> prefix(T), ones(T, 1);
-  for (int64_t b = 0; b < T; ++b) {
-    const int64_t len = lens.data_ptr<int64_t>()[b];
-    TORCH_CHECK(len >= 1 && len <= width, "sequence length out of range");
-    prefix[b] = len - 1;
+  std::vector<int64_t> prefix(B), extend(B, 1);
+  for (int64_t b = 0; b < B; ++b) {
+    if (decode) {
+      prefix[b] = lens.data_ptr<int64_t>()[b] - 1;
+    } else {
+      prefix[b] = prefix_lens[b];
+      extend[b] = extend_lens[b];
+    }
+    TORCH_CHECK(prefix[b] >= 0 && extend[b] >= 0 && prefix[b] + extend[b] <= width, "sequence length out of range");
   }
   const int64_t* locp = loc.data_ptr<int64_t>();
   for (int64_t i = 0; i < loc.numel(); ++i) TORCH_CHECK(locp[i] >= 0 && locp[i] < slots, "cache slot out of range");
-  const AmxAttention attn(hq, hkv, D, req_rows.data_ptr<int64_t>(), prefix, ones, static_cast<float>(scale));
+  const AmxAttention attn(hq, hkv, D, req_rows.data_ptr<int64_t>(), prefix, extend, static_cast<float>(scale));
 
   // buffers, reused by every layer; each group's packed rows per K (their padding stays zero)
   auto opts = hidden.options();
@@ -333,9 +353,9 @@ at::Tensor LayerStack::run(at::Tensor hidden, int64_t start, int64_t end, const 
               "one row index and one kernel choice per member");
   TORCH_CHECK(hidden.dim() == 2, "hidden must be [T, H]");
 #ifdef DS_HAVE_AMX
-  if (decode && loras.empty() && !e_cache.has_value() &&
+  if (loras.empty() && !e_cache.has_value() &&
       decode_team(hidden, start, end, rows, native, row_group, positions, cos_sin, k_pool, v_pool, out_cache_loc,
-                  req_to_token, req_pool_indices, seq_lens, scale))
+                  req_to_token, req_pool_indices, seq_lens, prefix_lens, extend_lens, decode, scale))
     return hidden;
 #endif
   const int64_t T = hidden.size(0), q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;

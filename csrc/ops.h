@@ -105,14 +105,16 @@ class LayerStack {
                  const c10::optional<at::Tensor>& e_loc) const;
 
  private:
-  // A decode step's layers in one parallel region where the kernels allow it
-  // (AMX tiles for every linear and the attention, no LoRA, no E cache);
-  // false (hidden untouched) when they do not.
+  // A decode step's (or a short extend's) layers in one parallel region where
+  // the kernels allow it (AMX tiles for every linear and the attention, no
+  // LoRA, no E cache); false (hidden untouched) when they do not.
   bool decode_team(at::Tensor& hidden, int64_t start, int64_t end, const std::vector<at::Tensor>& rows,
                    const std::vector<bool>& native, const c10::optional<at::Tensor>& row_group,
                    const at::Tensor& positions, const at::Tensor& cos_sin, const at::Tensor& k_pool,
                    const at::Tensor& v_pool, const at::Tensor& out_cache_loc, const at::Tensor& req_to_token,
-                   const at::Tensor& req_pool_indices, const at::Tensor& seq_lens, double scale) const;
+                   const at::Tensor& req_pool_indices, const at::Tensor& seq_lens,
+                   const std::vector<int64_t>& prefix_lens, const std::vector<int64_t>& extend_lens, bool decode,
+                   double scale) const;
   struct Layer {
     at::Tensor ln1, ln2;
     std::vector<at::Tensor> qkv, o, gate_up, down;

@@ -10,6 +10,10 @@
 #include <cstdint>
 #include <vector>
 
+// Tokens per request up to which an extend's attention runs on AmxAttention
+// (extend_attention.cpp; longer ones go through its packed GEMM path).
+constexpr int64_t kAmxSmallExtend = 16;
+
 #ifdef DS_HAVE_AMX
 namespace amx_linear {
 

@@ -250,8 +250,9 @@ TILE_DIMS = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads"
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_decode_team_equals_kernel_by_kernel(tmp_path, monkeypatch, arch):
-    """On AMX CPUs a decode step's layers run in one parallel region, each phase
-    split between the threads (csrc/layer_stack.cpp's decode team); a co-batched
+    """On AMX CPUs a decode step's layers (and a short extend's) run in one
+    parallel region, each phase split between the threads (csrc/layer_stack.cpp's
+    decode team); a co-batched
     family (several members' rows, one weight row per member in the norms, QKV
     biases for Qwen2) gets bit-identical logprobs from it, from the native call
     run kernel by kernel (DROIDSPEAK_NO_DECODE_TEAM=1) and from the Python layers."""
@@ -265,19 +266,25 @@ def test_decode_team_equals_kernel_by_kernel(tmp_path, monkeypatch, arch):
     params = dict(GREEDY, max_new_tokens=10)
 
     def run():
-        reqs = []
-        for model, prompt in jobs:
-            r, _ = engine.make_requests(prompt, params, model=model, return_logprob=True)
-            reqs.extend(r)
-        for _ in engine._drive(reqs):
-            pass
+        done = []
+        # then the same prompts and a few more tokens: short extends over a cached prefix
+        for suffix in ("", " and more"):
+            reqs = []
+            for model, prompt in jobs:
+                r, _ = engine.make_requests(prompt + suffix, params, model=model, return_logprob=True)
+                reqs.extend(r)
+            for _ in engine._drive(reqs):
+                pass
+            done += reqs
+        assert sum(r.cached_tokens for r in done[len(jobs):]) > 0
         engine.flush_cache()
-        return [(r.output_ids, r.output_token_logprobs) for r in reqs]
+        return [(r.output_ids, r.output_token_logprobs) for r in done]
     steps = _C.decode_team_steps()
     team = run()
     ran = _C.decode_team_steps() - steps
-    # every decode step of the run took the team where the CPU has AMX
-    assert ran >= params["max_new_tokens"] - 1 if _C.amx_available() else ran == 0
+    # where the CPU has AMX, every decode step (9 per round) and the second round's
+    # extends over the cached prompts (at most 16 new tokens each) took the team
+    assert ran == 2 * (params["max_new_tokens"] - 1) + 1 if _C.amx_available() else ran == 0
     monkeypatch.setenv("DROIDSPEAK_NO_DECODE_TEAM", "1")
     steps = _C.decode_team_steps()
     assert run() == team
