@@ -154,24 +154,16 @@ inline void widen_bf16(const at::BFloat16* src, at::vec::Vectorized<float> (&out
 // bf16 fast path: one task per (request, KV head), the query-head group's queries
 // and output accumulators held in registers (G heads x V vectors of 16 floats),
 // each K/V head slice widened once straight into registers.
+// Tasks [begin, end) on the calling thread.
 template <int G, int V>
-void decode_bf16_grouped(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                         const at::Tensor& table, const at::Tensor& rows, const at::Tensor& lens,
-                         float scale, at::Tensor& out) {
+void decode_bf16_tasks(const at::BFloat16* qp, int64_t qs0, int64_t qs1, const at::BFloat16* kc,
+                       const at::BFloat16* vc, int64_t hkv, const int32_t* tab, int64_t width, const int64_t* rp,
+                       const int64_t* lp, float scale, at::BFloat16* op, int64_t begin, int64_t end) {
   using fVec = at::vec::Vectorized<float>;
   static_assert(V % 2 == 0, "V counts float vectors; bf16 loads come in pairs");
   constexpr int64_t D = V * 16;
-  const int64_t B = q.size(0), hkv = k_cache.size(1), width = table.size(1), row_len = hkv * D;
-  const auto* qp = q.data_ptr<at::BFloat16>();
-  const auto* kc = k_cache.data_ptr<at::BFloat16>();
-  const auto* vc = v_cache.data_ptr<at::BFloat16>();
-  const int32_t* tab = table.data_ptr<int32_t>();
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  auto* op = out.data_ptr<at::BFloat16>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
-
-  at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
+  const int64_t row_len = hkv * D;
+  {
     float sc[G][kBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / hkv, g = task % hkv;
@@ -273,6 +265,19 @@ void decode_bf16_grouped(const at::Tensor& q, const at::Tensor& k_cache, const a
           at::vec::convert_float_bfloat16(acc[h][v] * inv, acc[h][v + 1] * inv).store(dst + v * 16);
       }
     }
+  }
+}
+
+template <int G, int V>
+void decode_bf16_grouped(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& table, const at::Tensor& rows, const at::Tensor& lens,
+                         float scale, at::Tensor& out) {
+  const int64_t B = q.size(0), hkv = k_cache.size(1);
+  at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
+    decode_bf16_tasks<G, V>(q.data_ptr<at::BFloat16>(), q.stride(0), q.stride(1), k_cache.data_ptr<at::BFloat16>(),
+                            v_cache.data_ptr<at::BFloat16>(), hkv, table.data_ptr<int32_t>(), table.size(1),
+                            rows.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), scale, out.data_ptr<at::BFloat16>(),
+                            begin, end);
   });
 }
 
@@ -517,6 +522,9 @@ namespace {
 #endif
 
 // The (query heads per KV head, head dim / 16) shapes with a register-tiled path.
+#define DS_DECODE_CASES                                                            \
+  DS_DECODE_CASE(1, 4) DS_DECODE_CASE(2, 4) DS_DECODE_CASE(3, 4) DS_DECODE_CASE(4, 4) \
+  DS_DECODE_CASE(1, 8) DS_DECODE_CASE(2, 8)
 bool decode_bf16_fast(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const at::Tensor& table, const at::Tensor& rows, const at::Tensor& lens, float scale,
                       at::Tensor& out) {
@@ -527,13 +535,34 @@ bool decode_bf16_fast(const at::Tensor& q, const at::Tensor& k_cache, const at::
     decode_bf16_grouped<GG, VV>(q, k_cache, v_cache, table, rows, lens, scale, out); \
     return true;                                                                    \
   }
-  DS_DECODE_CASE(1, 4) DS_DECODE_CASE(2, 4) DS_DECODE_CASE(3, 4) DS_DECODE_CASE(4, 4)
-  DS_DECODE_CASE(1, 8) DS_DECODE_CASE(2, 8)
+  DS_DECODE_CASES
 #undef DS_DECODE_CASE
   return false;
 }
 
 }  // namespace
+
+bool vec_decode_supported(int64_t G, int64_t D) {
+#define DS_DECODE_CASE(GG, VV) \
+  if (G == GG && D == VV * 16) return true;
+  DS_DECODE_CASES
+#undef DS_DECODE_CASE
+  return false;
+}
+
+void vec_decode_tasks(int64_t G, int64_t D, const uint16_t* q, int64_t qs0, int64_t qs1, const uint16_t* k,
+                      const uint16_t* v, int64_t hkv, const int32_t* table, int64_t width, const int64_t* rows,
+                      const int64_t* lens, float scale, at::BFloat16* out, int64_t begin, int64_t end) {
+  const auto* qb = reinterpret_cast<const at::BFloat16*>(q);
+  const auto* kb = reinterpret_cast<const at::BFloat16*>(k);
+  const auto* vb = reinterpret_cast<const at::BFloat16*>(v);
+#define DS_DECODE_CASE(GG, VV)                                                                               \
+  if (G == GG && D == VV * 16)                                                                               \
+    return decode_bf16_tasks<GG, VV>(qb, qs0, qs1, kb, vb, hkv, table, width, rows, lens, scale, out, begin, \
+                                     end);
+  DS_DECODE_CASES
+#undef DS_DECODE_CASE
+}
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& req_to_token, const at::Tensor& req_pool_indices,

@@ -295,6 +295,40 @@ void amx_task(const uint32_t* packed, int64_t rn, const uint16_t* w, const uint1
 }
 #endif
 
+// Outputs [n0, n1) of one group's rn rows (r: their rows in x and the [T, N]
+// output). Groups of a few rows stream the weights row by row (seq_outputs); the
+// rest run weight tiles outside and row blocks inside, so a tile's kTileN weight
+// rows come from memory once and stay in L1 for every row block (row blocks
+// outside: a model's linears at 8 and 16 rows 1.12-1.15x slower on a Zen 4 VM,
+// the two orders alternated in one process). Each output is the same whatever
+// [n0, n1) it is computed in.
+void block_outputs(const uint16_t* xp, int64_t ldx, const int64_t* r, int64_t rn, const uint16_t* w,
+                   const uint16_t* bias, int64_t K, int64_t N, int64_t n0, int64_t n1, uint16_t* op) {
+  int64_t n = n0;
+#ifdef DS_HAVE_AVX512BF16
+  if (rn <= kSeqRows) {
+    const uint16_t* xs[kSeqRows];
+    for (int64_t m = 0; m < rn; ++m) xs[m] = xp + r[m] * ldx;
+    for (; n + kSeqBlock <= n1; n += kSeqBlock) seq_outputs(xs, rn, w + n * K, bias, K, n, N, r, op);
+  }
+#endif
+  for (; n < n1; n += kTileN) {
+    const int64_t nn = std::min(kTileN, n1 - n);
+    for (int64_t m0 = 0; m0 < rn; m0 += kTileM) {
+      const int64_t M = std::min(kTileM, rn - m0);
+      const uint16_t* xs[kTileM];
+      for (int64_t m = 0; m < kTileM; ++m) xs[m] = xp + r[m0 + std::min(m, M - 1)] * ldx;
+      float res[kTileM][kTileN];
+      dot_tile(xs, M, w + n * K, K, K, nn, res);
+      for (int64_t m = 0; m < M; ++m) {
+        uint16_t* dst = op + r[m0 + m] * N + n;
+        for (int64_t j = 0; j < nn; ++j)
+          dst[j] = float_to_bf16(bias ? res[m][j] + bf16_to_float(bias[n + j]) : res[m][j]);
+      }
+    }
+  }
+}
+
 bool use_amx(int64_t K, int64_t N) {
 #ifdef DS_HAVE_AMX
   return amx_linear::supported(K, N);
@@ -306,6 +340,16 @@ bool use_amx(int64_t K, int64_t N) {
 }
 
 }  // namespace
+
+namespace vec_linear {
+
+void task(const uint16_t* x, int64_t ldx, const int64_t* r, int64_t rn, const uint16_t* w, const uint16_t* bias,
+          int64_t K, int64_t N, int64_t t, uint16_t* op) {
+  const int64_t n0 = t * kTaskN;
+  block_outputs(x, ldx, r, rn, w, bias, K, N, n0, std::min(N, n0 + kTaskN), op);
+}
+
+}  // namespace vec_linear
 
 #ifdef DS_HAVE_AMX
 namespace amx_linear {
@@ -397,37 +441,9 @@ at::Tensor grouped_linear(const at::Tensor& x, const std::vector<at::Tensor>& we
   at::parallel_for(0, task_start[G], 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = std::upper_bound(task_start.begin(), task_start.end(), t) - task_start.begin() - 1;
-      const int64_t n0 = (t - task_start[g]) * kBlockN, n1 = std::min(N, n0 + kBlockN);
-      const int64_t* r = row_idx[g].data_ptr<int64_t>();
-      const int64_t rn = row_idx[g].numel();
-      // Groups of a few rows stream the weights row by row (seq_outputs); the
-      // rest run weight tiles outside and row blocks inside, so a tile's kTileN
-      // weight rows come from memory once and stay in L1 for every row block
-      // (row blocks outside: a model's linears at 8 and 16 rows 1.12-1.15x slower
-      // on a Zen 4 VM, the two orders alternated in one process).
-      int64_t n = n0;
-#ifdef DS_HAVE_AVX512BF16
-      if (rn <= kSeqRows) {
-        const uint16_t* xs[kSeqRows];
-        for (int64_t m = 0; m < rn; ++m) xs[m] = xp + r[m] * ldx;
-        for (; n + kSeqBlock <= n1; n += kSeqBlock) seq_outputs(xs, rn, wp[g] + n * K, bp[g], K, n, N, r, op);
-      }
-#endif
-      for (; n < n1; n += kTileN) {
-        const int64_t nn = std::min(kTileN, n1 - n);
-        for (int64_t m0 = 0; m0 < rn; m0 += kTileM) {
-          const int64_t M = std::min(kTileM, rn - m0);
-          const uint16_t* xs[kTileM];
-          for (int64_t m = 0; m < kTileM; ++m) xs[m] = xp + r[m0 + std::min(m, M - 1)] * ldx;
-          float res[kTileM][kTileN];
-          dot_tile(xs, M, wp[g] + n * K, K, K, nn, res);
-          for (int64_t m = 0; m < M; ++m) {
-            uint16_t* dst = op + r[m0 + m] * N + n;
-            for (int64_t j = 0; j < nn; ++j)
-              dst[j] = float_to_bf16(bp[g] ? res[m][j] + bf16_to_float(bp[g][n + j]) : res[m][j]);
-          }
-        }
-      }
+      const int64_t n0 = (t - task_start[g]) * kBlockN;
+      block_outputs(xp, ldx, row_idx[g].data_ptr<int64_t>(), row_idx[g].numel(), wp[g], bp[g], K, N, n0,
+                    std::min(N, n0 + kBlockN), op);
     }
   });
   return out;

@@ -104,10 +104,21 @@ LayerStack::LayerStack(std::vector<std::vector<at::Tensor>> layers, std::vector<
   }
 }
 
-#ifdef DS_HAVE_AMX
+#ifdef DS_HAVE_AVX512BF16
 namespace {
 
 std::atomic<int64_t> team_steps{0};
+
+// Whether grouped_linear runs a [*, K] x [N, K]^T product on AMX tiles.
+bool uses_amx(int64_t K, int64_t N) {
+#ifdef DS_HAVE_AMX
+  return amx_linear::supported(K, N);
+#else
+  (void)K;
+  (void)N;
+  return false;
+#endif
+}
 
 // DROIDSPEAK_NO_DECODE_TEAM=1 runs decode steps kernel by kernel (to compare).
 bool team_enabled() {
@@ -136,7 +147,11 @@ inline void share(int64_t total, int tid, int n, int64_t& begin, int64_t& end) {
 // left the second thread idle for a third of the step while the first ran the
 // row-wise ops (norms, SwiGLU, RoPE, packing) between ~5 parallel regions per
 // layer. Each phase calls the work items that the standalone kernels call
-// (rowops.h, team.h), so outputs are bit-identical to the kernel-by-kernel run.
+// (rowops.h, team.h), so outputs are bit-identical to the kernel-by-kernel run:
+// on AMX tiles (decode steps and short extends), or, where the CPU has no AMX,
+// on the AVX512-BF16 kernels (decode steps; the linears in tasks of 32 features,
+// an even split of this model family's widths, where the standalone op's 64
+// left one thread a ninth of the work more).
 bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, const std::vector<at::Tensor>& rows,
                              const std::vector<bool>& native, const c10::optional<at::Tensor>& row_group,
                              const at::Tensor& positions, const at::Tensor& cos_sin, const at::Tensor& k_pool,
@@ -149,12 +164,20 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
   if (rows.empty() || end <= start || !team_enabled() || hidden.scalar_type() != at::kBFloat16) return false;
   if (std::find(native.begin(), native.end(), false) != native.end()) return false;
   const int64_t I2 = layers_[start].gate_up[0].size(0), I = I2 / 2;
-  if (!amx_linear::supported(H, qkv_n) || !amx_linear::supported(q_size, H) || !amx_linear::supported(H, I2) ||
-      !amx_linear::supported(I, H) || D % 32 != 0 || D > 128 || k_pool.scalar_type() != at::kBFloat16 ||
-      positions.scalar_type() != at::kLong || cos_sin.scalar_type() != at::kFloat || !cos_sin.is_contiguous() ||
-      cos_sin.size(1) != D || req_to_token.scalar_type() != at::kInt || !req_to_token.is_contiguous() ||
-      !k_pool.is_contiguous() || !v_pool.is_contiguous())
+  if (k_pool.scalar_type() != at::kBFloat16 || positions.scalar_type() != at::kLong ||
+      cos_sin.scalar_type() != at::kFloat || !cos_sin.is_contiguous() || cos_sin.size(1) != D ||
+      req_to_token.scalar_type() != at::kInt || !req_to_token.is_contiguous() || !k_pool.is_contiguous() ||
+      !v_pool.is_contiguous() || hq % hkv != 0)
     return false;
+  // The kernels the standalone ops would pick: AMX tiles for every linear and
+  // the attention, or (decode only) AVX512-BF16 for all of them; a mix runs
+  // kernel by kernel.
+  const int64_t kn[4][2] = {{H, qkv_n}, {q_size, H}, {H, I2}, {I, H}};
+  int amx_linears = 0;
+  for (const auto& [k, n] : kn) amx_linears += uses_amx(k, n);
+  const bool attn_amx = uses_amx(32, 16) && D % 32 == 0 && D <= 128;
+  const bool amx = amx_linears == 4 && attn_amx;
+  if (!amx && !(decode && amx_linears == 0 && !attn_amx && vec_decode_supported(hq / hkv, D))) return false;
   // requests: a decode step's one token each, or an extend of at most
   // kAmxSmallExtend tokens per request (which extend_attention runs on the same
   // tiles)
@@ -226,7 +249,12 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
   }
   const int64_t* locp = loc.data_ptr<int64_t>();
   for (int64_t i = 0; i < loc.numel(); ++i) TORCH_CHECK(locp[i] >= 0 && locp[i] < slots, "cache slot out of range");
-  const AmxAttention attn(hq, hkv, D, req_rows.data_ptr<int64_t>(), prefix, extend, static_cast<float>(scale));
+#ifdef DS_HAVE_AMX
+  std::unique_ptr<AmxAttention> amx_attn;
+  if (amx)
+    amx_attn = std::make_unique<AmxAttention>(hq, hkv, D, req_rows.data_ptr<int64_t>(), prefix, extend,
+                                              static_cast<float>(scale));
+#endif
 
   // buffers, reused by every layer; each group's packed rows per K (their padding stays zero)
   auto opts = hidden.options();
@@ -234,11 +262,13 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
   at::Tensor att = at::empty({T, hq, D}, opts), o = at::empty({T, H}, opts), gu = at::empty({T, I2}, opts);
   at::Tensor act = at::empty({T, I}, opts), down = at::empty({T, H}, opts);
   std::vector<std::vector<uint32_t>> pk_h(G), pk_q(G), pk_i(G);
-  for (int64_t g = 0; g < G; ++g) {
+#ifdef DS_HAVE_AMX
+  for (int64_t g = 0; amx && g < G; ++g) {
     pk_h[g].assign(amx_linear::packed_words(rn[g], H), 0u);
     pk_q[g].assign(amx_linear::packed_words(rn[g], q_size), 0u);
     pk_i[g].assign(amx_linear::packed_words(rn[g], I), 0u);
   }
+#endif
   uint16_t *hp = u16(h), *xp = u16(x), *qkvp = u16(qkv), *attp = u16(att), *op = u16(o), *gup = u16(gu),
            *actp = u16(act), *downp = u16(down);
   auto bf = [](uint16_t* p) { return reinterpret_cast<at::BFloat16*>(p); };
@@ -262,17 +292,31 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
                       const std::vector<c10::optional<at::Tensor>>& bias, std::vector<std::vector<uint32_t>>& packed,
                       int64_t K, int64_t N, uint16_t* out) {
       int64_t b, e;
-      share(K / 2, tid, n, b, e);
-      for (int64_t g = 0; g < G; ++g)
-        amx_linear::pack_rows(src, K, row_idx[g].data_ptr<int64_t>(), rn[g], K, b, e, packed[g].data());
+#ifdef DS_HAVE_AMX
+      if (amx) {
+        share(K / 2, tid, n, b, e);
+        for (int64_t g = 0; g < G; ++g)
+          amx_linear::pack_rows(src, K, row_idx[g].data_ptr<int64_t>(), rn[g], K, b, e, packed[g].data());
 #pragma omp barrier
-      const int64_t per = amx_linear::tasks(N);
+        const int64_t per = amx_linear::tasks(N);
+        share(G * per, tid, n, b, e);
+        amx_linear::load_config();
+        for (int64_t t = b; t < e; ++t) {
+          const int64_t g = t / per;
+          amx_linear::task(packed[g].data(), rn[g], u16(w[g]), bias[g].has_value() ? u16(*bias[g]) : nullptr, K,
+                           N, t % per, row_idx[g].data_ptr<int64_t>(), out);
+        }
+#pragma omp barrier
+        return;
+      }
+#endif
+      (void)packed;
+      const int64_t per = vec_linear::tasks(N);
       share(G * per, tid, n, b, e);
-      amx_linear::load_config();
       for (int64_t t = b; t < e; ++t) {
         const int64_t g = t / per;
-        amx_linear::task(packed[g].data(), rn[g], u16(w[g]), bias[g].has_value() ? u16(*bias[g]) : nullptr, K, N,
-                         t % per, row_idx[g].data_ptr<int64_t>(), out);
+        vec_linear::task(src, K, row_idx[g].data_ptr<int64_t>(), rn[g], u16(w[g]),
+                         bias[g].has_value() ? u16(*bias[g]) : nullptr, K, N, t % per, out);
       }
 #pragma omp barrier
     };
@@ -296,10 +340,20 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
 #pragma omp barrier
       {
         int64_t b, e;
-        share(attn.tasks(), tid, n, b, e);
-        const AmxAttention::Layer io{qkvp, qkv_n, D, u16(k_pool) + i * layer_elems, u16(v_pool) + i * layer_elems,
-                                     tab + seg * seg_elems, width, bf(attp), q_size, D};
-        attn.run(b, e, io);
+#ifdef DS_HAVE_AMX
+        if (amx) {
+          share(amx_attn->tasks(), tid, n, b, e);
+          const AmxAttention::Layer io{qkvp, qkv_n, D, u16(k_pool) + i * layer_elems, u16(v_pool) + i * layer_elems,
+                                       tab + seg * seg_elems, width, bf(attp), q_size, D};
+          amx_attn->run(b, e, io);
+        }
+#endif
+        if (!amx) {
+          share(B * hkv, tid, n, b, e);
+          vec_decode_tasks(hq / hkv, D, qkvp, qkv_n, D, u16(k_pool) + i * layer_elems, u16(v_pool) + i * layer_elems,
+                           hkv, tab + seg * seg_elems, width, req_rows.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
+                           static_cast<float>(scale), bf(attp), b, e);
+        }
       }
 #pragma omp barrier
       linear(attp, l.o, l.none, pk_q, q_size, H, op);
@@ -314,7 +368,9 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
 #pragma omp barrier
       linear(actp, l.down, l.none, pk_i, I, H, downp);
     }
-    _tile_release();
+#ifdef DS_HAVE_AMX
+    if (amx) _tile_release();
+#endif
   }
   hidden = h + down;
   team_steps.fetch_add(1, std::memory_order_relaxed);
@@ -323,7 +379,7 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
 #endif
 
 int64_t decode_team_steps() {
-#ifdef DS_HAVE_AMX
+#ifdef DS_HAVE_AVX512BF16
   return team_steps.load(std::memory_order_relaxed);
 #else
   return 0;
@@ -352,7 +408,7 @@ at::Tensor LayerStack::run(at::Tensor hidden, int64_t start, int64_t end, const 
   TORCH_CHECK(rows.size() == native.size() && (rows.empty() || static_cast<int64_t>(rows.size()) == members_),
               "one row index and one kernel choice per member");
   TORCH_CHECK(hidden.dim() == 2, "hidden must be [T, H]");
-#ifdef DS_HAVE_AMX
+#ifdef DS_HAVE_AVX512BF16
   if (loras.empty() && !e_cache.has_value() &&
       decode_team(hidden, start, end, rows, native, row_group, positions, cos_sin, k_pool, v_pool, out_cache_loc,
                   req_to_token, req_pool_indices, seq_lens, prefix_lens, extend_lens, decode, scale))

@@ -14,6 +14,27 @@
 // (extend_attention.cpp; longer ones go through its packed GEMM path).
 constexpr int64_t kAmxSmallExtend = 16;
 
+// The grouped linear on AVX512-BF16 dot products (CPUs without AMX).
+namespace vec_linear {
+
+constexpr int64_t kTaskN = 32;  // output features per task (an even split of 576, 960, 3072 features)
+inline int64_t tasks(int64_t N) { return (N + kTaskN - 1) / kTaskN; }
+// Task t of a group: outputs [32 t, 32 t + 32) for its rn rows (row m at x + r[m] * ldx,
+// and at op + r[m] * N in the [T, N] bf16 output), from the [N, K] weight and an optional bias.
+void task(const uint16_t* x, int64_t ldx, const int64_t* r, int64_t rn, const uint16_t* w, const uint16_t* bias,
+          int64_t K, int64_t N, int64_t t, uint16_t* op);
+
+}  // namespace vec_linear
+
+// Decode attention without AMX: one task per (request, KV head), the register-tiled
+// kernel (decode_bf16_grouped) for the shapes it has (query heads per KV head G,
+// head dim D); q, the pool layer and out as in AmxAttention::Layer, out [B, hq, D]
+// contiguous, lens the requests' lengths (their last token the query).
+bool vec_decode_supported(int64_t G, int64_t D);
+void vec_decode_tasks(int64_t G, int64_t D, const uint16_t* q, int64_t qs0, int64_t qs1, const uint16_t* k,
+                      const uint16_t* v, int64_t hkv, const int32_t* table, int64_t width, const int64_t* rows,
+                      const int64_t* lens, float scale, at::BFloat16* out, int64_t begin, int64_t end);
+
 #ifdef DS_HAVE_AMX
 namespace amx_linear {
 

@@ -243,9 +243,10 @@ def test_models_file_toml_and_yaml(family, tmp_path):
         load_models_file(str(tmp_path / "missing.toml"))
 
 
-# Sizes that the AMX kernels take (head dim 32, every K a multiple of 32), so
-# that on a CPU with AMX the decode steps run as the decode team.
-TILE_DIMS = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2}
+# Sizes that the AMX and the AVX512-BF16 kernels take (head dim 64, two query
+# heads per KV head, every K a multiple of 32), so that decode steps run as the
+# decode team on either.
+TILE_DIMS = {"hidden_size": 256, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -282,9 +283,15 @@ def test_decode_team_equals_kernel_by_kernel(tmp_path, monkeypatch, arch):
     steps = _C.decode_team_steps()
     team = run()
     ran = _C.decode_team_steps() - steps
-    # where the CPU has AMX, every decode step (9 per round) and the second round's
-    # extends over the cached prompts (at most 16 new tokens each) took the team
-    assert ran == 2 * (params["max_new_tokens"] - 1) + 1 if _C.amx_available() else ran == 0
+    # every decode step (9 per round) took the team, and with AMX the second
+    # round's extends over the cached prompts (at most 16 new tokens each) too
+    decode_steps = 2 * (params["max_new_tokens"] - 1)
+    if _C.amx_available():
+        assert ran == decode_steps + 1
+    elif _vector_team_cpu():
+        assert ran == decode_steps
+    else:
+        assert ran == 0
     monkeypatch.setenv("DROIDSPEAK_NO_DECODE_TEAM", "1")
     steps = _C.decode_team_steps()
     assert run() == team
@@ -294,3 +301,26 @@ def test_decode_team_equals_kernel_by_kernel(tmp_path, monkeypatch, arch):
     assert len({tuple(t[0]) for t in team}) > 2  # the members and prompts really differ
     assert_no_leak(engine)
     engine.shutdown()
+
+
+def _vector_team_cpu() -> bool:
+    """Whether this CPU has AVX512-BF16 (the vector kernels' decode team)."""
+    with open("/proc/cpuinfo") as f:
+        return "avx512_bf16" in f.read()
+
+
+def test_decode_team_without_amx():
+    """Without AMX (and with DROIDSPEAK_NO_AMX=1) the decode team runs the
+    AVX512-BF16 kernels' work items: the same comparisons, in a process where the
+    tile state is never requested."""
+    import os
+    import subprocess
+    import sys
+    code = ("import sys, pytest; from droidspeak import _C; assert not _C.amx_available(); "
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {__file__!r}, "
+            "'-k', 'decode_team_equals_kernel_by_kernel']))")
+    env = dict(os.environ, DROIDSPEAK_NO_AMX="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__), timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "2 passed" in done.stdout
