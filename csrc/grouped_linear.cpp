@@ -329,7 +329,9 @@ void block_outputs(const uint16_t* xp, int64_t ldx, const int64_t* r, int64_t rn
   }
 }
 
-bool use_amx(int64_t K, int64_t N) {
+}  // namespace
+
+bool grouped_linear_uses_amx(int64_t K, int64_t N) {
 #ifdef DS_HAVE_AMX
   return amx_linear::supported(K, N);
 #else
@@ -338,8 +340,6 @@ bool use_amx(int64_t K, int64_t N) {
   return false;
 #endif
 }
-
-}  // namespace
 
 namespace vec_linear {
 
@@ -416,7 +416,7 @@ at::Tensor grouped_linear(const at::Tensor& x, const std::vector<at::Tensor>& we
   const int64_t ldx = x.stride(0);
 
 #ifdef DS_HAVE_AMX
-  if (use_amx(K, N)) {
+  if (grouped_linear_uses_amx(K, N)) {
     const int64_t amx_blocks = amx_linear::tasks(N);
     std::vector<std::vector<uint32_t>> packed(G);
     std::vector<int64_t> amx_start(G + 1, 0);
@@ -449,4 +449,4 @@ at::Tensor grouped_linear(const at::Tensor& x, const std::vector<at::Tensor>& we
   return out;
 }
 
-bool amx_available() { return use_amx(32, 16); }
+bool amx_available() { return grouped_linear_uses_amx(32, 16); }

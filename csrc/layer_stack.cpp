@@ -109,16 +109,6 @@ namespace {
 
 std::atomic<int64_t> team_steps{0};
 
-// Whether grouped_linear runs a [*, K] x [N, K]^T product on AMX tiles.
-bool uses_amx(int64_t K, int64_t N) {
-#ifdef DS_HAVE_AMX
-  return amx_linear::supported(K, N);
-#else
-  (void)K;
-  (void)N;
-  return false;
-#endif
-}
 
 // DROIDSPEAK_NO_DECODE_TEAM=1 runs decode steps kernel by kernel (to compare).
 bool team_enabled() {
@@ -174,8 +164,8 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
   // kernel by kernel.
   const int64_t kn[4][2] = {{H, qkv_n}, {q_size, H}, {H, I2}, {I, H}};
   int amx_linears = 0;
-  for (const auto& [k, n] : kn) amx_linears += uses_amx(k, n);
-  const bool attn_amx = uses_amx(32, 16) && D % 32 == 0 && D <= 128;
+  for (const auto& [k, n] : kn) amx_linears += grouped_linear_uses_amx(k, n);
+  const bool attn_amx = grouped_linear_uses_amx(32, 16) && D % 32 == 0 && D <= 128;
   const bool amx = amx_linears == 4 && attn_amx;
   if (!amx && !(decode && amx_linears == 0 && !attn_amx && vec_decode_supported(hq / hkv, D))) return false;
   // requests: a decode step's one token each, or an extend of at most

@@ -14,6 +14,9 @@
 // (extend_attention.cpp; longer ones go through its packed GEMM path).
 constexpr int64_t kAmxSmallExtend = 16;
 
+// Whether grouped_linear runs a [*, K] x [N, K]^T product on AMX tiles.
+bool grouped_linear_uses_amx(int64_t K, int64_t N);
+
 // The grouped linear on AVX512-BF16 dot products (CPUs without AMX).
 namespace vec_linear {
 

@@ -172,3 +172,19 @@ def record_fetches(offloader) -> list[list]:
         return submit(timed, state, key, *args)
     offloader._pool.submit = spy
     return fetches
+
+
+def pytest_without_amx(test_file: str, keyword: str) -> str:
+    """Run the tests of `test_file` selected by `keyword` in a process with
+    DROIDSPEAK_NO_AMX=1 (the tile state never requested, the vector kernels in
+    use); returns pytest's output, failing on any failure."""
+    import subprocess
+    import sys
+    code = ("import sys, pytest; from droidspeak import _C; assert not _C.amx_available(); "
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {test_file!r}, '-k', {keyword!r}]))")
+    env = dict(os.environ, DROIDSPEAK_NO_AMX="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(test_file), timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout
+    return done.stdout

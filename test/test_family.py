@@ -8,7 +8,7 @@ import torch
 
 from droidspeak import Engine
 from droidspeak.errors import ModelNotFoundError, UnsupportedModelError
-from helpers import build_tiny_model, derive_finetune
+from helpers import build_tiny_model, derive_finetune, pytest_without_amx
 from conftest import assert_no_leak
 
 GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
@@ -313,14 +313,4 @@ def test_decode_team_without_amx():
     """Without AMX (and with DROIDSPEAK_NO_AMX=1) the decode team runs the
     AVX512-BF16 kernels' work items: the same comparisons, in a process where the
     tile state is never requested."""
-    import os
-    import subprocess
-    import sys
-    code = ("import sys, pytest; from droidspeak import _C; assert not _C.amx_available(); "
-            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {__file__!r}, "
-            "'-k', 'decode_team_equals_kernel_by_kernel']))")
-    env = dict(os.environ, DROIDSPEAK_NO_AMX="1")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          cwd=os.path.dirname(__file__), timeout=300)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "2 passed" in done.stdout
+    assert "2 passed" in pytest_without_amx(__file__, "decode_team_equals_kernel_by_kernel")

@@ -1,14 +1,11 @@
 """Native C++ ops against their pure-torch references."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from droidspeak import kernels
 from droidspeak.kernels import reference
 from droidspeak.layers.rotary import cos_sin_cache
+from helpers import pytest_without_amx
 
 
 
@@ -282,11 +279,4 @@ def test_vector_paths_without_amx():
     grouped linear on AVX-512 instead of tiles, and short extends through the
     blocked kernel: the same reference comparisons,
     in a process where the tile state is never requested."""
-    code = ("import sys, pytest; from droidspeak import _C; assert not _C.amx_available(); "
-            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {__file__!r}, "
-            "'-k', '(decode_attention or extend_attention or grouped_linear) and not uses_amx']))")
-    env = dict(os.environ, DROIDSPEAK_NO_AMX="1")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          cwd=os.path.dirname(__file__), timeout=300)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout and "failed" not in done.stdout
+    pytest_without_amx(__file__, "(decode_attention or extend_attention or grouped_linear) and not uses_amx")
