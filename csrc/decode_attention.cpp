@@ -307,14 +307,13 @@ inline void prefetch_row(const uint16_t* row, int64_t n) {
 }  // namespace
 
 bool attend_amx_supported(const at::Tensor& q, const at::Tensor& k_cache) {
-  const int64_t hkv = k_cache.size(1);
-  return q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 && q.size(1) % hkv == 0 &&
-         q.size(2) % 32 == 0 && q.size(2) <= 128 && amx_permitted();
+  return q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
+         AmxAttention::supported(q.size(1), k_cache.size(1), q.size(2));
 }
 
 AmxAttention::AmxAttention(int64_t hq, int64_t hkv, int64_t D, const int64_t* rows, std::vector<int64_t> prefix_lens,
                            std::vector<int64_t> extend_lens, float scale)
-    : hq_(hq), hkv_(hkv), D_(D), G_(hq / hkv), scale_(scale), rows_(rows), prefix_lens_(std::move(prefix_lens)),
+    : hkv_(hkv), D_(D), G_(hq / hkv), scale_(scale), rows_(rows), prefix_lens_(std::move(prefix_lens)),
       extend_lens_(std::move(extend_lens)) {
   const int64_t B = static_cast<int64_t>(extend_lens_.size());
   // tasks: (request, KV head, block of 16 query rows)

@@ -201,11 +201,9 @@ inline void dot_tile(const uint16_t* const* xs, int64_t M, const uint16_t* w, in
 #endif
 
 #ifdef DS_HAVE_AMX
-using amx_linear::kCols;
-using amx_linear::kRows;
 constexpr int64_t kAmxK = amx_linear::kK;
-constexpr int64_t kAmxRows = kRows;
-constexpr int64_t kAmxCols = kCols;
+constexpr int64_t kAmxRows = amx_linear::kRows;
+constexpr int64_t kAmxCols = amx_linear::kCols;
 constexpr int64_t kAmxPrefetch = 4;  // K blocks ahead that the weight rows are prefetched
 
 // The B operand of every 16-row block of one group (rows past its end are zero).

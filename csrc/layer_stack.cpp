@@ -109,7 +109,6 @@ namespace {
 
 std::atomic<int64_t> team_steps{0};
 
-
 // DROIDSPEAK_NO_DECODE_TEAM=1 runs decode steps kernel by kernel (to compare).
 bool team_enabled() {
   const char* off = std::getenv("DROIDSPEAK_NO_DECODE_TEAM");
@@ -165,7 +164,11 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
   const int64_t kn[4][2] = {{H, qkv_n}, {q_size, H}, {H, I2}, {I, H}};
   int amx_linears = 0;
   for (const auto& [k, n] : kn) amx_linears += grouped_linear_uses_amx(k, n);
-  const bool attn_amx = grouped_linear_uses_amx(32, 16) && D % 32 == 0 && D <= 128;
+#ifdef DS_HAVE_AMX
+  const bool attn_amx = AmxAttention::supported(hq, hkv, D);
+#else
+  const bool attn_amx = false;
+#endif
   const bool amx = amx_linears == 4 && attn_amx;
   if (!amx && !(decode && amx_linears == 0 && !attn_amx && vec_decode_supported(hq / hkv, D))) return false;
   // requests: a decode step's one token each, or an extend of at most
@@ -248,7 +251,7 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
 
   // buffers, reused by every layer; each group's packed rows per K (their padding stays zero)
   auto opts = hidden.options();
-  at::Tensor h = hidden.contiguous().clone(), x = at::empty({T, H}, opts), qkv = at::empty({T, qkv_n}, opts);
+  at::Tensor h = hidden.clone(at::MemoryFormat::Contiguous), x = at::empty({T, H}, opts), qkv = at::empty({T, qkv_n}, opts);
   at::Tensor att = at::empty({T, hq, D}, opts), o = at::empty({T, H}, opts), gu = at::empty({T, I2}, opts);
   at::Tensor act = at::empty({T, I}, opts), down = at::empty({T, H}, opts);
   std::vector<std::vector<uint32_t>> pk_h(G), pk_q(G), pk_i(G);

@@ -63,6 +63,9 @@ at::Tensor cachegen_dequantize(const at::Tensor& anchors, const at::Tensor& delt
                                const at::Tensor& anchor_step, const at::Tensor& delta_step, int64_t group,
                                int64_t T);
 
+// How many LayerStack runs so far took the decode team (layer_stack.cpp).
+int64_t decode_team_steps();
+
 // A forward's decoder layers [start, end) in one call (layer_stack.cpp), for the
 // members of a co-batched family: per layer, [ln1, ln2, qkv x M, o x M, gate_up x M,
 // down x M, (qkv bias x M)]; a norm weight is [H] for one member, else [M, H] picked
@@ -75,9 +78,6 @@ at::Tensor cachegen_dequantize(const at::Tensor& anchors, const at::Tensor& delt
 // rows e_loc[e_index[i]] where e_index[i] >= 0.
 // A LoRA adapter's updates for a LayerStack: per layer, (A, B) or (None, None) for
 // each of the fused projections qkv, o, gate_up, down (lora/adapter.py's LoRAWeights).
-// How many LayerStack runs so far took the decode team (layer_stack.cpp).
-int64_t decode_team_steps();
-
 class LoRAStack {
  public:
   static constexpr int kLoRAModules = 4;

@@ -1,8 +1,9 @@
 #pragma once
-// The AMX decode kernels' work items, for callers that run them inside their
-// own parallel region (the decode team in layer_stack.cpp) as well as through
-// the standalone ops (grouped_linear, decode_attention), which use the same
-// functions, so both paths compute every output the same way.
+// The decode kernels' work items (AMX tiles and AVX512-BF16), for callers that
+// run them inside their own parallel region (the decode team in
+// layer_stack.cpp) as well as through the standalone ops (grouped_linear,
+// decode_attention), which use the same functions, so both paths compute every
+// output the same way.
 #include "ops.h"
 
 #include "amx.h"
@@ -82,6 +83,10 @@ class AmxAttention {
     int64_t os0, os1;
   };
 
+  // Whether the tiles take this head shape (bf16 q and pool checked by callers).
+  static bool supported(int64_t hq, int64_t hkv, int64_t D) {
+    return hq % hkv == 0 && D % 32 == 0 && D <= 128 && amx_permitted();
+  }
   AmxAttention(int64_t hq, int64_t hkv, int64_t D, const int64_t* rows, std::vector<int64_t> prefix_lens,
                std::vector<int64_t> extend_lens, float scale);
   int64_t tasks() const { return task_start_.back(); }
@@ -90,7 +95,7 @@ class AmxAttention {
   void run(int64_t begin, int64_t end, const Layer& io) const;
 
  private:
-  int64_t hq_, hkv_, D_, G_;
+  int64_t hkv_, D_, G_;
   float scale_;
   const int64_t* rows_;
   std::vector<int64_t> prefix_lens_, extend_lens_, q_start_, task_start_;
