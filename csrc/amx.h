@@ -1,6 +1,29 @@
 #pragma once
 // What the AMX kernels share: the build-time guard, the tile configuration
 // record (palette 1) and the one-time request for the tile state.
+#include <cstddef>
+#include <new>
+#include <vector>
+
+// Storage for tile operands, 64-byte aligned: a tile whose rows straddle two
+// cache lines loads at about half speed (the grouped linear's row operand in a
+// 16-byte aligned std::vector: 0.86 vs 1.29 TFLOP/s per core at 224 rows).
+template <class T>
+struct TileAllocator {
+  using value_type = T;
+  TileAllocator() = default;
+  template <class U>
+  TileAllocator(const TileAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const TileAllocator<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const TileAllocator<U>&) const { return false; }
+};
+template <class T>
+using TileVector = std::vector<T, TileAllocator<T>>;
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <immintrin.h>
 #include <sys/syscall.h>

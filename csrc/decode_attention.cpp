@@ -354,8 +354,8 @@ void AmxAttention::run(int64_t begin, int64_t end, const Layer& io) const {
   const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
   {
     std::vector<float> s(16 * cap);
-    std::vector<uint16_t> p(16 * cap);
-    std::vector<uint16_t> kbuf(16 * D);
+    TileVector<uint16_t> p(16 * cap);
+    TileVector<uint16_t> kbuf(16 * D);
     alignas(64) uint32_t qt[4][16][16];
     alignas(64) float ctmp[4][16][16];
     alignas(64) uint32_t vbuf[4][16][16];

@@ -8,6 +8,7 @@
 #include "vec.h"  // before any ATen header that pulls in Vectorized<>
 #include "amx.h"
 #include "team.h"
+#include "transpose.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -66,32 +67,6 @@ struct KVRows {
   const at::BFloat16* value(int64_t j, int64_t h) const { return vbase + voff[j] + h * vhs; }
 };
 
-#ifdef CPU_CAPABILITY_AVX512
-// r[0..16) rows of 16 32-bit words -> r[w] = word w of each row (a 16 x 16 transpose).
-inline void transpose16x16_epi32(__m512i (&r)[16]) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  // u[4i + c], 128-bit lane L: word 4L + c of rows 4i .. 4i + 3
-  for (int i = 0; i < 4; ++i) {
-    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {  // a 4 x 4 transpose of 128-bit lanes
-    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
-    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
-    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
-    r[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
-    r[4 + c] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
-    r[8 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
-    r[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
-  }
-}
-#endif
 
 #ifdef DS_HAVE_AVX512BF16
 // c[r][0..64) = sum over pairs kp < K2 of row r's pair kp of a (two bf16, one

@@ -249,17 +249,17 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
                                               static_cast<float>(scale));
 #endif
 
-  // buffers, reused by every layer; each group's packed rows per K (their padding stays zero)
+  // buffers, reused by every layer; each group's packed rows per K
   auto opts = hidden.options();
   at::Tensor h = hidden.clone(at::MemoryFormat::Contiguous), x = at::empty({T, H}, opts), qkv = at::empty({T, qkv_n}, opts);
   at::Tensor att = at::empty({T, hq, D}, opts), o = at::empty({T, H}, opts), gu = at::empty({T, I2}, opts);
   at::Tensor act = at::empty({T, I}, opts), down = at::empty({T, H}, opts);
-  std::vector<std::vector<uint32_t>> pk_h(G), pk_q(G), pk_i(G);
+  std::vector<TileVector<uint32_t>> pk_h(G), pk_q(G), pk_i(G);
 #ifdef DS_HAVE_AMX
   for (int64_t g = 0; amx && g < G; ++g) {
-    pk_h[g].assign(amx_linear::packed_words(rn[g], H), 0u);
-    pk_q[g].assign(amx_linear::packed_words(rn[g], q_size), 0u);
-    pk_i[g].assign(amx_linear::packed_words(rn[g], I), 0u);
+    pk_h[g].resize(amx_linear::packed_words(rn[g], H));
+    pk_q[g].resize(amx_linear::packed_words(rn[g], q_size));
+    pk_i[g].resize(amx_linear::packed_words(rn[g], I));
   }
 #endif
   uint16_t *hp = u16(h), *xp = u16(x), *qkvp = u16(qkv), *attp = u16(att), *op = u16(o), *gup = u16(gu),
@@ -282,12 +282,12 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
     // every group's rows packed for the tiles, then its share of the N / 32
     // tasks per group
     auto linear = [&](const uint16_t* src, const std::vector<at::Tensor>& w,
-                      const std::vector<c10::optional<at::Tensor>>& bias, std::vector<std::vector<uint32_t>>& packed,
+                      const std::vector<c10::optional<at::Tensor>>& bias, std::vector<TileVector<uint32_t>>& packed,
                       int64_t K, int64_t N, uint16_t* out) {
       int64_t b, e;
 #ifdef DS_HAVE_AMX
       if (amx) {
-        share(K / 2, tid, n, b, e);
+        share(K / amx_linear::kK, tid, n, b, e);
         for (int64_t g = 0; g < G; ++g)
           amx_linear::pack_rows(src, K, row_idx[g].data_ptr<int64_t>(), rn[g], K, b, e, packed[g].data());
 #pragma omp barrier

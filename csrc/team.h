@@ -49,14 +49,14 @@ constexpr int64_t kTaskN = 32;  // output features per task: two accumulator til
 
 inline bool supported(int64_t K, int64_t N) { return K % kK == 0 && N % kRows == 0 && amx_permitted(); }
 inline int64_t tasks(int64_t N) { return (N + kTaskN - 1) / kTaskN; }
-// uint32 words of one group's B operand for `rn` rows of K values (zeroed by the caller)
+// uint32 words of one group's B operand for `rn` rows of K values
 inline int64_t packed_words(int64_t rn, int64_t K) { return (rn + kCols - 1) / kCols * (K / kK) * kRows * kCols; }
 
-// K pairs [p0, p1) of a group's rn rows (row m at x + r[m] * ldx, K values)
-// into its B operand: for K block kb, tile row p holds each row's K values 2p
-// and 2p + 1 of that block. (Split by pairs, not rows: the rows of one tile row
-// share its cache line.)
-void pack_rows(const uint16_t* x, int64_t ldx, const int64_t* r, int64_t rn, int64_t K, int64_t p0, int64_t p1,
+// K blocks [kb0, kb1) of a group's rn rows (row m at x + r[m] * ldx, K values)
+// into its B operand (64-byte aligned): for K block kb, tile row p holds each
+// row's K values 2p and 2p + 1 of that block, zero for the rows past rn. (Split
+// by K blocks, not rows: the rows of one tile row share its cache line.)
+void pack_rows(const uint16_t* x, int64_t ldx, const int64_t* r, int64_t rn, int64_t K, int64_t kb0, int64_t kb1,
                uint32_t* packed);
 // The tile shapes `task` uses, on the calling thread.
 void load_config();
