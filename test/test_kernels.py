@@ -146,7 +146,8 @@ def _grouped_case(T, K, N, G, bias, seed):
 # last task of one 16-feature tile, three row blocks), the dot-product path otherwise
 @pytest.mark.parametrize("T,K,N,G,bias", [(16, 576, 960, 4, False), (5, 64, 67, 2, True),
                                            (40, 100, 130, 3, False), (1, 1536, 576, 1, True),
-                                           (40, 576, 208, 2, True), (33, 64, 48, 1, False)])
+                                           (40, 576, 208, 2, True), (33, 64, 48, 1, False),
+                                           (223, 576, 960, 2, True)])
 def test_grouped_linear_matches_reference(T, K, N, G, bias):
     x, weights, biases, rows = _grouped_case(T, K, N, G, bias, 0)
     got = kernels.grouped_linear(x, weights, biases, rows)
@@ -162,7 +163,7 @@ def test_grouped_linear_uses_amx_where_the_cpu_has_it():
     assert _C.amx_available() == ("amx_bf16" in flags and "amx_tile" in flags)
 
 
-@pytest.mark.parametrize("T,K,N", [(24, 576, 192), (40, 576, 96), (24, 100, 60)])
+@pytest.mark.parametrize("T,K,N", [(24, 576, 192), (40, 576, 96), (24, 100, 60), (223, 576, 208)])
 def test_grouped_linear_row_is_independent_of_its_batch(T, K, N):
     # a row's result must not depend on which rows or groups share the call: this
     # is what makes a co-batched request equal the same request served alone
