@@ -55,17 +55,6 @@ inline void softmax_to_bf16(float* s, at::BFloat16* p, int64_t n, float scale) {
   for (; j < n; ++j) p[j] = at::BFloat16(s[j] * inv);
 }
 
-// Where a request's keys and values live: row j (position j of the sequence) of
-// head h starts at base + off[j] + h * head_stride, for the pool (slot * row
-// length) and for the call's own fresh K/V alike, so nothing is gathered first.
-struct KVRows {
-  const at::BFloat16* kbase;
-  const at::BFloat16* vbase;
-  std::vector<int64_t> koff, voff;
-  int64_t khs, vhs;  // head strides
-  const at::BFloat16* key(int64_t j, int64_t h) const { return kbase + koff[j] + h * khs; }
-  const at::BFloat16* value(int64_t j, int64_t h) const { return vbase + voff[j] + h * vhs; }
-};
 
 
 #ifdef DS_HAVE_AVX512BF16
@@ -184,145 +173,171 @@ void pack_block_vnni(const KVRows& kv, int64_t h, int64_t kb, int64_t L, int64_t
   }
 }
 
+}  // namespace
+
+// Where oneDNN's brgemm runs on AMX it wants B pair-interleaved (VNNI): K^T is
+// packed per block of kKB keys (its ld_b is at most 64) and V whole, both padded
+// with zero keys to whole blocks, straight from where the rows lie (in parallel
+// over heads and blocks), and both products run as brgemm. Elsewhere K^T and V
+// are gathered plain and P @ V goes through oneDNN's matmul (about twice
+// brgemm's rate without AMX), except on CPUs with AVX512-BF16, where the same
+// packed blocks go through vnni_gemm64 (D a multiple of 64).
+BlockedAttention::BlockedAttention(int64_t hq, int64_t hk, int64_t D, int64_t p, int64_t n, float scale,
+                                   int64_t threads, const at::TensorOptions& opts)
+    : hk_(hk), D_(D), p_(p), n_(n), L_(p + n), G_(hq / hk), scale_(scale) {
+  tiles_ = at::native::cpublas::could_pack(at::kBFloat16) && amx_available() && D % 2 == 0 && D <= kKB;
+#if defined(DS_HAVE_AVX512BF16) && defined(CPU_CAPABILITY_AVX512)
+  dots_ = !tiles_ && D % 64 == 0;
+#endif
+  nb_ = (n + BQ - 1) / BQ;
+  nkb_ = (L_ + kKB - 1) / kKB;
+  const int64_t Le = nkb_ * kKB;
+  const bool vnni = tiles_ || dots_;
+  kt_.resize(hk);
+  vh_.resize(hk);
+  for (int64_t h = 0; h < hk; ++h) {
+    kt_[h] = at::empty({vnni ? Le * D : D * L_}, opts);
+    vh_[h] = at::empty({vnni ? Le * D : L_ * D}, opts);
+  }
+  // A short extend (one block per head, e.g. a prompt over a cached prefix)
+  // splits each head's query-head group into one task per query head, or two
+  // threads would share 3 tasks.
+  parts_ = hk * nb_ < 2 * threads ? G_ : 1;
+}
+
+bool BlockedAttention::fits(int64_t p, int64_t n) { return n > 0 && p + n >= BQ; }
+
+int64_t BlockedAttention::pack_units() const { return tiles_ || dots_ ? hk_ * nkb_ : hk_; }
+
+void BlockedAttention::pack(const KVRows& kv, int64_t begin, int64_t end) {
+  const int64_t D = D_, L = L_;
+  for (int64_t t = begin; t < end; ++t) {
+    if (tiles_ || dots_) {
+      const int64_t h = t / nkb_, c = t % nkb_;
+      pack_block_vnni(kv, h, c, L, D, kt_[h].data_ptr<at::BFloat16>() + c * D * kKB,
+                      vh_[h].data_ptr<at::BFloat16>() + c * kKB * D);
+      continue;
+    }
+    const int64_t h = t;
+    at::BFloat16* ktp = kt_[h].data_ptr<at::BFloat16>();  // [D, L]
+    at::BFloat16* vp = vh_[h].data_ptr<at::BFloat16>();   // [L, D]
+    for (int64_t j = 0; j < L; ++j) {
+      const at::BFloat16* kr = kv.key(j, h);
+      for (int64_t d = 0; d < D; ++d) ktp[d * L + j] = kr[d];
+      std::copy_n(kv.value(j, h), D, vp + j * D);
+    }
+  }
+}
+
+// Task t: query heads part t % parts of KV head (t / parts) % hk, query block
+// zigzag(t / parts / hk) (0, nb-1, 1, nb-2, ...), so that contiguous halves of
+// the tasks carry similar causal work.
+void BlockedAttention::run(const at::BFloat16* qp, int64_t qs0, int64_t qs1, at::BFloat16* op, int64_t os0,
+                           int64_t os1, int64_t begin, int64_t end) const {
+  if (begin >= end) return;
+  const int64_t n = n_, p = p_, D = D_, L = L_, hk = hk_, G = G_, nb = nb_, parts = parts_, gper = G / parts;
+  const int64_t Le = nkb_ * kKB;
+  const bool tiles = tiles_, vnni = tiles_ || dots_;
+  const float scale = scale_;
+  const auto& kt = kt_;
+  const auto& vh = vh_;
+  // sized for the largest task's rows (gper * min(BQ, n)); uninitialised
+  const int64_t rows_max = gper * std::min(BQ, n);
+  std::unique_ptr<at::BFloat16[]> qbuf(new at::BFloat16[rows_max * D]);
+  std::unique_ptr<float[]> sbuf(new float[rows_max * Le]);
+  std::unique_ptr<float[]> obuf(new float[vnni ? rows_max * D : 1]), rsum(new float[vnni ? rows_max : 1]);
+  auto pbuf = at::empty({rows_max * Le}, kt[0].options());
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t g0 = (t % parts) * gper, h = (t / parts) % hk, i = t / parts / hk;
+    const int64_t blk = (i % 2 == 0) ? i / 2 : nb - 1 - i / 2;
+    const int64_t s0 = blk * BQ, bq = std::min(BQ, n - s0), M = gper * bq, kend = p + s0 + bq;
+    for (int64_t g = 0; g < gper; ++g)
+      for (int64_t j = 0; j < bq; ++j)
+        std::copy_n(qp + (s0 + j) * qs0 + (h * G + g0 + g) * qs1, D, qbuf.get() + (g * bq + j) * D);
+    at::BFloat16* pp = pbuf.data_ptr<at::BFloat16>();
+    if (vnni) {
+      const int64_t kblocks = (kend + kKB - 1) / kKB, kpad = kblocks * kKB;  // P's row length
+      const at::BFloat16* ktp = kt[h].data_ptr<at::BFloat16>();
+      for (int64_t c = 0; c < kblocks; ++c) {
+        if (tiles) {
+          at::native::cpublas::brgemm(M, kKB, D, D, kKB, kpad, false, qbuf.get(), ktp + c * D * kKB,
+                                      sbuf.get() + c * kKB, true);
+        } else {
+#ifdef DS_HAVE_AVX512BF16
+          vnni_gemm64(M, qbuf.get(), D, ktp + c * D * kKB, kKB, [&](int64_t, int64_t) { return D / 2; },
+                      sbuf.get() + c * kKB, kpad);
+#endif
+        }
+      }
+      // unnormalised probabilities (exp of the shifted scores, at most 1) in
+      // bf16, one pass per row; each output row is divided by its sum after P @ V
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t visible = p + s0 + r % bq + 1;
+        at::BFloat16* pr = pp + r * kpad;
+        const float* sr = sbuf.get() + r * kpad;
+        rsum[r] = exp_shifted_to_bf16(sr, pr, visible, row_max(sr, visible) * scale, scale);
+        std::fill(pr + visible, pr + kpad, at::BFloat16(0.f));
+      }
+      if (tiles) {
+        at::native::cpublas::brgemm(M, D, kpad, kpad, D, D, false, pp, vh[h].data_ptr<at::BFloat16>(),
+                                    obuf.get(), true);
+      } else {
+#ifdef DS_HAVE_AVX512BF16
+        // a tile of rows stops at its last visible key (P is zero past it)
+        const auto pairs = [&](int64_t r0, int64_t rows) {
+          int64_t last = 0;
+          for (int64_t r = r0; r < r0 + rows; ++r) last = std::max(last, p + s0 + r % bq + 1);
+          return (last + 1) / 2;
+        };
+        for (int64_t d0 = 0; d0 < D; d0 += 64)
+          vnni_gemm64(M, pp, kpad, vh[h].data_ptr<at::BFloat16>() + 2 * d0, D, pairs, obuf.get() + d0, D);
+#endif
+      }
+      using fVec = at::vec::Vectorized<float>;
+      for (int64_t g = 0; g < gper; ++g)
+        for (int64_t j = 0; j < bq; ++j) {
+          const int64_t r = g * bq + j;
+          const float* src = obuf.get() + r * D;
+          at::BFloat16* dst = op + (s0 + j) * os0 + (h * G + g0 + g) * os1;
+          const fVec inv(1.f / rsum[r]);
+          int64_t d = 0;
+          for (; d + 2 * fVec::size() <= D; d += 2 * fVec::size())
+            at::vec::convert_float_bfloat16(fVec::loadu(src + d) * inv, fVec::loadu(src + d + fVec::size()) * inv)
+                .store(dst + d);
+          for (; d < D; ++d) dst[d] = at::BFloat16(src[d] / rsum[r]);
+        }
+      continue;
+    }
+    at::native::cpublas::brgemm(M, kend, D, D, L, kend, false, qbuf.get(), kt[h].data_ptr<at::BFloat16>(),
+                                sbuf.get(), false);
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t visible = p + s0 + r % bq + 1;
+      at::BFloat16* pr = pp + r * kend;
+      softmax_to_bf16(sbuf.get() + r * kend, pr, visible, scale);
+      std::fill(pr + visible, pr + kend, at::BFloat16(0.f));
+    }
+    auto o = at::mm(pbuf.narrow(0, 0, M * kend).view({M, kend}), vh[h].narrow(0, 0, kend * D).view({kend, D}));
+    const at::BFloat16* ob = o.data_ptr<at::BFloat16>();
+    for (int64_t g = 0; g < gper; ++g)
+      for (int64_t j = 0; j < bq; ++j)
+        std::copy_n(ob + (g * bq + j) * D, D, op + (s0 + j) * os0 + (h * G + g0 + g) * os1);
+  }
+  at::native::cpublas::brgemm_release(tiles);
+}
+
+namespace {
+
+// One request's blocked attention, its two phases over the calling threads.
 void blocked_causal_bf16(const at::Tensor& q, const KVRows& kv, int64_t hk, int64_t p, float scale,
                          at::Tensor out) {
   // q, out: [n, Hq, D] (strided views); kv: p + n rows; query j sits at position
   // p + j and sees keys 0 .. p + j.
-  const int64_t n = q.size(0), hq = q.size(1), D = q.size(2), L = p + n;
-  const int64_t G = hq / hk, nb = (n + BQ - 1) / BQ;
-  // Where oneDNN's brgemm runs on AMX it wants B pair-interleaved (VNNI): K^T is
-  // packed per block of kKB keys (its ld_b is at most 64) and V whole, both padded
-  // with zero keys to whole blocks, straight from where the rows lie (in parallel
-  // over heads and blocks), and both products run as brgemm. Elsewhere K^T and V
-  // are gathered plain and P @ V goes through oneDNN's matmul (about twice
-  // brgemm's rate without AMX), except on CPUs with AVX512-BF16, where the same
-  // packed blocks go through vnni_gemm64 (D a multiple of 64).
-  const bool tiles = at::native::cpublas::could_pack(at::kBFloat16) && amx_available() && D % 2 == 0 && D <= kKB;
-#if defined(DS_HAVE_AVX512BF16) && defined(CPU_CAPABILITY_AVX512)
-  const bool dots = !tiles && D % 64 == 0;
-#else
-  const bool dots = false;
-#endif
-  const bool vnni = tiles || dots;
-  const int64_t nkb = (L + kKB - 1) / kKB, Le = nkb * kKB;
-  std::vector<at::Tensor> kt(hk), vh(hk);
-  for (int64_t h = 0; h < hk; ++h) {
-    kt[h] = at::empty({vnni ? Le * D : D * L}, q.options());
-    vh[h] = at::empty({vnni ? Le * D : L * D}, q.options());
-  }
-  if (vnni) {
-    at::parallel_for(0, hk * nkb, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t h = t / nkb, c = t % nkb;
-        pack_block_vnni(kv, h, c, L, D, kt[h].data_ptr<at::BFloat16>() + c * D * kKB,
-                        vh[h].data_ptr<at::BFloat16>() + c * kKB * D);
-      }
-    });
-  } else {
-    at::parallel_for(0, hk, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t h = begin; h < end; ++h) {
-        at::BFloat16* ktp = kt[h].data_ptr<at::BFloat16>();  // [D, L]
-        at::BFloat16* vp = vh[h].data_ptr<at::BFloat16>();   // [L, D]
-        for (int64_t j = 0; j < L; ++j) {
-          const at::BFloat16* kr = kv.key(j, h);
-          for (int64_t d = 0; d < D; ++d) ktp[d * L + j] = kr[d];
-          std::copy_n(kv.value(j, h), D, vp + j * D);
-        }
-      }
-    });
-  }
+  BlockedAttention attn(q.size(1), hk, q.size(2), p, q.size(0), scale, at::get_num_threads(), q.options());
+  at::parallel_for(0, attn.pack_units(), 1, [&](int64_t begin, int64_t end) { attn.pack(kv, begin, end); });
   const at::BFloat16* qp = q.data_ptr<at::BFloat16>();
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), os0 = out.stride(0), os1 = out.stride(1);
-  // Task t: query heads part t % parts of KV head (t / parts) % hk, query block
-  // zigzag(t / parts / hk) (0, nb-1, 1, nb-2, ...), so that the contiguous halves
-  // parallel_for hands out carry similar causal work. A short extend (one block
-  // per head, e.g. a prompt over a cached prefix) splits each head's query-head
-  // group into one task per query head, or two threads would share 3 tasks.
-  const int64_t parts = hk * nb < 2 * at::get_num_threads() ? G : 1, gper = G / parts;
-  at::parallel_for(0, hk * nb * parts, 1, [&](int64_t begin, int64_t end) {
-    // sized for the largest task's rows (gper * min(BQ, n)); uninitialised
-    const int64_t rows_max = gper * std::min(BQ, n);
-    std::unique_ptr<at::BFloat16[]> qbuf(new at::BFloat16[rows_max * D]);
-    std::unique_ptr<float[]> sbuf(new float[rows_max * Le]);
-    std::unique_ptr<float[]> obuf(new float[vnni ? rows_max * D : 1]), rsum(new float[vnni ? rows_max : 1]);
-    auto pbuf = at::empty({rows_max * Le}, q.options());
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t g0 = (t % parts) * gper, h = (t / parts) % hk, i = t / parts / hk;
-      const int64_t blk = (i % 2 == 0) ? i / 2 : nb - 1 - i / 2;
-      const int64_t s0 = blk * BQ, bq = std::min(BQ, n - s0), M = gper * bq, kend = p + s0 + bq;
-      for (int64_t g = 0; g < gper; ++g)
-        for (int64_t j = 0; j < bq; ++j)
-          std::copy_n(qp + (s0 + j) * qs0 + (h * G + g0 + g) * qs1, D, qbuf.get() + (g * bq + j) * D);
-      at::BFloat16* pp = pbuf.data_ptr<at::BFloat16>();
-      if (vnni) {
-        const int64_t kblocks = (kend + kKB - 1) / kKB, kpad = kblocks * kKB;  // P's row length
-        const at::BFloat16* ktp = kt[h].data_ptr<at::BFloat16>();
-        for (int64_t c = 0; c < kblocks; ++c) {
-          if (tiles) {
-            at::native::cpublas::brgemm(M, kKB, D, D, kKB, kpad, false, qbuf.get(), ktp + c * D * kKB,
-                                        sbuf.get() + c * kKB, true);
-          } else {
-#ifdef DS_HAVE_AVX512BF16
-            vnni_gemm64(M, qbuf.get(), D, ktp + c * D * kKB, kKB, [&](int64_t, int64_t) { return D / 2; },
-                        sbuf.get() + c * kKB, kpad);
-#endif
-          }
-        }
-        // unnormalised probabilities (exp of the shifted scores, at most 1) in
-        // bf16, one pass per row; each output row is divided by its sum after P @ V
-        for (int64_t r = 0; r < M; ++r) {
-          const int64_t visible = p + s0 + r % bq + 1;
-          at::BFloat16* pr = pp + r * kpad;
-          const float* sr = sbuf.get() + r * kpad;
-          rsum[r] = exp_shifted_to_bf16(sr, pr, visible, row_max(sr, visible) * scale, scale);
-          std::fill(pr + visible, pr + kpad, at::BFloat16(0.f));
-        }
-        if (tiles) {
-          at::native::cpublas::brgemm(M, D, kpad, kpad, D, D, false, pp, vh[h].data_ptr<at::BFloat16>(),
-                                      obuf.get(), true);
-        } else {
-#ifdef DS_HAVE_AVX512BF16
-          // a tile of rows stops at its last visible key (P is zero past it)
-          const auto pairs = [&](int64_t r0, int64_t rows) {
-            int64_t last = 0;
-            for (int64_t r = r0; r < r0 + rows; ++r) last = std::max(last, p + s0 + r % bq + 1);
-            return (last + 1) / 2;
-          };
-          for (int64_t d0 = 0; d0 < D; d0 += 64)
-            vnni_gemm64(M, pp, kpad, vh[h].data_ptr<at::BFloat16>() + 2 * d0, D, pairs, obuf.get() + d0, D);
-#endif
-        }
-        using fVec = at::vec::Vectorized<float>;
-        for (int64_t g = 0; g < gper; ++g)
-          for (int64_t j = 0; j < bq; ++j) {
-            const int64_t r = g * bq + j;
-            const float* src = obuf.get() + r * D;
-            at::BFloat16* dst = op + (s0 + j) * os0 + (h * G + g0 + g) * os1;
-            const fVec inv(1.f / rsum[r]);
-            int64_t d = 0;
-            for (; d + 2 * fVec::size() <= D; d += 2 * fVec::size())
-              at::vec::convert_float_bfloat16(fVec::loadu(src + d) * inv, fVec::loadu(src + d + fVec::size()) * inv)
-                  .store(dst + d);
-            for (; d < D; ++d) dst[d] = at::BFloat16(src[d] / rsum[r]);
-          }
-        continue;
-      }
-      at::native::cpublas::brgemm(M, kend, D, D, L, kend, false, qbuf.get(), kt[h].data_ptr<at::BFloat16>(),
-                                  sbuf.get(), false);
-      for (int64_t r = 0; r < M; ++r) {
-        const int64_t visible = p + s0 + r % bq + 1;
-        at::BFloat16* pr = pp + r * kend;
-        softmax_to_bf16(sbuf.get() + r * kend, pr, visible, scale);
-        std::fill(pr + visible, pr + kend, at::BFloat16(0.f));
-      }
-      auto o = at::mm(pbuf.narrow(0, 0, M * kend).view({M, kend}), vh[h].narrow(0, 0, kend * D).view({kend, D}));
-      const at::BFloat16* ob = o.data_ptr<at::BFloat16>();
-      for (int64_t g = 0; g < gper; ++g)
-        for (int64_t j = 0; j < bq; ++j)
-          std::copy_n(ob + (g * bq + j) * D, D, op + (s0 + j) * os0 + (h * G + g0 + g) * os1);
-    }
-    at::native::cpublas::brgemm_release(tiles);
+  at::parallel_for(0, attn.tasks(), 1, [&](int64_t begin, int64_t end) {
+    attn.run(qp, q.stride(0), q.stride(1), op, out.stride(0), out.stride(1), begin, end);
   });
 }
 
@@ -370,7 +385,7 @@ at::Tensor extend_attention(at::Tensor q, at::Tensor k, const at::Tensor& v, con
   for (size_t b = 0; b < extend_lens.size(); ++b) {
     const int64_t n = extend_lens[b], p = prefix_lens[b];
     if (n == 0) continue;
-    if (blocked && p + n >= BQ) {  // a few fresh tokens are as fast through SDPA
+    if (blocked && BlockedAttention::fits(p, n)) {  // a few fresh tokens are as fast through SDPA
       KVRows kv;
       kv.koff.resize(p + n);
       kv.voff.resize(p + n);

@@ -127,9 +127,10 @@ inline void share(int64_t total, int tid, int n, int64_t& begin, int64_t& end) {
 
 }  // namespace
 
-// A decode step's layers (or a short extend's: at most kAmxSmallExtend tokens
-// per request, as a prompt over a cached prefix) inside one parallel region (the
-// decode team): every
+// A decode step's layers (or, on AMX, an extend's of at most the grouped
+// kernel's rows: AmxAttention's tiles for at most kAmxSmallExtend tokens per
+// request, the blocked attention past that, as extend_attention picks them)
+// inside one parallel region (the decode team): every
 // phase of a layer (the row-wise ops, packing rows for the tiles, a linear's
 // tasks, RoPE + store, attention's tasks) is split between the threads, with a
 // barrier between phases. Run kernel by kernel, a batch-16 step on two cores
@@ -171,18 +172,24 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
 #endif
   const bool amx = amx_linears == 4 && attn_amx;
   if (!amx && !(decode && amx_linears == 0 && !attn_amx && vec_decode_supported(hq / hkv, D))) return false;
-  // requests: a decode step's one token each, or an extend of at most
-  // kAmxSmallExtend tokens per request (which extend_attention runs on the same
-  // tiles)
+  // requests: a decode step's one token each, or an extend (on AMX) that
+  // extend_attention would run on the same kernels: at most kAmxSmallExtend
+  // tokens per request on AmxAttention's tiles, or, past that, every request
+  // through the blocked attention (none short enough for its SDPA path)
   const int64_t B = decode ? T : static_cast<int64_t>(extend_lens.size());
   if (req_pool_indices.numel() != B || (!decode && prefix_lens.size() != extend_lens.size())) return false;
+  bool blocked = false;
   if (!decode) {
-    int64_t total = 0;
-    for (int64_t e : extend_lens) {
-      if (e > kAmxSmallExtend) return false;
-      total += e;
+    int64_t total = 0, longest = 0;
+    bool all_fit = true;
+    for (size_t b = 0; b < extend_lens.size(); ++b) {
+      total += extend_lens[b];
+      longest = std::max(longest, extend_lens[b]);
+      all_fit = all_fit && (extend_lens[b] == 0 || BlockedAttention::fits(prefix_lens[b], extend_lens[b]));
     }
-    if (total != T) return false;
+    if (total != T || !amx) return false;
+    blocked = longest > kAmxSmallExtend;
+    if (blocked && !all_fit) return false;  // a request for SDPA
   }
   for (int64_t i = start; i < end; ++i) {
     const Layer& l = layers_[i];
@@ -244,10 +251,54 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
   for (int64_t i = 0; i < loc.numel(); ++i) TORCH_CHECK(locp[i] >= 0 && locp[i] < slots, "cache slot out of range");
 #ifdef DS_HAVE_AMX
   std::unique_ptr<AmxAttention> amx_attn;
-  if (amx)
+  if (amx && !blocked)
     amx_attn = std::make_unique<AmxAttention>(hq, hkv, D, req_rows.data_ptr<int64_t>(), prefix, extend,
                                               static_cast<float>(scale));
 #endif
+  // the blocked attention's requests (those with tokens), their first rows, their
+  // units' starts in the pack and task lists, and each one's keys per layer (slot
+  // offsets as extend_attention reads them: the pool rows, fresh tokens included)
+  std::vector<std::unique_ptr<BlockedAttention>> battn;
+  std::vector<int64_t> b_row, b_pack{0}, b_task{0};
+  std::vector<std::vector<KVRows>> b_kv;  // [layer - start][request]
+  if (blocked) {
+    const int threads = at::get_num_threads();
+    const int64_t* rr = req_rows.data_ptr<int64_t>();
+    for (int64_t b = 0, row = 0; b < B; row += extend[b], ++b) {
+      if (extend[b] == 0) continue;
+      battn.push_back(std::make_unique<BlockedAttention>(hq, hkv, D, prefix[b], extend[b], static_cast<float>(scale),
+                                                         threads, hidden.options()));
+      b_row.push_back(row);
+      b_pack.push_back(b_pack.back() + battn.back()->pack_units());
+      b_task.push_back(b_task.back() + battn.back()->tasks());
+    }
+    b_kv.resize(end - start);
+    std::vector<std::vector<std::vector<int64_t>>> offs(req_to_token.size(0));  // [segment][request]
+    for (int64_t i = start; i < end; ++i) {
+      const int64_t seg = segments_[i];
+      if (offs[seg].empty()) {
+        for (int64_t b = 0; b < B; ++b) {
+          if (extend[b] == 0) continue;
+          const int32_t* sl = req_to_token.data_ptr<int32_t>() + (seg * req_to_token.size(1) + rr[b]) * width;
+          std::vector<int64_t> o(prefix[b] + extend[b]);
+          for (size_t j = 0; j < o.size(); ++j) {
+            TORCH_CHECK(sl[j] >= 0 && sl[j] < slots, "req_to_token holds a slot outside the pool");
+            o[j] = static_cast<int64_t>(sl[j]) * kv_size;
+          }
+          offs[seg].push_back(std::move(o));
+        }
+      }
+      for (const auto& o : offs[seg]) {
+        KVRows kv;
+        kv.kbase = reinterpret_cast<const at::BFloat16*>(k_pool.data_ptr()) + i * slots * kv_size;
+        kv.vbase = reinterpret_cast<const at::BFloat16*>(v_pool.data_ptr()) + i * slots * kv_size;
+        kv.koff = o;
+        kv.voff = o;
+        kv.khs = kv.vhs = D;
+        b_kv[i - start].push_back(std::move(kv));
+      }
+    }
+  }
 
   // buffers, reused by every layer; each group's packed rows per K
   auto opts = hidden.options();
@@ -331,7 +382,17 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
                          kpool + i * layer_elems + slot * kv_size, vpool + i * layer_elems + slot * kv_size);
       }
 #pragma omp barrier
-      {
+      if (blocked) {  // every request's K and V packed, then every request's tasks
+        int64_t b, e;
+        share(b_pack.back(), tid, n, b, e);
+        for (size_t r = 0; r < battn.size(); ++r)
+          battn[r]->pack(b_kv[i - start][r], std::max(b, b_pack[r]) - b_pack[r], std::min(e, b_pack[r + 1]) - b_pack[r]);
+#pragma omp barrier
+        share(b_task.back(), tid, n, b, e);
+        for (size_t r = 0; r < battn.size(); ++r)
+          battn[r]->run(bf(qkvp + b_row[r] * qkv_n), qkv_n, D, bf(attp + b_row[r] * q_size), q_size, D,
+                        std::max(b, b_task[r]) - b_task[r], std::min(e, b_task[r + 1]) - b_task[r]);
+      } else {
         int64_t b, e;
 #ifdef DS_HAVE_AMX
         if (amx) {

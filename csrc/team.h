@@ -15,6 +15,46 @@
 // (extend_attention.cpp; longer ones go through its packed GEMM path).
 constexpr int64_t kAmxSmallExtend = 16;
 
+// Where a request's keys and values live: row j (position j of the sequence) of
+// head h starts at base + off[j] + h * head_stride, for the pool (slot * row
+// length) and for the call's own fresh K/V alike, so nothing is gathered first.
+struct KVRows {
+  const at::BFloat16* kbase;
+  const at::BFloat16* vbase;
+  std::vector<int64_t> koff, voff;
+  int64_t khs, vhs;  // head strides
+  const at::BFloat16* key(int64_t j, int64_t h) const { return kbase + koff[j] + h * khs; }
+  const at::BFloat16* value(int64_t j, int64_t h) const { return vbase + voff[j] + h * vhs; }
+};
+
+// extend_attention's blocked causal attention of one request (extends past
+// kAmxSmallExtend tokens; see extend_attention.cpp): its n queries at positions
+// p .. p + n - 1 over its p + n keys. Two phases, each a list of units that any
+// threads may split: pack() lays out K^T and V per KV head (and block of keys),
+// then run() computes (query-head part, KV head, query block) tasks, q and out
+// [n, hq, D] bf16 (rows qs0 / os0 apart, heads qs1 / os1). The calling
+// thread's tile state is released at the end of run().
+class BlockedAttention {
+ public:
+  // Whether a request takes this path: p + n reaches one query block (fewer go
+  // through SDPA).
+  static bool fits(int64_t p, int64_t n);
+  BlockedAttention(int64_t hq, int64_t hk, int64_t D, int64_t p, int64_t n, float scale, int64_t threads,
+                   const at::TensorOptions& opts);
+  int64_t pack_units() const;
+  void pack(const KVRows& kv, int64_t begin, int64_t end);
+  int64_t tasks() const { return hk_ * nb_ * parts_; }
+  void run(const at::BFloat16* q, int64_t qs0, int64_t qs1, at::BFloat16* out, int64_t os0, int64_t os1,
+           int64_t begin, int64_t end) const;
+
+ private:
+  int64_t hk_, D_, p_, n_, L_, G_;
+  float scale_;
+  bool tiles_ = false, dots_ = false;
+  int64_t nb_ = 0, nkb_ = 0, parts_ = 1;
+  std::vector<at::Tensor> kt_, vh_;  // per KV head: K^T and V, packed
+};
+
 // Whether grouped_linear runs a [*, K] x [N, K]^T product on AMX tiles.
 bool grouped_linear_uses_amx(int64_t K, int64_t N);
 

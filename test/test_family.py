@@ -251,9 +251,9 @@ TILE_DIMS = {"hidden_size": 256, "intermediate_size": 256, "num_attention_heads"
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_decode_team_equals_kernel_by_kernel(tmp_path, monkeypatch, arch):
-    """On AMX CPUs a decode step's layers (and a short extend's) run in one
-    parallel region, each phase split between the threads (csrc/layer_stack.cpp's
-    decode team); a co-batched
+    """On AMX CPUs a decode step's layers (and an extend's of at most 256 rows)
+    run in one parallel region, each phase split between the threads
+    (csrc/layer_stack.cpp's decode team); a co-batched
     family (several members' rows, one weight row per member in the norms, QKV
     biases for Qwen2) gets bit-identical logprobs from it, from the native call
     run kernel by kernel (DROIDSPEAK_NO_DECODE_TEAM=1) and from the Python layers."""
@@ -264,30 +264,35 @@ def test_decode_team_equals_kernel_by_kernel(tmp_path, monkeypatch, arch):
     engine = Engine(base, dtype="bfloat16", served_model_name="base", max_total_tokens=4096,
                     models=(f"ft1={ft1}",))
     jobs = [(m, p) for p in PROMPTS for m in ("base", "ft1")] + [("base", "a longer prompt " * 9)]
+    long_jobs = [(m, "a long shared document " * 5) for m in ("base", "ft1")]
     params = dict(GREEDY, max_new_tokens=10)
+    # the short prompts, then with a few more tokens (short extends over a cached
+    # prefix); the long prompts (past one 64-query block), then with 20-odd more
+    # tokens (extends past 16 tokens per request: the blocked attention)
+    rounds = [(jobs, ""), (jobs, " and more"), (long_jobs, ""), (long_jobs, " with a longer continuation")]
 
     def run():
         done = []
-        # then the same prompts and a few more tokens: short extends over a cached prefix
-        for suffix in ("", " and more"):
+        for round_jobs, suffix in rounds:
             reqs = []
-            for model, prompt in jobs:
+            for model, prompt in round_jobs:
                 r, _ = engine.make_requests(prompt + suffix, params, model=model, return_logprob=True)
                 reqs.extend(r)
             for _ in engine._drive(reqs):
                 pass
-            done += reqs
-        assert sum(r.cached_tokens for r in done[len(jobs):]) > 0
+            done.append(reqs)
+        assert sum(r.cached_tokens for r in done[1]) > 0
+        assert all(r.cached_tokens > 64 and len(r.origin_input_ids) - r.cached_tokens > 16 for r in done[3])
         engine.flush_cache()
-        return [(r.output_ids, r.output_token_logprobs) for r in done]
+        return [(r.output_ids, r.output_token_logprobs) for reqs in done for r in reqs]
     steps = _C.decode_team_steps()
     team = run()
     ran = _C.decode_team_steps() - steps
-    # every decode step (9 per round) took the team, and with AMX the second
-    # round's extends over the cached prompts (at most 16 new tokens each) too
-    decode_steps = 2 * (params["max_new_tokens"] - 1)
+    # every decode step (9 per round) took the team, and with AMX the extends
+    # too, except the first round's (prompts shorter than one query block)
+    decode_steps = len(rounds) * (params["max_new_tokens"] - 1)
     if _C.amx_available():
-        assert ran == decode_steps + 1
+        assert ran == decode_steps + 3
     elif _vector_team_cpu():
         assert ran == decode_steps
     else:
