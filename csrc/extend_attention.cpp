@@ -387,16 +387,17 @@ at::Tensor extend_attention(at::Tensor q, at::Tensor k, const at::Tensor& v, con
     if (n == 0) continue;
     if (blocked && BlockedAttention::fits(p, n)) {  // a few fresh tokens are as fast through SDPA
       KVRows kv;
-      kv.koff.resize(p + n);
-      kv.voff.resize(p + n);
+      std::vector<int64_t> koff(p + n), voff(p + n);
+      kv.koff = koff.data();
+      kv.voff = voff.data();
       if (p == 0) {  // the whole sequence is in this call: attend to the fresh K/V
         kv.kbase = k.data_ptr<at::BFloat16>() + start * k.stride(0);
         kv.vbase = v.data_ptr<at::BFloat16>() + start * v.stride(0);
         kv.khs = k.stride(1);
         kv.vhs = v.stride(1);
         for (int64_t j = 0; j < n; ++j) {
-          kv.koff[j] = j * k.stride(0);
-          kv.voff[j] = j * v.stride(0);
+          koff[j] = j * k.stride(0);
+          voff[j] = j * v.stride(0);
         }
       } else {
         kv.kbase = k_cache.data_ptr<at::BFloat16>();
@@ -407,8 +408,8 @@ at::Tensor extend_attention(at::Tensor q, at::Tensor k, const at::Tensor& v, con
         const int64_t* sp = slots.data_ptr<int64_t>();
         for (int64_t j = 0; j < p + n; ++j) {
           TORCH_CHECK(sp[j] >= 0 && sp[j] < k_cache.size(0), "req_to_token holds a slot outside the pool");
-          kv.koff[j] = sp[j] * k_cache.stride(0);
-          kv.voff[j] = sp[j] * v_cache.stride(0);
+          koff[j] = sp[j] * k_cache.stride(0);
+          voff[j] = sp[j] * v_cache.stride(0);
         }
       }
       blocked_causal_bf16(q.narrow(0, start, n), kv, k.size(1), p, static_cast<float>(scale),

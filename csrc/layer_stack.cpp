@@ -260,7 +260,8 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
   // offsets as extend_attention reads them: the pool rows, fresh tokens included)
   std::vector<std::unique_ptr<BlockedAttention>> battn;
   std::vector<int64_t> b_row, b_pack{0}, b_task{0};
-  std::vector<std::vector<KVRows>> b_kv;  // [layer - start][request]
+  std::vector<std::vector<std::vector<int64_t>>> b_off;  // [segment][request]: K and V alike
+  std::vector<std::vector<KVRows>> b_kv;                 // [layer - start][request]
   if (blocked) {
     const int threads = at::get_num_threads();
     const int64_t* rr = req_rows.data_ptr<int64_t>();
@@ -273,10 +274,10 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
       b_task.push_back(b_task.back() + battn.back()->tasks());
     }
     b_kv.resize(end - start);
-    std::vector<std::vector<std::vector<int64_t>>> offs(req_to_token.size(0));  // [segment][request]
+    b_off.resize(req_to_token.size(0));
     for (int64_t i = start; i < end; ++i) {
       const int64_t seg = segments_[i];
-      if (offs[seg].empty()) {
+      if (b_off[seg].empty()) {
         for (int64_t b = 0; b < B; ++b) {
           if (extend[b] == 0) continue;
           const int32_t* sl = req_to_token.data_ptr<int32_t>() + (seg * req_to_token.size(1) + rr[b]) * width;
@@ -285,17 +286,16 @@ bool LayerStack::decode_team(at::Tensor& hidden, int64_t start, int64_t end, con
             TORCH_CHECK(sl[j] >= 0 && sl[j] < slots, "req_to_token holds a slot outside the pool");
             o[j] = static_cast<int64_t>(sl[j]) * kv_size;
           }
-          offs[seg].push_back(std::move(o));
+          b_off[seg].push_back(std::move(o));
         }
       }
-      for (const auto& o : offs[seg]) {
+      for (const auto& o : b_off[seg]) {
         KVRows kv;
         kv.kbase = reinterpret_cast<const at::BFloat16*>(k_pool.data_ptr()) + i * slots * kv_size;
         kv.vbase = reinterpret_cast<const at::BFloat16*>(v_pool.data_ptr()) + i * slots * kv_size;
-        kv.koff = o;
-        kv.voff = o;
+        kv.koff = kv.voff = o.data();
         kv.khs = kv.vhs = D;
-        b_kv[i - start].push_back(std::move(kv));
+        b_kv[i - start].push_back(kv);
       }
     }
   }

@@ -105,8 +105,8 @@ class LayerStack {
                  const c10::optional<at::Tensor>& e_loc) const;
 
  private:
-  // A decode step's (or, on AMX, a short extend's) layers in one parallel
-  // region where the kernels allow it (AMX tiles, or AVX512-BF16 dot products,
+  // A decode step's (or, on AMX, an extend's of at most the grouped kernel's
+  // rows) layers in one parallel region where the kernels allow it (AMX tiles, or AVX512-BF16 dot products,
   // for every linear and the attention; no LoRA, no E cache); false (hidden
   // untouched) when they do not.
   bool decode_team(at::Tensor& hidden, int64_t start, int64_t end, const std::vector<at::Tensor>& rows,

@@ -18,10 +18,13 @@ constexpr int64_t kAmxSmallExtend = 16;
 // Where a request's keys and values live: row j (position j of the sequence) of
 // head h starts at base + off[j] + h * head_stride, for the pool (slot * row
 // length) and for the call's own fresh K/V alike, so nothing is gathered first.
+// The offsets belong to the caller (the decode team shares one list between K,
+// V and every layer of a segment).
 struct KVRows {
   const at::BFloat16* kbase;
   const at::BFloat16* vbase;
-  std::vector<int64_t> koff, voff;
+  const int64_t* koff;
+  const int64_t* voff;
   int64_t khs, vhs;  // head strides
   const at::BFloat16* key(int64_t j, int64_t h) const { return kbase + koff[j] + h * khs; }
   const at::BFloat16* value(int64_t j, int64_t h) const { return vbase + voff[j] + h * vhs; }

@@ -89,7 +89,6 @@ inline __m512 exp_scaled(__m512 s, __m512 scale_log2e, __m512 shift_log2e) {
 // values run masked instead of through scalar expf.
 inline float exp_shifted_to_bf16(const float* s, at::BFloat16* p, int64_t n, float shift, float scale) {
   using Vec = at::vec::Vectorized<float>;
-  const Vec vshift(shift), vscale(scale);
   Vec vsum(0.f);
   int64_t j = 0;
 #if defined(CPU_CAPABILITY_AVX512) && defined(DS_HAVE_AVX512BF16)
@@ -116,6 +115,7 @@ inline float exp_shifted_to_bf16(const float* s, at::BFloat16* p, int64_t n, flo
   }
   vsum = vsum + vsum2;
 #else
+  const Vec vshift(shift), vscale(scale);
   for (; j + 2 * Vec::size() <= n; j += 2 * Vec::size()) {
     const Vec a = at::vec::fmsub(Vec::loadu(s + j), vscale, vshift).exp_u20();
     const Vec b = at::vec::fmsub(Vec::loadu(s + j + Vec::size()), vscale, vshift).exp_u20();
