@@ -7,9 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dataclasses
+
 from droidspeak.cachegen import codec
-from droidspeak.cachegen.codec import CodecError, decode, encode, error_bound, profile_tag
-from droidspeak.cachegen.transform import CodecProfile, CodecProfileError
+from droidspeak.cachegen.codec import (CodecError, chunk_token_scales, decode, encode, error_bound, profile_tag,
+                                       token_scales)
+from droidspeak.cachegen.transform import SINK_BINS, CodecProfile, CodecProfileError
 
 
 def context_kv(engine, ids):
@@ -76,6 +79,102 @@ def test_a_profiled_chunk_decodes_only_with_its_profile(tiny_codec_profile, tiny
         encode(x[:, :, :-2].contiguous(), "medium", profile=profile)
     # the lossless level never needs one
     assert profile_tag(encode(x, "lossless", profile=profile)) == 0
+
+
+SINK_TOKEN = 7
+
+
+def sink_profile(profile, engine, layer=0):
+    """`profile` with a hand-set sink detector: layer `layer` votes, the sink is
+    that layer's V of token SINK_TOKEN (layer 0's V has no position in it, so
+    every occurrence of the token matches it exactly), and a score of 0.9 or
+    more refines the step 4x."""
+    C = profile.channels // 2
+    sink = np.zeros((profile.num_layers, C), np.float32)
+    sink[layer] = context_kv(engine, [3, SINK_TOKEN])[layer, 1, C:].float().numpy()
+    weight = np.zeros(profile.num_layers, np.float32)
+    weight[layer] = 1
+    scales = np.ones(SINK_BINS, np.float32)
+    scales[-1] = 4  # scores in [0.9, 1]
+    return dataclasses.replace(profile, sink=sink, sink_weight=weight, sink_scales=scales)
+
+
+def test_the_sink_detector_codes_tokens_like_the_sink_with_finer_steps(tiny_codec_profile, tiny_engine):
+    profile = sink_profile(tiny_codec_profile[1], tiny_engine)
+    ids = [5, 6, SINK_TOKEN, 9, 10, 11, SINK_TOKEN, 12, 13, 14, 15, 16, SINK_TOKEN, 17] * 3
+    x = context_kv(tiny_engine, ids)
+    codes = token_scales(x, profile)
+    is_sink = np.array(ids) == SINK_TOKEN
+    assert (codes[is_sink] == 8).all() and (codes[~is_sink] == 0).all()
+    buf = encode(x, "low", profile=profile)
+    assert np.array_equal(chunk_token_scales(buf), codes)
+    y = decode(buf, profile)
+    err = (y - x).abs().float().amax(dim=2)  # [layers, tokens], relative to each layer's bound
+    bound = error_bound(buf, profile).amax(dim=1, keepdim=True)
+    assert (err[:, is_sink] <= bound / 4 * (1 + 1e-3) + 1e-6).all() and (err <= bound * (1 + 1e-3) + 1e-6).all()
+    plain = encode(x, "low", profile=profile, token_scales=np.zeros(len(ids), np.uint8))
+    assert len(plain) < len(buf)
+    assert float((decode(plain, profile) - x)[:, is_sink].abs().mean()) > float((y - x)[:, is_sink].abs().mean())
+    # a layer part coded with the whole chunk's codes decodes to exactly the whole chunk's values
+    part = encode(x[1:].contiguous(), "low", layers=(1, x.shape[0]), profile=profile, token_scales=codes)
+    assert torch.equal(decode(part, profile), y[1:])
+    # a part without the sink layer cannot find them itself: without codes it codes every step alike
+    assert not chunk_token_scales(encode(x[1:].contiguous(), "low", layers=(1, x.shape[0]), profile=profile)).any()
+    with pytest.raises(ValueError, match="sink detector reads layers"):
+        token_scales(x[1:], profile, first=1)
+    with pytest.raises(ValueError, match="token_scales"):
+        encode(x, "low", profile=profile, token_scales=np.full(len(ids), 17, np.uint8))
+    # a forged step code is refused
+    from test_cachegen_codec import with_crc
+    forged = bytearray(buf)
+    forged[codec.HEADER.size] = 17
+    with pytest.raises(CodecError, match="bad token step code"):
+        decode(with_crc(forged), profile)
+
+
+def test_fit_sink_detector_finds_the_layers_and_the_scores_that_say_a_token_matters():
+    from droidspeak.cachegen.calibrate import fit_sink_detector
+    g = np.random.default_rng(0)
+    n = 6000
+    sinks = g.random(n) < 0.01
+    importance = g.lognormal(0, 0.5, n) * np.where(sinks, 100, 1)
+    cos = g.uniform(-0.3, 0.3, (3, n))
+    cos[1, sinks] = g.uniform(0.7, 0.9, sinks.sum())      # layer 1 tells the sinks apart
+    weight, scales = fit_sink_detector(cos, importance)
+    assert weight[1] > 0.1 and weight[0] == 0 and weight[2] == 0
+    from droidspeak.cachegen.transform import sink_bin
+    assert (scales[sink_bin(np.array([0.85]))] == 4).all()  # sqrt(100) = 10, capped
+    # an ordinary token keeps the level's step (code 0), and the scales never fall with the score
+    assert scales[sink_bin(np.array([0.0]))][0] < 2 ** (1 / 8) and (np.diff(scales) >= 0).all()
+    assert (scales[:sink_bin(np.array([-0.3]))[0]] == 1).all()
+    # nothing correlates: no layer votes and no step is refined
+    weight, scales = fit_sink_detector(g.uniform(-1, 1, (3, n)), g.lognormal(0, 0.5, n))
+    assert not weight.any() and (scales == 1).all()
+
+
+def test_a_sink_detector_survives_its_file_and_a_bad_one_is_refused(tiny_codec_profile, tiny_engine, tmp_path):
+    from safetensors.numpy import save_file
+    profile = sink_profile(tiny_codec_profile[1], tiny_engine)
+    path = str(tmp_path / "sink.safetensors")
+    profile.save(path)
+    loaded = CodecProfile.load(path)
+    assert loaded.tag == profile.tag and np.array_equal(loaded.sink, profile.sink)
+    assert np.array_equal(loaded.sink_layers, [0]) and np.array_equal(loaded.sink_scales, profile.sink_scales)
+    # a profile of the first format (no detector) still reads, and refines nothing
+    old = str(tmp_path / "format1.safetensors")
+    save_file({"centre": profile.centre, "forward": profile.forward, "inverse": profile.inverse}, old,
+              metadata={"format": "1", "model": "tiny"})
+    v1 = CodecProfile.load(old)
+    assert v1.sink is None and v1.tag == profile.tag and not v1.sink_layers.size
+    bad = str(tmp_path / "bad.safetensors")
+    arrays = {"centre": profile.centre, "forward": profile.forward, "inverse": profile.inverse,
+              "sink": profile.sink, "sink_weight": profile.sink_weight, "sink_scales": profile.sink_scales / 2}
+    save_file(arrays, bad, metadata={"format": "2", "model": "tiny"})
+    with pytest.raises(CodecProfileError, match="sink detector values"):
+        CodecProfile.load(bad)
+    save_file({**arrays, "sink_scales": profile.sink_scales[:3]}, bad, metadata={"format": "2", "model": "tiny"})
+    with pytest.raises(CodecProfileError, match="sink detector shapes"):
+        CodecProfile.load(bad)
 
 
 @pytest.mark.parametrize("first", [0, 1])
@@ -151,7 +250,9 @@ def test_on_the_default_model_a_profile_makes_chunks_smaller_at_no_worse_quality
     profile's medium level is far smaller than the plain low level, and the
     model's next-token distributions over a continuation stay about as close to
     the full KV's (KL within 2x; a broken transform is 10x off or more). The
-    benchmark measures the trade-off on many more contexts."""
+    profile's sink detector finds the model's sinks: coding them with finer
+    steps lowers the KL for a few percent more bytes. The benchmark measures the
+    trade-off on many more contexts."""
     from droidspeak import Engine
     from droidspeak.cachegen.calibrate import calibrate
     from droidspeak.crossmodel.calibration import build_items
@@ -159,10 +260,12 @@ def test_on_the_default_model_a_profile_makes_chunks_smaller_at_no_worse_quality
 
     cal = build_items("calibration", 1, context_chars=1500)
     profile = calibrate(default_model_path, [(i.context, i.question) for i in cal], samples=2, progress=False)
+    assert profile.sink_layers.size and profile.sink_scales.max() > 1
     engine = Engine(None, max_total_tokens=4096, disable_cross_model=True)
     try:
         tok, runner = engine.tokenizer, engine.runner
-        sizes, kls = {"plain": 0, "profiled": 0}, {"plain": 0.0, "profiled": 0.0}
+        modes = ("plain", "profiled", "no sinks")
+        sizes, kls = dict.fromkeys(modes, 0), dict.fromkeys(modes, 0.0)
         for item in build_items("evaluation", 1, context_chars=1500)[:2]:
             ids = tok.encode(item.context + item.question, add_special_tokens=False)
             ctx, cont = ids[:256], ids[256:320]
@@ -174,7 +277,9 @@ def test_on_the_default_model_a_profile_makes_chunks_smaller_at_no_worse_quality
             L, T, H, D = k.shape
             x = torch.cat([k.flatten(2), v.flatten(2)], dim=2)
             for mode, buf in (("plain", encode(x, "low", exact_tokens=1)),
-                              ("profiled", encode(x, "medium", profile=profile, exact_tokens=1))):
+                              ("profiled", encode(x, "medium", profile=profile, exact_tokens=1)),
+                              ("no sinks", encode(x, "medium", profile=profile, exact_tokens=1,
+                                                  token_scales=np.zeros(T, np.uint8)))):
                 y = decode(buf, profile)
                 seq = Sequence(runner)
                 seq.load(y[..., :H * D].reshape(L, T, H, D), y[..., H * D:].reshape(L, T, H, D))
@@ -184,5 +289,6 @@ def test_on_the_default_model_a_profile_makes_chunks_smaller_at_no_worse_quality
                 kls[mode] += float(F.kl_div(lp, ref, log_target=True, reduction="none").sum(-1).mean())
         assert sizes["plain"] > 1.4 * sizes["profiled"]
         assert kls["profiled"] < 2 * kls["plain"]
+        assert kls["profiled"] < 0.9 * kls["no sinks"] and sizes["profiled"] < 1.1 * sizes["no sinks"]
     finally:
         engine.shutdown()

@@ -360,6 +360,37 @@ def test_the_store_codes_with_the_codec_profile_and_keeps_the_sink_exact(tiny_ll
         e.shutdown()
 
 
+def test_every_layer_part_of_a_chunk_refines_the_steps_of_the_chunks_sinks(tiny_llama, tiny_codec_profile,
+                                                                         tiny_engine, tmp_path):
+    """The sink detector reads layer 0 only; with one layer per part, the parts of
+    later layers still code each chunk's sink tokens with finer steps."""
+    import numpy as np
+
+    from test_codec_profile import SINK_TOKEN, sink_profile
+    from droidspeak.cachegen.codec import chunk_token_scales
+    profile = sink_profile(tiny_codec_profile[1], tiny_engine)
+    path = str(tmp_path / "sink.safetensors")
+    profile.save(path)
+    e = store_engine(tiny_llama, kv_store="ram", kv_store_levels="low", kv_store_codec_profile=path,
+                     kv_store_part_layers=1, kv_store_write="through")
+    try:
+        ids = prompt(4)
+        ids[3::9] = [SINK_TOKEN] * len(ids[3::9])
+        run(e, ids)
+        e.offloader.flush()
+        data = e.offloader.store.tiers[0]._data
+        hashes = chunk_hashes(ids, CHUNK)
+        for i, h in enumerate(hashes):
+            parts = [data[k] for k in data if f":{h}:kv" in k and k.endswith(f":low@{profile.tag:016x}")]
+            assert len(parts) == profile.num_layers
+            expected = (np.array(ids[i * CHUNK:(i + 1) * CHUNK]) == SINK_TOKEN) * 8
+            for buf in parts:
+                assert np.array_equal(chunk_token_scales(buf), expected)
+        assert_no_leak(e)
+    finally:
+        e.shutdown()
+
+
 def test_engines_share_kv_through_a_disk_tier_and_survive_corrupt_entries(tiny_llama, tmp_path, caplog):
     spec = f"disk:{tmp_path}"
     a = store_engine(tiny_llama, kv_store=spec, kv_store_write="through")

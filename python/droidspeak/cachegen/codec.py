@@ -23,7 +23,11 @@ lossy level codes KV rows in the profile's coordinates instead: importance-
 whitened and decorrelated per layer's K and V, one step for every coefficient,
 and no anchors (`group` 1: on SmolLM2-135M deltas between tokens are as large as
 the values, and grouping made chunks 12% larger at equal quality). The chunk
-names the profile (its 64-bit tag); decoding it takes the same profile.
+names the profile (its 64-bit tag); decoding it takes the same profile. Such a
+chunk also carries one byte per token, c: that token's step is the level's /
+2^(c / 4). The encoder takes them from the profile's sink detector (finer steps
+for the model's attention sinks; `transform.py`), computed on all of a chunk's
+layers, so every layer part of a chunk codes its tokens alike.
 
 Format (little-endian): magic "DSKV", version, level, dtype, coder, group size,
 first layer, model layers, shape, exact tokens, codec-profile tag (0: none),
@@ -42,11 +46,11 @@ import numpy as np
 import torch
 
 from droidspeak import kernels
-from droidspeak.cachegen.transform import CodecProfile
+from droidspeak.cachegen.transform import TOKEN_SCALE_CODE_MAX, CodecProfile
 from droidspeak.kernels import native_available
 
 MAGIC = b"DSKV"
-VERSION = 7
+VERSION = 8  # 8: per-token step codes in profiled chunks
 # magic, version, level, dtype, coder, group, first layer, model layers, L, T, C, exact tokens, profile tag,
 # payload length, crc
 HEADER = struct.Struct("<4sHBBBHHHIIIHQII")
@@ -68,7 +72,7 @@ LOSSLESS = 0
 LEVELS = {
     1: Level("high", 0.02, (0.04, 0.06, 0.08), 0.1),
     2: Level("medium", 0.04, (0.08, 0.12, 0.16), 0.2),
-    3: Level("low", 0.08, (0.16, 0.24, 0.32), 0.3),
+    3: Level("low", 0.08, (0.16, 0.24, 0.32), 0.32),
 }
 LEVEL_NAMES = {"lossless": LOSSLESS, **{lv.name: i for i, lv in LEVELS.items()}}
 DTYPES = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16}
@@ -85,7 +89,8 @@ def default_coder() -> int:
 
 def encode(x: torch.Tensor, level: int | str = "medium", group: int | None = None,
            coder: int | None = None, layers: tuple[int, int] | None = None,
-           profile: CodecProfile | None = None, exact_tokens: int = 0) -> bytes:
+           profile: CodecProfile | None = None, exact_tokens: int = 0,
+           token_scales: np.ndarray | None = None) -> bytes:
     """Encode `x` [layers, tokens, channels] (fp32, bf16 or fp16) at `level`, with
     the native rANS coder when the extension is built (else constriction's).
     `layers` = (first layer, the model's layer count) when `x` holds a part of a
@@ -95,7 +100,10 @@ def encode(x: torch.Tensor, level: int | str = "medium", group: int | None = Non
     first `exact_tokens` tokens as they are: give 1 for a chunk that starts a
     prompt, whose first token is the model's attention sink (every later token
     attends to it; on SmolLM2-135M coding it exactly cuts the KL of a 512-token
-    context's continuation by 40%)."""
+    context's continuation by 40%). With a profile, `token_scales` ([tokens] uint8,
+    from `token_scales(...)` on the chunk's whole KV) refines each token's step;
+    by default they are computed from `x` when it holds the layers the profile's
+    sink detector reads, else every step is the level's."""
     level = LEVEL_NAMES[level] if isinstance(level, str) else level
     if level != LOSSLESS and level not in LEVELS:
         raise ValueError(f"unknown level {level}; levels: {sorted(LEVEL_NAMES)}")
@@ -124,7 +132,14 @@ def encode(x: torch.Tensor, level: int | str = "medium", group: int | None = Non
         rest = x[:, exact_tokens:].contiguous()
         payload = _raw_bytes(x[:, :exact_tokens].contiguous())
         if rest.shape[1] and profile is not None:
-            payload += _encode_coefficients(rest, LEVELS[level], group, coder, first, profile)
+            if token_scales is None:
+                token_scales = _default_token_scales(x, profile, first)
+            token_scales = np.asarray(token_scales)
+            if token_scales.shape != (T,) or token_scales.dtype != np.uint8 \
+                    or int(token_scales.max(initial=0)) > TOKEN_SCALE_CODE_MAX:
+                raise ValueError(f"token_scales must be [{T}] uint8 codes of at most {TOKEN_SCALE_CODE_MAX}")
+            payload += _encode_coefficients(rest, LEVELS[level], group, coder, first, profile,
+                                            token_scales[exact_tokens:])
         elif rest.shape[1]:
             payload += _encode_lossy(rest, LEVELS[level], group, coder, first, total)
     tag = 0 if profile is None else profile.tag
@@ -132,6 +147,25 @@ def encode(x: torch.Tensor, level: int | str = "medium", group: int | None = Non
                        exact_tokens, tag, len(payload), 0)[:-4]
     crc = zlib.crc32(payload, zlib.crc32(body))
     return body + struct.pack("<I", crc) + payload
+
+
+def token_scales(kv: torch.Tensor, profile: CodecProfile, first: int = 0) -> np.ndarray:
+    """[tokens] uint8 step codes for a chunk from its KV `kv` [layers, tokens,
+    channels] of layers first.., which must include the profile's sink layers."""
+    layers = profile.sink_layers - first
+    if layers.size and (layers.min() < 0 or layers.max() >= kv.shape[0]):
+        raise ValueError(f"the sink detector reads layers {profile.sink_layers.tolist()}; "
+                         f"the KV holds {first}..{first + kv.shape[0]}")
+    kv, C = kv.detach().cpu(), kv.shape[2] // 2
+    v = [_as_float32(kv[i, :, C:]) for i in layers]  # numpy, as the rest of the codec
+    return profile.token_scale_codes(np.stack(v) if v else np.zeros((0, kv.shape[1], C), np.float32))
+
+
+def _default_token_scales(x: torch.Tensor, profile: CodecProfile, first: int) -> np.ndarray:
+    layers = profile.sink_layers - first
+    if layers.size and (layers.min() < 0 or layers.max() >= x.shape[0]):
+        return np.zeros(x.shape[1], dtype=np.uint8)  # a part without them: the caller did not pass its codes
+    return token_scales(x, profile, first)
 
 
 def decode(buf: bytes, profile: CodecProfile | None = None) -> torch.Tensor:
@@ -165,6 +199,17 @@ def profile_tag(buf: bytes) -> int:
     return _check(buf)[0][6]
 
 
+def chunk_token_scales(buf: bytes) -> np.ndarray:
+    """The step codes a (valid) chunk's tokens were coded with: [tokens] uint8,
+    0 for its exact tokens and for every token of a chunk without a profile."""
+    (level, dtype, _, _, _, (L, T, C), tag, exact), payload = _check(buf)
+    codes = np.zeros(T, dtype=np.uint8)
+    if tag and exact < T:
+        start = L * exact * C * np.dtype(_NUMPY_OF[dtype]).itemsize
+        codes[exact:] = _Reader(payload[start:]).take("<u1", T - exact)
+    return codes
+
+
 def _raw_bytes(x: torch.Tensor) -> bytes:
     return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy().tobytes()
 
@@ -192,7 +237,8 @@ def _as_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 def error_bound(buf: bytes, profile: CodecProfile | None = None) -> torch.Tensor:
     """[layers, channels] largest absolute error `decode(buf, profile)` may have
-    (0: lossless; the exact tokens have none, the bound is the other tokens')."""
+    (0: lossless; the exact tokens have none, the bound is the other tokens';
+    a token with a step code c is within the bound / 2^(c / 4))."""
     (level, dtype, _, _, layers, (L, T, C), tag, exact), payload = _check(buf)
     if level == LOSSLESS or exact == T:
         return torch.zeros(L, C)
@@ -485,11 +531,18 @@ def _encode_lossy(x: torch.Tensor, level: Level, group: int, coder: int, first: 
 
 
 def _encode_coefficients(x: torch.Tensor, level: Level, group: int, coder: int, first: int,
-                         profile: CodecProfile) -> bytes:
-    """No statistics travel: the profile centres the coefficients and the level sets the step."""
+                         profile: CodecProfile, codes: np.ndarray) -> bytes:
+    """No statistics travel: the profile centres the coefficients and the level
+    sets the step, which each token's code refines (coefficients scaled up)."""
     z = profile.to_coefficients(_as_float32(x), first)
+    if codes.any():
+        z *= _code_scales(codes)[None, :, None]
     step = np.full(z.shape[::2], level.coefficient_step, dtype=np.float32)
-    return _quantize(z, np.zeros_like(step), step, step, group, coder)
+    return codes.astype(np.uint8).tobytes() + _quantize(z, np.zeros_like(step), step, step, group, coder)
+
+
+def _code_scales(codes: np.ndarray) -> np.ndarray:
+    return np.exp2(codes.astype(np.float32) / 4)
 
 
 def _quantize(v: np.ndarray, mean: np.ndarray, anchor_step: np.ndarray, delta_step: np.ndarray,
@@ -519,9 +572,15 @@ def _decode_lossy(payload: bytes, dtype: torch.dtype, shape, level: Level, group
 
 def _decode_coefficients(payload: bytes, dtype: torch.dtype, shape, level: Level, group: int, coder: int,
                          first: int, profile: CodecProfile) -> torch.Tensor:
-    L, _, C = shape
+    L, T, C = shape
+    reader = _Reader(payload)
+    codes = reader.take("<u1", T)
+    if int(codes.max(initial=0)) > TOKEN_SCALE_CODE_MAX:
+        raise CodecError("bad token step code")
     step = np.full((L, C), level.coefficient_step, dtype=np.float32)
-    z = _unquantize(_Reader(payload), shape, np.zeros_like(step), step, step, group, coder)
+    z = _unquantize(reader, shape, np.zeros_like(step), step, step, group, coder)
+    if codes.any():
+        z /= _code_scales(codes)[None, :, None]
     return _from_float32(profile.from_coefficients(z, first), dtype)
 
 

@@ -14,6 +14,20 @@ step cost no bits), and the coefficients are uncorrelated, which is what
 coding them one by one needs. `calibrate.py` makes profiles; the codec takes one
 to `encode` and refuses chunks coded with another (the header carries its tag).
 
+Tokens are not equally important either: a model's attention sinks (its first
+token, and later tokens it turns into sinks, often the first few " the" or " "
+of a text) are read by every later query, and on SmolLM2-135M the handful of
+them in a 512-token context carry about half of the context's Fisher
+information. A sink's values in the early-middle layers point the way the first
+token's do, so the profile also holds a sink detector for the encoder: each
+layer's first-token V (`sink`, averaged over the calibration texts), how much
+each layer's cosine similarity to it says about a token's importance
+(`sink_weight`), and for bins of the weighted similarity the factor by which a
+token's step is made finer (`sink_scales`: the square root of the bin's
+importance against a typical token's, the rate-distortion rule, at most
+SINK_MAX_SCALE). The chunk stores each token's factor, so decoding does not
+depend on the detector.
+
 Stored as safetensors (never pickled), checked on load: shapes, finite values
 and forward @ inverse = identity.
 """
@@ -29,8 +43,11 @@ import torch
 
 from droidspeak import kernels
 
-PROFILE_FORMAT = 1
+PROFILE_FORMAT = 2  # 2 added the sink detector; format 1 files still load, without one
 INVERSE_TOLERANCE = 1e-3  # max |forward @ inverse - I| of a valid profile
+SINK_BINS = 20  # bins of the sink score over [-1, 1]
+SINK_MAX_SCALE = 4.0  # at most 4x finer steps: 8x made chunks larger at no better agreement (side run)
+TOKEN_SCALE_CODE_MAX = 16  # a token's step is the level's / 2^(code / 4): at most 16x finer
 
 
 class CodecProfileError(ValueError):
@@ -43,6 +60,9 @@ class CodecProfile:
     centre: np.ndarray     # [L, 2, C] float32: K then V channels of each layer
     forward: np.ndarray    # [L, 2, C, C] float32
     inverse: np.ndarray    # [L, 2, C, C] float32
+    sink: np.ndarray | None = None          # [L, C] float32: the first token's V per layer
+    sink_weight: np.ndarray | None = None   # [L] float32 >= 0: each layer's say in the sink score
+    sink_scales: np.ndarray | None = None   # [SINK_BINS] float32 in [1, SINK_MAX_SCALE]
 
     @property
     def num_layers(self) -> int:
@@ -67,6 +87,33 @@ class CodecProfile:
         if total != self.num_layers or channels != self.channels or first + layers > total:
             raise ValueError(f"codec profile for {self.num_layers} layers x {self.channels} channels cannot code "
                              f"layers {first}..{first + layers} of a {total}-layer model with {channels} channels")
+
+    @property
+    def sink_layers(self) -> np.ndarray:
+        """The layers the sink detector reads (none: it never refines a step)."""
+        if self.sink_weight is None or not self.sink_scales.max() > 1:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(self.sink_weight > 0)
+
+    def token_scale_codes(self, v: np.ndarray) -> np.ndarray:
+        """[T] uint8 step codes (step = the level's / 2^(code / 4)) from `v`
+        [len(sink_layers), T, C] fp32: the V halves of the sink layers' KV."""
+        layers = self.sink_layers
+        if v.shape[0] != layers.size or (layers.size and v.shape[2] != self.sink.shape[1]):
+            raise ValueError(f"expected the V of {layers.size} sink layers, got {v.shape}")
+        if not layers.size:
+            return np.zeros(v.shape[1], dtype=np.uint8)
+        ref = self.sink[layers]                                         # [n, C]
+        # elementwise numpy only: this runs on the KV store's threads (see _apply)
+        dots = (v * ref[:, None]).sum(axis=2)
+        norms = np.sqrt((v * v).sum(axis=2) * (ref * ref).sum(axis=1)[:, None])
+        weight = self.sink_weight[layers, None]
+        score = (weight * dots / np.maximum(norms, 1e-12)).sum(axis=0) / weight.sum()
+        return self._scale_codes[sink_bin(score)]
+
+    @functools.cached_property
+    def _scale_codes(self) -> np.ndarray:
+        return np.clip(np.rint(4 * np.log2(self.sink_scales)), 0, TOKEN_SCALE_CODE_MAX).astype(np.uint8)
 
     def to_coefficients(self, x: np.ndarray, first: int) -> np.ndarray:
         """[layers, T, 2C] values of layers first.. -> coefficients z, same shape (fp32)."""
@@ -118,8 +165,10 @@ class CodecProfile:
         from safetensors.numpy import save_file
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp"
-        save_file({"centre": self.centre, "forward": self.forward, "inverse": self.inverse}, tmp,
-                  metadata={"format": str(PROFILE_FORMAT), "model": self.model})
+        arrays = {"centre": self.centre, "forward": self.forward, "inverse": self.inverse}
+        if self.sink is not None:
+            arrays.update(sink=self.sink, sink_weight=self.sink_weight, sink_scales=self.sink_scales)
+        save_file(arrays, tmp, metadata={"format": str(PROFILE_FORMAT), "model": self.model})
         os.replace(tmp, path)
 
     @classmethod
@@ -128,12 +177,13 @@ class CodecProfile:
         try:
             with safe_open(path, framework="np") as f:
                 meta = f.metadata() or {}
-                arrays = {k: f.get_tensor(k) for k in ("centre", "forward", "inverse")}
+                names = ["centre", "forward", "inverse"] + [k for k in SINK_ARRAYS if k in f.keys()]
+                arrays = {k: f.get_tensor(k) for k in names}
         except (OSError, SafetensorError, KeyError, ValueError) as e:
             raise CodecProfileError(f"{path}: not a codec profile ({e})") from None
-        if meta.get("format") != str(PROFILE_FORMAT):
+        if meta.get("format") not in ("1", str(PROFILE_FORMAT)):
             raise CodecProfileError(f"{path}: codec profile format {meta.get('format')!r}, this build reads "
-                                    f"{PROFILE_FORMAT}")
+                                    f"1 and {PROFILE_FORMAT}")
         centre, forward, inverse = (arrays[k].astype(np.float32) for k in ("centre", "forward", "inverse"))
         if centre.ndim != 3 or centre.shape[1] != 2 or forward.shape != centre.shape + centre.shape[2:] \
                 or inverse.shape != forward.shape:
@@ -143,7 +193,23 @@ class CodecProfile:
         eye = np.eye(centre.shape[2], dtype=np.float32)
         if float(np.abs(forward @ inverse - eye).max()) > INVERSE_TOLERANCE:
             raise CodecProfileError(f"{path}: the inverse transforms do not invert the forward ones")
-        return cls(meta.get("model", ""), centre, forward, inverse)
+        sink = {k: arrays[k].astype(np.float32) for k in SINK_ARRAYS if k in arrays}
+        if sink:
+            L, _, C = centre.shape
+            if len(sink) != len(SINK_ARRAYS) or (sink["sink"].shape, sink["sink_weight"].shape, sink["sink_scales"].shape) != ((L, C), (L,), (SINK_BINS,)):
+                raise CodecProfileError(f"{path}: sink detector shapes do not fit the profile")
+            if not all(np.isfinite(a).all() for a in sink.values()) or (sink["sink_weight"] < 0).any() \
+                    or not ((sink["sink_scales"] >= 1) & (sink["sink_scales"] <= SINK_MAX_SCALE)).all():
+                raise CodecProfileError(f"{path}: sink detector values out of range")
+        return cls(meta.get("model", ""), centre, forward, inverse, **sink)
+
+
+SINK_ARRAYS = ("sink", "sink_weight", "sink_scales")
+
+
+def sink_bin(score: np.ndarray) -> np.ndarray:
+    """The bin of each sink score (a weighted cosine similarity in [-1, 1])."""
+    return np.clip(np.floor((score + 1) * (SINK_BINS / 2)), 0, SINK_BINS - 1).astype(np.int64)
 
 
 def default_codec_profile_path(model_path: str, model_fingerprint: str) -> str:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from droidspeak.cachegen.codec import CodecError, decode, encode
+from droidspeak.cachegen.codec import CodecError, decode, encode, token_scales
 from droidspeak.cachegen.transform import CodecProfile
 from droidspeak.kvcache.pool import HiddenPool, KVPool
 from droidspeak.kvstore.keys import Namespace, chunk_hashes, e_part, kv_part
@@ -284,12 +284,14 @@ class KVOffloader:
 
     def _write(self, job: _WriteJob) -> None:
         L = self.kv_pool.num_layers
+        # every part codes the chunk's tokens with the same steps, from its whole KV
+        scales = None if self.codec_profile is None else token_scales(job.kv, self.codec_profile)
         for lo, hi in self.parts:
             keys = {lv: self._kv_key(job.ns, job.chunk_hash, lo, hi, lv) for lv in self.levels}
             if self.store.locate(list(keys.values())) is None:
                 for lv, key in keys.items():
                     self.store.put(key, encode(job.kv[lo:hi], lv, layers=(lo, L), profile=self.codec_profile,
-                                               exact_tokens=int(job.first)))
+                                               exact_tokens=int(job.first), token_scales=scales))
         for layer, e in job.e.items():
             key = job.ns.key(job.chunk_hash, e_part(layer), "lossless")
             if not self.store.has(key):
