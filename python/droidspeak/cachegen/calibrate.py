@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from droidspeak.cachegen.transform import (SINK_BINS, SINK_MAX_SCALE, CodecProfile, CodecProfileError,
-                                           default_codec_profile_path, sink_bin)
+                                           default_codec_profile_path, sink_bin, sink_score, sink_similarity)
 
 DEFAULT_PER_DOMAIN = 6  # built-in calibration texts per domain (code, docs, math)
 WEIGHT_FLOOR = 1e-4  # x a layer half's mean weight: keeps every channel's weight (and the transform) invertible
@@ -72,9 +72,7 @@ def calibrate(model_dir: str, texts: list[tuple[str, str]], model_fingerprint: s
         k_grads, v_grads = _kv_grads(model, keys, values, cont, gen)
         r = sum((_flat(gk) ** 2 / w[i, 0]).sum(1) + (_flat(gv) ** 2 / w[i, 1]).sum(1)
                 for i, (gk, gv) in enumerate(zip(k_grads, v_grads)))
-        v = np.stack([_flat(t) for t in values])                       # [L, T, C]
-        c = (v * sink[:, None]).sum(2) / np.maximum(
-            np.linalg.norm(v, axis=2) * np.linalg.norm(sink, axis=1)[:, None], 1e-12)
+        c = sink_similarity(np.stack([_flat(t) for t in values]), sink)   # [L, T]
         cos.append(c[:, 1:])  # the first token is the sink itself (and stored exactly)
         importance.append(r[1:])
     weight, scales = fit_sink_detector(np.concatenate(cos, axis=1), np.concatenate(importance))
@@ -99,7 +97,7 @@ def fit_sink_detector(cos: np.ndarray, importance: np.ndarray) -> tuple[np.ndarr
     scales = np.ones(SINK_BINS)
     if not weight.any() or log_r.std() == 0:
         return weight, scales
-    bins = sink_bin(weight @ cos / weight.sum())
+    bins = sink_bin(sink_score(cos, weight))
     counts = np.bincount(bins, minlength=SINK_BINS)
     mean = np.bincount(bins, weights=importance, minlength=SINK_BINS) / np.maximum(counts, 1)
     typical = int(np.argmax(counts))

@@ -152,20 +152,24 @@ def encode(x: torch.Tensor, level: int | str = "medium", group: int | None = Non
 def token_scales(kv: torch.Tensor, profile: CodecProfile, first: int = 0) -> np.ndarray:
     """[tokens] uint8 step codes for a chunk from its KV `kv` [layers, tokens,
     channels] of layers first.., which must include the profile's sink layers."""
-    layers = profile.sink_layers - first
-    if layers.size and (layers.min() < 0 or layers.max() >= kv.shape[0]):
+    if not _holds_sink_layers(profile, first, kv.shape[0]):
         raise ValueError(f"the sink detector reads layers {profile.sink_layers.tolist()}; "
                          f"the KV holds {first}..{first + kv.shape[0]}")
+    layers = profile.sink_layers - first
+    if not layers.size:
+        return np.zeros(kv.shape[1], dtype=np.uint8)
     kv, C = kv.detach().cpu(), kv.shape[2] // 2
-    v = [_as_float32(kv[i, :, C:]) for i in layers]  # numpy, as the rest of the codec
-    return profile.token_scale_codes(np.stack(v) if v else np.zeros((0, kv.shape[1], C), np.float32))
+    return profile.token_scale_codes(np.stack([_as_float32(kv[i, :, C:]) for i in layers]))  # numpy, as the codec
 
 
 def _default_token_scales(x: torch.Tensor, profile: CodecProfile, first: int) -> np.ndarray:
-    layers = profile.sink_layers - first
-    if layers.size and (layers.min() < 0 or layers.max() >= x.shape[0]):
+    if not _holds_sink_layers(profile, first, x.shape[0]):
         return np.zeros(x.shape[1], dtype=np.uint8)  # a part without them: the caller did not pass its codes
     return token_scales(x, profile, first)
+
+
+def _holds_sink_layers(profile: CodecProfile, first: int, layers: int) -> bool:
+    return bool(((profile.sink_layers >= first) & (profile.sink_layers < first + layers)).all())
 
 
 def decode(buf: bytes, profile: CodecProfile | None = None) -> torch.Tensor:
@@ -538,7 +542,7 @@ def _encode_coefficients(x: torch.Tensor, level: Level, group: int, coder: int, 
     if codes.any():
         z *= _code_scales(codes)[None, :, None]
     step = np.full(z.shape[::2], level.coefficient_step, dtype=np.float32)
-    return codes.astype(np.uint8).tobytes() + _quantize(z, np.zeros_like(step), step, step, group, coder)
+    return codes.tobytes() + _quantize(z, np.zeros_like(step), step, step, group, coder)
 
 
 def _code_scales(codes: np.ndarray) -> np.ndarray:

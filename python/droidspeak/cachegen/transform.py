@@ -103,12 +103,7 @@ class CodecProfile:
             raise ValueError(f"expected the V of {layers.size} sink layers, got {v.shape}")
         if not layers.size:
             return np.zeros(v.shape[1], dtype=np.uint8)
-        ref = self.sink[layers]                                         # [n, C]
-        # elementwise numpy only: this runs on the KV store's threads (see _apply)
-        dots = (v * ref[:, None]).sum(axis=2)
-        norms = np.sqrt((v * v).sum(axis=2) * (ref * ref).sum(axis=1)[:, None])
-        weight = self.sink_weight[layers, None]
-        score = (weight * dots / np.maximum(norms, 1e-12)).sum(axis=0) / weight.sum()
+        score = sink_score(sink_similarity(v, self.sink[layers]), self.sink_weight[layers])
         return self._scale_codes[sink_bin(score)]
 
     @functools.cached_property
@@ -196,7 +191,8 @@ class CodecProfile:
         sink = {k: arrays[k].astype(np.float32) for k in SINK_ARRAYS if k in arrays}
         if sink:
             L, _, C = centre.shape
-            if len(sink) != len(SINK_ARRAYS) or (sink["sink"].shape, sink["sink_weight"].shape, sink["sink_scales"].shape) != ((L, C), (L,), (SINK_BINS,)):
+            shapes = tuple(sink[k].shape for k in SINK_ARRAYS if k in sink)
+            if shapes != ((L, C), (L,), (SINK_BINS,)):
                 raise CodecProfileError(f"{path}: sink detector shapes do not fit the profile")
             if not all(np.isfinite(a).all() for a in sink.values()) or (sink["sink_weight"] < 0).any() \
                     or not ((sink["sink_scales"] >= 1) & (sink["sink_scales"] <= SINK_MAX_SCALE)).all():
@@ -205,6 +201,21 @@ class CodecProfile:
 
 
 SINK_ARRAYS = ("sink", "sink_weight", "sink_scales")
+
+
+def sink_similarity(v: np.ndarray, sink: np.ndarray) -> np.ndarray:
+    """[n, T] cosine similarity of each token's V `v` [n, T, C] to the sink V `sink`
+    [n, C] of the same layer. Elementwise numpy only: the encoder runs it on the KV
+    store's threads (see CodecProfile._apply)."""
+    dots = (v * sink[:, None]).sum(axis=2)
+    norms = np.sqrt((v * v).sum(axis=2) * (sink * sink).sum(axis=1)[:, None])
+    return dots / np.maximum(norms, 1e-12)
+
+
+def sink_score(cos: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """[T] each token's sink score: its similarities `cos` [n, T] averaged with the
+    layers' weights `weight` [n]."""
+    return (weight[:, None] * cos).sum(axis=0) / weight.sum()
 
 
 def sink_bin(score: np.ndarray) -> np.ndarray:

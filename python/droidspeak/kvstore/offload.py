@@ -284,11 +284,13 @@ class KVOffloader:
 
     def _write(self, job: _WriteJob) -> None:
         L = self.kv_pool.num_layers
-        # every part codes the chunk's tokens with the same steps, from its whole KV
-        scales = None if self.codec_profile is None else token_scales(job.kv, self.codec_profile)
+        scales = None
         for lo, hi in self.parts:
             keys = {lv: self._kv_key(job.ns, job.chunk_hash, lo, hi, lv) for lv in self.levels}
             if self.store.locate(list(keys.values())) is None:
+                if scales is None and self.codec_profile is not None:
+                    # every part codes the chunk's tokens with the same steps, from its whole KV
+                    scales = token_scales(job.kv, self.codec_profile)
                 for lv, key in keys.items():
                     self.store.put(key, encode(job.kv[lo:hi], lv, layers=(lo, L), profile=self.codec_profile,
                                                exact_tokens=int(job.first), token_scales=scales))
