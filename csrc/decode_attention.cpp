@@ -131,11 +131,13 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   });
 }
 
-// out[0:V] = the 16 * V bf16 values at src, widened to fp32 vectors.
+// out[0:V] = the V * Vectorized<float>::size() bf16 values at src (16 lanes a
+// vector on AVX-512, 8 on AVX2), widened to fp32 vectors.
 template <int V>
 inline void widen_bf16(const at::BFloat16* src, at::vec::Vectorized<float> (&out)[V]) {
+  constexpr int64_t lanes = at::vec::Vectorized<float>::size();
   for (int v = 0; v < V; v += 2) {
-    auto halves = at::vec::convert_bfloat16_float(at::vec::Vectorized<at::BFloat16>::loadu(src + v * 16));
+    auto halves = at::vec::convert_bfloat16_float(at::vec::Vectorized<at::BFloat16>::loadu(src + v * lanes));
     out[v] = std::get<0>(halves);
     out[v + 1] = std::get<1>(halves);
   }
@@ -152,16 +154,18 @@ inline void widen_bf16(const at::BFloat16* src, at::vec::Vectorized<float> (&out
 #endif
 
 // bf16 fast path: one task per (request, KV head), the query-head group's queries
-// and output accumulators held in registers (G heads x V vectors of 16 floats),
-// each K/V head slice widened once straight into registers.
+// and output accumulators held in registers (G heads x NV float vectors: the head
+// dim D = 16 * V over the CPU's vector width), each K/V head slice widened once
+// straight into registers.
 // Tasks [begin, end) on the calling thread.
 template <int G, int V>
 void decode_bf16_tasks(const at::BFloat16* qp, int64_t qs0, int64_t qs1, const at::BFloat16* kc,
                        const at::BFloat16* vc, int64_t hkv, const int32_t* tab, int64_t width, const int64_t* rp,
                        const int64_t* lp, float scale, at::BFloat16* op, int64_t begin, int64_t end) {
   using fVec = at::vec::Vectorized<float>;
-  static_assert(V % 2 == 0, "V counts float vectors; bf16 loads come in pairs");
   constexpr int64_t D = V * 16;
+  constexpr int NV = static_cast<int>(D / fVec::size());
+  static_assert(NV % 2 == 0 && NV * fVec::size() == D, "bf16 loads widen into pairs of float vectors");
   const int64_t row_len = hkv * D;
   {
     float sc[G][kBlock];
@@ -169,7 +173,7 @@ void decode_bf16_tasks(const at::BFloat16* qp, int64_t qs0, int64_t qs1, const a
       const int64_t b = task / hkv, g = task % hkv;
       const int64_t n = lp[b];
       const int32_t* slots = tab + rp[b] * width;
-      fVec acc[G][V];
+      fVec acc[G][NV];
       float m[G], l[G];
 #ifdef DS_DECODE_DPBF16
       // q . k straight from the bf16 values (exact products, fp32 sums), 32 lanes
@@ -180,15 +184,15 @@ void decode_bf16_tasks(const at::BFloat16* qp, int64_t qs0, int64_t qs1, const a
           qb[h][c] = _mm512_loadu_si512(qp + b * qs0 + (g * G + h) * qs1 + c * 32);
       const float softmax_scale = scale;
 #else
-      fVec qv[G][V];
+      fVec qv[G][NV];
       for (int h = 0; h < G; ++h) {
-        widen_bf16<V>(qp + b * qs0 + (g * G + h) * qs1, qv[h]);
-        for (int v = 0; v < V; ++v) qv[h][v] = qv[h][v] * fVec(scale);
+        widen_bf16<NV>(qp + b * qs0 + (g * G + h) * qs1, qv[h]);
+        for (int v = 0; v < NV; ++v) qv[h][v] = qv[h][v] * fVec(scale);
       }
       const float softmax_scale = 1.f;
 #endif
       for (int h = 0; h < G; ++h) {
-        for (int v = 0; v < V; ++v) acc[h][v] = fVec(0.f);
+        for (int v = 0; v < NV; ++v) acc[h][v] = fVec(0.f);
         m[h] = -std::numeric_limits<float>::infinity();
         l[h] = 0.f;
       }
@@ -224,11 +228,11 @@ void decode_bf16_tasks(const at::BFloat16* qp, int64_t qs0, int64_t qs1, const a
         }
 #else
         for (; j < nb; ++j) {
-          fVec kv[V];
-          widen_bf16<V>(kc + static_cast<int64_t>(slots[t0 + j]) * row_len + g * D, kv);
+          fVec kv[NV];
+          widen_bf16<NV>(kc + static_cast<int64_t>(slots[t0 + j]) * row_len + g * D, kv);
           for (int h = 0; h < G; ++h) {
             fVec d = qv[h][0] * kv[0];
-            for (int v = 1; v < V; ++v) d = at::vec::fmadd(qv[h][v], kv[v], d);
+            for (int v = 1; v < NV; ++v) d = at::vec::fmadd(qv[h][v], kv[v], d);
 #ifdef CPU_CAPABILITY_AVX512
             sc[h][j] = _mm512_reduce_add_ps(d);
 #else
@@ -246,23 +250,23 @@ void decode_bf16_tasks(const at::BFloat16* qp, int64_t qs0, int64_t qs1, const a
           const float new_m = std::max(m[h], block_max);
           const float corr = std::exp(m[h] - new_m);
           l[h] = l[h] * corr + exp_shifted(sc[h], nb, new_m, softmax_scale);
-          for (int v = 0; v < V; ++v) acc[h][v] = acc[h][v] * fVec(corr);
+          for (int v = 0; v < NV; ++v) acc[h][v] = acc[h][v] * fVec(corr);
           m[h] = new_m;
         }
         for (int64_t j = 0; j < nb; ++j) {
-          fVec vv[V];
-          widen_bf16<V>(vc + static_cast<int64_t>(slots[t0 + j]) * row_len + g * D, vv);
+          fVec vv[NV];
+          widen_bf16<NV>(vc + static_cast<int64_t>(slots[t0 + j]) * row_len + g * D, vv);
           for (int h = 0; h < G; ++h) {
             const fVec p(sc[h][j]);
-            for (int v = 0; v < V; ++v) acc[h][v] = at::vec::fmadd(p, vv[v], acc[h][v]);
+            for (int v = 0; v < NV; ++v) acc[h][v] = at::vec::fmadd(p, vv[v], acc[h][v]);
           }
         }
       }
       for (int h = 0; h < G; ++h) {
         const fVec inv(l[h] > 0.f ? 1.f / l[h] : 0.f);
         at::BFloat16* dst = op + (b * G * hkv + g * G + h) * D;
-        for (int v = 0; v < V; v += 2)
-          at::vec::convert_float_bfloat16(acc[h][v] * inv, acc[h][v + 1] * inv).store(dst + v * 16);
+        for (int v = 0; v < NV; v += 2)
+          at::vec::convert_float_bfloat16(acc[h][v] * inv, acc[h][v + 1] * inv).store(dst + v * fVec::size());
       }
     }
   }
