@@ -9,13 +9,18 @@ Every lossy level runs without and with the default model's codec profile
 when the cache has none), and, as the KV store does, keeps the first token of
 a prompt's first chunk exactly. The `bf16, transformers` row is the floor: the
 same context's KV as transformers computes it in bf16, read by our engine.
+`--model` codes a fine-tune's own KV instead (a full fine-tune or a LoRA adapter of
+the default model, served in one family with it) with the default model's profile,
+as the engine codes every model of the family.
 
     python benchmark/bench_cachegen.py [--per-domain 10] [--context-tokens 512] [--chunk 256]
+                                       [--model DIR]
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -57,6 +62,30 @@ def score(logits: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> dic
             "soft_ce_excess": d.excess, "nll": -lp.gather(1, targets[:, None]).mean().item()}
 
 
+def load_member(args):
+    """The engine (the default model's family, holding `--model` when given), the
+    (model_id, lora_id) whose KV is coded, and transformers' bf16 copy of that model."""
+    from droidspeak import Engine
+
+    size = dict(dtype="bfloat16", max_total_tokens=8 * (args.context_tokens + 512), disable_cross_model=True)
+    if not args.model:
+        engine = Engine(None, **size)
+        return engine, (0, None), load_hf(engine.model_path, torch.bfloat16)
+    path = os.path.abspath(os.path.expanduser(args.model))
+    name = os.path.basename(os.path.normpath(path))
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        from peft import PeftModel
+
+        engine = Engine(None, lora_paths=(f"{name}={path}",), **size)
+        hf = PeftModel.from_pretrained(load_hf(engine.model_path, torch.bfloat16), path).merge_and_unload()
+    else:
+        engine = Engine(None, models=(f"{name}={path}",), **size)
+        hf = load_hf(path, torch.bfloat16)
+    target = engine.resolve(name)
+    print(f"coding the KV of {name} ({engine.lineage[name].evidence}) with the family root's codec profile")
+    return engine, (target.model_id, target.lora_id), hf
+
+
 def load_or_make_profile(engine, path):
     """The default model's codec profile: `path`, the cache's, or one made now from
     the calibration texts (disjoint from the evaluation ones) and saved there."""
@@ -77,14 +106,15 @@ def main() -> int:
     parser.add_argument("--continuation-tokens", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=256, help="tokens per encoded chunk")
     parser.add_argument("--codec-profile", help="codec profile file (default: the cache's, made if missing)")
+    parser.add_argument("--model", help="a fine-tune of the default model (full checkpoint or LoRA adapter "
+                                        "directory) whose own KV to code (default: the default model)")
     args = parser.parse_args()
 
-    from droidspeak import Engine
     from droidspeak.cachegen.codec import decode, encode
     from droidspeak.crossmodel.calibration import build_items
     from droidspeak.runner.sequence import Sequence
 
-    engine = Engine(None, max_total_tokens=8 * (args.context_tokens + 512), disable_cross_model=True)
+    engine, (model_id, lora_id), hf = load_member(args)
     runner, tok = engine.runner, engine.tokenizer
     profile = load_or_make_profile(engine, args.codec_profile)
     span = args.context_tokens + args.continuation_tokens
@@ -94,7 +124,6 @@ def main() -> int:
     # equally valid bf16 implementation; our own chunked prefill is bit-identical to
     # the unchunked one, so it shows nothing), read by our engine: how far bf16
     # arithmetic alone moves the predictions, the floor under the levels' numbers
-    hf = load_hf(engine.model_path, torch.bfloat16)
     totals = {m: {"bytes": 0, "encode_s": 0.0, "decode_s": 0.0, "kl": 0.0, "agreement": 0.0,
                   "soft_ce_excess": 0.0, "nll": 0.0} for m in ("bf16", FLOOR, "8-bit", *LEVELS)}
     tokens = chunks = 0
@@ -104,8 +133,8 @@ def main() -> int:
         ctx, suffix = ids[:args.context_tokens], ids[args.context_tokens:span]
         targets = torch.tensor(suffix[1:])
         ref_seq = Sequence(runner)
-        ref_seq.extend(ctx)
-        ref = ref_seq.extend(suffix)[:-1]
+        ref_seq.extend(ctx, model_id, lora_id)
+        ref = ref_seq.extend(suffix, model_id, lora_id)[:-1]
         k, v = ref_seq.kv(len(ctx))
         ref_seq.release()
         L, T, H, D = k.shape
@@ -133,7 +162,7 @@ def main() -> int:
                 size = sum(len(b) for b in bufs)
             seq = Sequence(runner)
             seq.load(x_hat[..., :H * D].reshape(L, T, H, D), x_hat[..., H * D:].reshape(L, T, H, D))
-            logits = seq.extend(suffix)[:-1]
+            logits = seq.extend(suffix, model_id, lora_id)[:-1]
             seq.release()
             totals[mode]["bytes"] += size
             for key, val in score(logits, ref, targets).items():
@@ -149,10 +178,9 @@ def main() -> int:
                      "soft CE +%": 100 * t["soft_ce_excess"] / n,
                      "perplexity +%": 100 * (math.exp((t["nll"] - ref_nll) / n) - 1), "nll": t["nll"] / n})
     print_table(rows, list(rows[0]))
-    path = write_json("bench_cachegen", {"machine": machine(), "args": vars(args), "contexts": n,
-                                         "tokens": tokens, "codec_profile_tag": f"{profile.tag:016x}",
-                                         "rows": rows})
-    print(f"wrote {path}")
+    name = "bench_cachegen" + (f"_{os.path.basename(os.path.normpath(args.model))}" if args.model else "")
+    write_json(name, {"machine": machine(), "args": vars(args), "contexts": n, "tokens": tokens,
+                      "codec_profile_tag": f"{profile.tag:016x}", "rows": rows})
     return 0
 
 
