@@ -3,7 +3,8 @@ quantization, encode/decode time, and what each level does to the model's output
 measured against full recompute on held-out texts: the KV of a text's first
 `--context-tokens` tokens is encoded, decoded back into the pool, and the model
 reads the text's next `--continuation-tokens` tokens over it (continuation
-perplexity, KL, greedy agreement with the full KV's next-token predictions).
+perplexity, KL, greedy agreement with the full KV's next-token predictions, and
+the greedy predictions' accuracy against the text's own next tokens).
 Every lossy level runs without and with the default model's codec profile
 (`droidspeak codec-profile`; made here from the calibration half of the texts
 when the cache has none), and, as the KV store does, keeps the first token of
@@ -26,6 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from common import load_hf, machine, print_table, write_json
 
@@ -58,7 +60,9 @@ def score(logits: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> dic
     from droidspeak.crossmodel.quality import divergence
     lp = F.log_softmax(logits, -1)
     d = divergence(lp, F.log_softmax(ref, -1))
-    return {"kl": d.kl, "agreement": (logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+    top1 = logits.argmax(-1)
+    return {"kl": d.kl, "agreement": (top1 == ref.argmax(-1)).float().mean().item(),
+            "accuracy": (top1 == targets).float().mean().item(),
             "soft_ce_excess": d.excess, "nll": -lp.gather(1, targets[:, None]).mean().item()}
 
 
@@ -124,11 +128,11 @@ def main() -> int:
     # equally valid bf16 implementation; our own chunked prefill is bit-identical to
     # the unchunked one, so it shows nothing), read by our engine: how far bf16
     # arithmetic alone moves the predictions, the floor under the levels' numbers
-    totals = {m: {"bytes": 0, "encode_s": 0.0, "decode_s": 0.0, "kl": 0.0, "agreement": 0.0,
+    totals = {m: {"bytes": 0, "encode_s": 0.0, "decode_s": 0.0, "kl": 0.0, "agreement": 0.0, "accuracy": 0.0,
                   "soft_ce_excess": 0.0, "nll": 0.0} for m in ("bf16", FLOOR, "8-bit", *LEVELS)}
     tokens = chunks = 0
     ref_nll = 0.0
-    for item in items:
+    for item in tqdm(items, desc="contexts", unit="context"):
         ids = tok.encode(item.context + item.question, add_special_tokens=False)
         ctx, suffix = ids[:args.context_tokens], ids[args.context_tokens:span]
         targets = torch.tensor(suffix[1:])
@@ -174,7 +178,8 @@ def main() -> int:
                      "vs bf16": totals["bf16"]["bytes"] / t["bytes"], "vs 8-bit": totals["8-bit"]["bytes"] / t["bytes"],
                      "encode ms/chunk": 1000 * t["encode_s"] / chunks,
                      "decode ms/chunk": 1000 * t["decode_s"] / chunks,
-                     "KL": t["kl"] / n, "agreement": t["agreement"] / n,
+                     "KL": t["kl"] / n, "agreement": t["agreement"] / n, "accuracy": t["accuracy"] / n,
+                     "accuracy vs full %": 100 * (t["accuracy"] / totals["bf16"]["accuracy"] - 1),
                      "soft CE +%": 100 * t["soft_ce_excess"] / n,
                      "perplexity +%": 100 * (math.exp((t["nll"] - ref_nll) / n) - 1), "nll": t["nll"] / n})
     print_table(rows, list(rows[0]))
