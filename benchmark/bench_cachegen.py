@@ -68,13 +68,14 @@ def score(logits: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> dic
 
 def load_member(args):
     """The engine (the default model's family, holding `--model` when given), the
-    (model_id, lora_id) whose KV is coded, and transformers' bf16 copy of that model."""
+    coded model's name (None: the default model) and (model_id, lora_id), and
+    transformers' bf16 copy of that model."""
     from droidspeak import Engine
 
     size = dict(dtype="bfloat16", max_total_tokens=8 * (args.context_tokens + 512), disable_cross_model=True)
     if not args.model:
         engine = Engine(None, **size)
-        return engine, (0, None), load_hf(engine.model_path, torch.bfloat16)
+        return engine, None, (0, None), load_hf(engine.model_path, torch.bfloat16)
     path = os.path.abspath(os.path.expanduser(args.model))
     name = os.path.basename(os.path.normpath(path))
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
@@ -87,7 +88,7 @@ def load_member(args):
         hf = load_hf(path, torch.bfloat16)
     target = engine.resolve(name)
     print(f"coding the KV of {name} ({engine.lineage[name].evidence}) with the family root's codec profile")
-    return engine, (target.model_id, target.lora_id), hf
+    return engine, name, (target.model_id, target.lora_id), hf
 
 
 def load_or_make_profile(engine, path):
@@ -118,7 +119,7 @@ def main() -> int:
     from droidspeak.crossmodel.calibration import build_items
     from droidspeak.runner.sequence import Sequence
 
-    engine, (model_id, lora_id), hf = load_member(args)
+    engine, member, (model_id, lora_id), hf = load_member(args)
     runner, tok = engine.runner, engine.tokenizer
     profile = load_or_make_profile(engine, args.codec_profile)
     span = args.context_tokens + args.continuation_tokens
@@ -183,8 +184,7 @@ def main() -> int:
                      "soft CE +%": 100 * t["soft_ce_excess"] / n,
                      "perplexity +%": 100 * (math.exp((t["nll"] - ref_nll) / n) - 1), "nll": t["nll"] / n})
     print_table(rows, list(rows[0]))
-    name = "bench_cachegen" + (f"_{os.path.basename(os.path.normpath(args.model))}" if args.model else "")
-    write_json(name, {"machine": machine(), "args": vars(args), "contexts": n, "tokens": tokens,
+    write_json("bench_cachegen" + (f"_{member}" if member else ""), {"machine": machine(), "args": vars(args), "contexts": n, "tokens": tokens,
                       "codec_profile_tag": f"{profile.tag:016x}", "rows": rows})
     return 0
 

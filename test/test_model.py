@@ -104,15 +104,16 @@ def test_default_model_bf16_logits_close_to_transformers_bf16(default_model_path
 
 
 @pytest.mark.parametrize("dims", [
-    {"hidden_size": 192, "num_attention_heads": 3, "num_key_value_heads": 1},   # head dim 64, 3 heads per KV head
-    {"hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1},   # head dim 128, 2 per KV head
+    {"hidden_size": 192, "num_attention_heads": 3, "num_key_value_heads": 1},  # head dim 64, 3 per KV head
+    {"hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1},  # head dim 128, 2 per KV head
 ])
 def test_bf16_decode_matches_a_prefill_of_the_same_tokens(tmp_path, dims):
     """Each bf16 decode step's logprob of the token it picked against one prefill
     over the prompt and every generated token (decode attention's register-tiled
     kernel against the extend path): the same greedy tokens, logprobs within
-    bf16 rounding (measured max 0.13, mean 0.03). On any CPU: the decode kernel counts its vectors by the CPU's
-    width (on AVX2 a 16-lane assumption once read half of each head)."""
+    bf16 rounding (measured max 0.13, mean 0.03). On any CPU: the decode kernel
+    counts its vectors by the CPU's width (on AVX2 a 16-lane assumption once read
+    half of each head)."""
     from droidspeak import Engine
     engine = Engine(build_tiny_model(str(tmp_path), dims=dims), dtype="bfloat16", max_total_tokens=2048)
     prompts = ["The quick brown fox", "def add(a, b):", "Radix trees share prefixes " * 6]
@@ -125,8 +126,9 @@ def test_bf16_decode_matches_a_prefill_of_the_same_tokens(tmp_path, dims):
         seq.release()
         steps = logp[len(ids) - 1:-1]
         decoded = torch.tensor([entry[0] for entry in out["meta_info"]["output_token_logprobs"]])
-        picked = steps.gather(1, torch.tensor(out["output_ids"])[:, None])[:, 0]
-        assert (steps.argmax(-1) == torch.tensor(out["output_ids"])).float().mean() >= 0.9
+        tokens = torch.tensor(out["output_ids"])
+        picked = steps.gather(1, tokens[:, None])[:, 0]
+        assert (steps.argmax(-1) == tokens).float().mean() >= 0.9
         diff = (decoded - picked).abs()  # this random model's logits reach ~+-10
         assert diff.max() <= 0.5 and diff.mean() <= 0.1, diff
     engine.shutdown()
