@@ -583,7 +583,7 @@ def test_abort_during_cross_hit_frees_everything(engine):
     engine.scheduler.step()  # the prefill with the recompute of layers [2, 4)
     assert reqs[0].cross_model_tokens >= ctx and not reqs[0].finished
     engine.scheduler.step()  # one decode step
-    assert engine.scheduler.abort_request(reqs[0].rid) is not None
+    assert engine.scheduler.abort_request(reqs[0].rid) != []
     assert_no_leak(engine)
     assert engine.runner.allocator.num_referenced >= held  # a's entry (b's may be cached too)
     again = run(engine, "b", ids, ctx)

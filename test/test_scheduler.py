@@ -99,9 +99,10 @@ def test_abort_frees_everything(tiny_engine):
     # abort of a queued request
     reqs, _ = tiny_engine.make_requests(PROMPTS[0], GREEDY)
     tiny_engine.scheduler.add_request(reqs[0])
-    out = tiny_engine.scheduler.abort_request(reqs[0].rid)
+    (out,) = tiny_engine.scheduler.abort_request(reqs[0].rid)
     assert out.finished and reqs[0].finish_reason.kind == "abort"
-    assert tiny_engine.scheduler.abort_request("no-such-rid") is None
+    assert reqs[0].finish_reason.to_dict()["cause"] == "abort_request"
+    assert tiny_engine.scheduler.abort_request("no-such-rid") == []
     assert_no_leak(tiny_engine)
 
 

@@ -49,6 +49,27 @@ class EngineConfig:
     max_running_requests: int = field(
         default=64,
         metadata={"help": 'Most requests decoding at once (rows of the request-to-token table).'})
+    max_queued_requests: int | None = field(
+        default=None,
+        metadata={"help": "Most requests admitted but not yet running (queued, tokenizing or waiting for KV); "
+                          "past it new work gets HTTP 429 with Retry-After; default: "
+                          "max(2 x max_running_requests, KV pool tokens / 256)."})
+    reserved_running_requests: int | None = field(
+        default=None,
+        metadata={"help": "Running rows kept for API calls that hold none, so one call that fans out to many "
+                          "sub-requests cannot make a small request behind it wait for the fan-out's decodes; "
+                          "default: max_running_requests / 8 when serving over HTTP, 0 offline."})
+    max_n: int = field(default=128, metadata={"help": "Most samples (n) one prompt may ask for (OpenAI's cap)."})
+    max_prompts_per_request: int = field(
+        default=256, metadata={"help": "Most prompts in one batched request (a list in text / input_ids / prompt)."})
+    max_fanout_per_request: int = field(
+        default=256,
+        metadata={"help": "Most sub-requests one request may fan out to: prompts x n, summed over its prompts."})
+    request_timeout_s: float | None = field(
+        default=None,
+        metadata={"help": "Finish a request that has not finished after this many seconds (finish_reason abort, "
+                          "cause timeout) and free its KV; a request's own request_timeout_s field may set a "
+                          "shorter or longer one; default: none."})
     max_models_per_batch: int = field(
         default=8,
         metadata={"help": "Most distinct models and adapters decoding at once (each adds its own linear or LoRA work)."})
@@ -145,6 +166,15 @@ class EngineConfig:
         for entry in self.models + self.lora_paths:
             if not isinstance(entry, str) or "=" not in entry or not entry.split("=", 1)[0]:
                 raise InvalidRequestError(f"models entries are NAME=PATH, got {entry!r}", "models")
+        if self.reserved_running_requests is not None and self.reserved_running_requests < 0:
+            raise InvalidRequestError("reserved_running_requests must be >= 0", "reserved_running_requests")
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise InvalidRequestError("max_queued_requests must be >= 0", "max_queued_requests")
+        for name in ("max_n", "max_prompts_per_request", "max_fanout_per_request"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be >= 1", name)
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise InvalidRequestError("request_timeout_s must be > 0", "request_timeout_s")
         if self.max_models_per_batch < 1:
             raise InvalidRequestError("max_models_per_batch must be >= 1", "max_models_per_batch")
         if not 0 <= self.cross_model_quality < 1:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import time
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -20,7 +21,7 @@ from droidspeak.config import EngineConfig, parse_model_entries
 from droidspeak.crossmodel.drift import MAX_TAIL_TOKENS, DriftGuard, HitSample
 from droidspeak.crossmodel.policy import CrossModelPolicy
 from droidspeak.crossmodel.profile import default_profile_dir, fingerprint
-from droidspeak.errors import InvalidRequestError, ModelNotFoundError
+from droidspeak.errors import InvalidRequestError, LimitExceededError, ModelNotFoundError, PromptTooLongError
 from droidspeak.engine.io import format_output, normalize_inputs, per_prompt
 from droidspeak.kernels import native_available
 from droidspeak.kvstore.keys import Namespace
@@ -34,10 +35,10 @@ from droidspeak.models.default_model import cache_dir, resolve_model_path
 from droidspeak.models.lineage import DECLARED_BASE_KEY, LineageInfo, check_family
 from droidspeak.runner.model_runner import KVLayout, ModelRunner
 from droidspeak.sampling.params import SamplingParams
-from droidspeak.scheduler.request import Req
+from droidspeak.scheduler.request import AbortCause, Req
 from droidspeak.scheduler.scheduler import Scheduler
 from droidspeak.tokenizer.detokenizer import IncrementalDetokenizer
-from droidspeak.tokenizer.tokenizer import eos_token_ids, load_tokenizer
+from droidspeak.tokenizer.tokenizer import encode_text, eos_token_ids, load_tokenizer, max_token_chars
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class Engine:
         if len(set(names)) != len(names):
             raise InvalidRequestError(f"model names must be unique, got {names}", "models")
         self.tokenizer = load_tokenizer(self.model_path)
+        self._max_token_chars = max_token_chars(self.tokenizer)
+        self._call_ids = itertools.count(1)  # Req.group of each make_requests call
         self.cross_policy = self._load_cross_policy(root_name, members)
         self.runner = ModelRunner(self.config, [p for _, p in members], kv_layout or self.cross_policy.layout)
         self._full_model_names = names
@@ -286,20 +289,48 @@ class Engine:
     # ---- request construction ---------------------------------------------
     def make_requests(self, prompt=None, sampling_params=None, input_ids=None, *,
                       return_logprob=False, logprob_start_len=None, top_logprobs_num=0,
-                      stream=False, rid=None, model: str | None = None) -> tuple[list[Req], bool]:
-        """Validated requests for a (batched) call; the bool says whether the
+                      stream=False, rid=None, model: str | None = None,
+                      timeout_s: float | None = None) -> tuple[list[Req], bool]:
+        """Validated requests for one (batched) call; the bool says whether the
         caller passed a single prompt. The logprob arguments take one value for all
-        prompts or a list with one per prompt."""
+        prompts or a list with one per prompt. `timeout_s` (default: the config's
+        request_timeout_s) aborts the requests that run longer. The fan-out limits
+        are checked before any text is tokenized."""
         target = self.resolve(model)
-        prompts, params_list, rids, single = normalize_inputs(
-            prompt, input_ids, sampling_params, rid, self.tokenizer)
+        prompts, params_list, rids, single = normalize_inputs(prompt, input_ids, sampling_params, rid)
         n = len(prompts)
+        c = self.config
+        if n > c.max_prompts_per_request:
+            raise LimitExceededError(f"{n} prompts in one request; at most {c.max_prompts_per_request} "
+                                     "(max_prompts_per_request)", "input_ids" if prompt is None else "text",
+                                     "max_prompts_per_request")
+        params_list = [SamplingParams.from_dict(raw) for raw in params_list]
+        for params in params_list:
+            if params.n > c.max_n:
+                raise LimitExceededError(f"n is {params.n}; at most {c.max_n} (max_n)", "n", "max_n")
+        fanout = sum(params.n for params in params_list)
+        if fanout > c.max_fanout_per_request:
+            raise LimitExceededError(f"the request fans out to {fanout} sub-requests (prompts x n); at most "
+                                     f"{c.max_fanout_per_request} (max_fanout_per_request)", "n",
+                                     "max_fanout_per_request")
+        timeout_s = c.request_timeout_s if timeout_s is None else timeout_s
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                      or not timeout_s > 0):
+            raise InvalidRequestError(f"request_timeout_s must be a number > 0, got {timeout_s!r}",
+                                      "request_timeout_s")
         logprob_args = zip(per_prompt(return_logprob, "return_logprob", n),
                            per_prompt(logprob_start_len, "logprob_start_len", n),
                            per_prompt(top_logprobs_num, "top_logprobs_num", n))
+        vocab = self.runner.model_config.vocab_size
+        group = next(self._call_ids)
+        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
         reqs = []
-        for ids, raw_params, base_rid, (want_logprob, start, top) in zip(prompts, params_list, rids, logprob_args):
-            params = SamplingParams.from_dict(raw_params)
+        for text_or_ids, params, base_rid, (want_logprob, start, top) in zip(
+                prompts, params_list, rids, logprob_args):
+            if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= vocab):
+                raise InvalidRequestError(f"top_logprobs_num must be an integer in [0, {vocab}], got {top!r}",
+                                          "top_logprobs_num")
+            ids = self._encode(text_or_ids, params) if isinstance(text_or_ids, str) else text_or_ids
             self.scheduler.validate(ids, params.max_new_tokens)
             for copy in range(params.n):
                 seed = (params.sampling_seed + copy if params.sampling_seed is not None
@@ -318,21 +349,37 @@ class Engine:
                     model_id=target.model_id,
                     lora_id=target.lora_id,
                     cache_namespace=target.cache_namespace,
+                    parent_rid=base_rid,
+                    group=group,
+                    deadline=deadline,
                 ))
         return reqs, single and len(reqs) == 1
+
+    def _encode(self, text: str, params: SamplingParams) -> list[int]:
+        self.check_text_length(len(text), params.max_new_tokens)
+        return encode_text(self.tokenizer, text)
+
+    def check_text_length(self, chars: int, max_new_tokens: int = 0, field: str = "text") -> None:
+        """Refuse, before tokenizing, text too long for the context whatever its
+        tokens (tokenizing it would be work bounded only by the body size)."""
+        room = max(self.runner.context_length - max_new_tokens, 1)
+        if chars > room * self._max_token_chars:
+            raise PromptTooLongError(
+                f"{field} has {chars} characters: more than the context length ({self.runner.context_length} "
+                f"tokens, of at most {self._max_token_chars} characters each) can hold", field)
 
     # ---- public API -----------------------------------------------------------
     def generate(self, prompt=None, sampling_params=None, input_ids=None, stream: bool = False,
                  return_logprob: bool = False, logprob_start_len: int | None = None,
                  top_logprobs_num: int = 0, return_text_in_logprobs: bool = False, rid=None,
-                 model: str | None = None):
+                 model: str | None = None, timeout_s: float | None = None):
         """One prompt (text or ids) -> one SGLang-shaped dict; a list -> a list.
         With stream=True, an iterator of dicts with cumulative text. `model` picks a
         family member by name (default: the root model)."""
         reqs, single = self.make_requests(
             prompt, sampling_params, input_ids, return_logprob=return_logprob,
             logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
-            stream=stream, rid=rid, model=model)
+            stream=stream, rid=rid, model=model, timeout_s=timeout_s)
         fmt = dict(tokenizer=self.tokenizer, return_text_in_logprobs=return_text_in_logprobs)
         if stream:
             return self._stream(reqs, single, fmt)
@@ -350,9 +397,9 @@ class Engine:
             while not all(r.finished for r in reqs):
                 yield from self.scheduler.step()
         finally:
-            for r in reqs:
-                if not r.finished:
-                    self.scheduler.abort_request(r.rid)
+            unfinished = [r for r in reqs if not r.finished]
+            if unfinished:
+                self.scheduler.abort(unfinished, AbortCause.DISCONNECT)
 
     def _stream(self, reqs: list[Req], single: bool, fmt: dict) -> Iterator[dict]:
         index = {id(r): i for i, r in enumerate(reqs)}

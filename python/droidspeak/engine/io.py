@@ -6,19 +6,18 @@ import uuid
 
 from droidspeak.errors import InvalidRequestError
 from droidspeak.scheduler.request import Req
-from droidspeak.tokenizer.tokenizer import encode_text
 
 
-def normalize_inputs(prompt, input_ids, sampling_params, rid, tokenizer):
-    """-> (token id lists, sampling param dicts, rids, single?)."""
+def normalize_inputs(prompt, input_ids, sampling_params, rid):
+    """-> (prompts: texts or token id lists, sampling param dicts, rids, single?).
+    Texts are not tokenized here: the caller checks its limits first."""
     if (prompt is None) == (input_ids is None):
         raise InvalidRequestError("give exactly one of text (prompt) or input_ids", "text")
     if prompt is not None:
         single = isinstance(prompt, str)
-        texts = [prompt] if single else prompt
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        prompts = [prompt] if single else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(t, str) for t in prompts):
             raise InvalidRequestError("text must be a string or a non-empty list of strings", "text")
-        prompts = [encode_text(tokenizer, t) for t in texts]
     else:
         single = isinstance(input_ids, list) and bool(input_ids) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in input_ids)

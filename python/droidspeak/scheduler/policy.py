@@ -13,24 +13,30 @@ def order_waiting(waiting: list[Req], policy: str, cache: PrefixCache,
     """lpm: longest cached prefix first (ties keep arrival order); fcfs: arrival order.
     When several models (or adapters) wait, their queues are interleaved round-robin,
     the model admitted least recently (`last_admitted`: namespace -> step) first, so
-    that one model's backlog cannot starve another."""
+    that one model's backlog cannot starve another. Within a model, API calls
+    (`Req.group`) are interleaved the same way in order of arrival, so a small call
+    behind a large batch is not served after the whole batch."""
     if policy == "fcfs" or len(waiting) > LPM_MAX_QUEUE:
         ordered = list(waiting)
     else:
         matched = {id(r): cache.match_prefix(r.cache_key[:r.max_prefix_len], r.cache_variant).length
                    for r in waiting}
         ordered = sorted(waiting, key=lambda r: -matched[id(r)])
-    return interleave_by_model(ordered, last_admitted or {})
+    by_call = round_robin(ordered, lambda r: r.group, lambda group: 0)
+    last_admitted = last_admitted or {}
+    return round_robin(by_call, lambda r: r.cache_namespace, lambda ns: last_admitted.get(ns, -1))
 
 
-def interleave_by_model(reqs: list[Req], last_admitted: dict[int, int]) -> list[Req]:
-    queues: dict[int, list[Req]] = {}
+def round_robin(reqs: list[Req], key, rank) -> list[Req]:
+    """`reqs` split by `key` into queues (each keeping its order), then taken one
+    from each queue per round, queues ordered by `rank` (ties: first seen first)."""
+    queues: dict = {}
     for r in reqs:
-        queues.setdefault(r.cache_namespace, []).append(r)
+        queues.setdefault(key(r), []).append(r)
     if len(queues) < 2:
         return reqs
     out = []
-    lists = [queues[ns] for ns in sorted(queues, key=lambda ns: last_admitted.get(ns, -1))]
+    lists = [queues[k] for k in sorted(queues, key=rank)]
     for i in range(max(len(q) for q in lists)):
         out.extend(q[i] for q in lists if i < len(q))
     return out

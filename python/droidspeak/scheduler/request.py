@@ -1,6 +1,7 @@
 """Request state as the scheduler sees it."""
 from __future__ import annotations
 
+import enum
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,12 +15,22 @@ from droidspeak.tokenizer.detokenizer import IncrementalDetokenizer
 Logprob = tuple[float | None, int]
 
 
+class AbortCause(str, enum.Enum):
+    """Why a request was aborted (the `cause` of an abort finish reason)."""
+    DISCONNECT = "disconnect"          # its client went away
+    ABORT_REQUEST = "abort_request"    # /abort_request named it
+    TIMEOUT = "timeout"                # it outlived its request_timeout_s
+    KV_POOL = "kv_pool"                # it outgrew the whole KV pool
+    INTERNAL = "internal_error"        # a step failed under it
+
+
 @dataclass
 class FinishReason:
     kind: str                       # "stop" | "length" | "abort"
     matched: int | str | None = None
     length: int | None = None
     message: str | None = None
+    cause: AbortCause | None = None  # set for "abort"
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"type": self.kind}
@@ -29,6 +40,8 @@ class FinishReason:
             out["length"] = self.length
         else:
             out["message"] = self.message
+            if self.cause is not None:
+                out["cause"] = self.cause.value
         return out
 
 
@@ -46,6 +59,9 @@ class Req:
     model_id: int = 0             # which family member serves this request
     lora_id: int | None = None    # LoRA adapter applied on top of that member
     cache_namespace: int = 0      # prefix-cache variant: one per model and per adapter
+    parent_rid: str | None = None  # the rid the caller gave, for each sample of an n > 1 prompt
+    group: int = 0                # one per API call: admission interleaves calls (scheduler.policy)
+    deadline: float | None = None  # perf_counter time past which the request is aborted
 
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None

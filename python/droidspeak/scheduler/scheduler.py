@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
@@ -20,7 +21,7 @@ from droidspeak.scheduler.finish import append_token, finish
 from droidspeak.scheduler.output import RequestOutput
 from droidspeak.scheduler.policy import order_waiting
 from droidspeak.scheduler.prefill import PrefillAdder, build_prefill_batch, decode_reserve
-from droidspeak.scheduler.request import FinishReason, Req
+from droidspeak.scheduler.request import AbortCause, FinishReason, Req
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,14 @@ logger = logging.getLogger(__name__)
 INIT_NEW_TOKEN_RATIO = 0.7
 MIN_NEW_TOKEN_RATIO = 0.1
 NEW_TOKEN_RATIO_DECAY = 0.001
+
+ABORT_MESSAGES = {
+    AbortCause.DISCONNECT: "the client disconnected",
+    AbortCause.ABORT_REQUEST: "aborted by the client",
+    AbortCause.TIMEOUT: "the request timed out",
+    AbortCause.KV_POOL: "the request outgrew the KV pool",
+    AbortCause.INTERNAL: "an internal error stopped the request",
+}
 
 
 class Scheduler:
@@ -63,6 +72,8 @@ class Scheduler:
         self.num_retractions = 0
         self.num_forward_steps = 0
         self._last_admitted: dict[int, int] = {}  # cache namespace -> step of its last admission
+        # Running rows that only calls holding no row may take (see EngineConfig).
+        self.reserved_rows = min(config.reserved_running_requests or 0, config.max_running_requests - 1)
 
     # ---- queue operations -------------------------------------------------
     def validate(self, input_ids: list[int], max_new_tokens: int) -> None:
@@ -105,24 +116,43 @@ class Scheduler:
             candidates.append((variant, self.cache.match_prefix(key, variant).length, e_layers))
         req.store_prefetch = self.offloader.prefetch(key, len(key), candidates)
 
-    def abort_request(self, rid: str) -> RequestOutput | None:
-        for queue in (self.waiting, self.running):
-            for req in queue:
-                if req.rid == rid:
-                    queue.remove(req)
-                    return self._abort(req, "aborted by the client")
-        if self.chunked_req is not None and self.chunked_req.rid == rid:
-            req, self.chunked_req = self.chunked_req, None
-            return self._abort(req, "aborted by the client")
-        return None
+    def abort_request(self, rid: str, cause: AbortCause = AbortCause.ABORT_REQUEST) -> list[RequestOutput]:
+        """Abort every request named `rid`, and every sample of an n > 1 prompt
+        given that rid; returns their final outputs (none if nothing matched)."""
+        return [self._abort(req, cause) for req in self._take(lambda r: r.rid == rid or r.parent_rid == rid)]
 
-    def _abort(self, req: Req, message: str) -> RequestOutput:
+    def abort(self, reqs: list[Req], cause: AbortCause) -> list[RequestOutput]:
+        """Abort these request objects wherever they are (queued, chunked or running)."""
+        ids = {id(r) for r in reqs}
+        return [self._abort(req, cause) for req in self._take(lambda r: id(r) in ids)]
+
+    def abort_all(self, cause: AbortCause) -> list[RequestOutput]:
+        return [self._abort(req, cause) for req in self._take(lambda r: True)]
+
+    def _take(self, match) -> list[Req]:
+        """Remove the matching requests from the queues and the chunked slot."""
+        taken = [r for r in self.waiting + self.running if match(r)]
+        if taken:
+            self.waiting = [r for r in self.waiting if not match(r)]
+            self.running = [r for r in self.running if not match(r)]
+        if self.chunked_req is not None and match(self.chunked_req):
+            taken.append(self.chunked_req)
+            self.chunked_req = None
+        return taken
+
+    def _abort(self, req: Req, cause: AbortCause, message: str | None = None) -> RequestOutput:
         future, req.store_prefetch = req.store_prefetch, None
         if future is not None and not future.cancel() and future.done() and future.result() is not None:
             future.result()[1].cancel()  # its fetches still queued
-        finish(req, FinishReason("abort", message=message))
+        finish(req, FinishReason("abort", message=message or ABORT_MESSAGES[cause], cause=cause))
         self.cache.release_req(req)
         return RequestOutput(req, finished=True)
+
+    def _expire(self, outputs: list[RequestOutput]) -> None:
+        """Abort the requests whose deadline has passed."""
+        now = time.perf_counter()
+        expired = self._take(lambda r: r.deadline is not None and r.deadline <= now)
+        outputs.extend(self._abort(r, AbortCause.TIMEOUT) for r in expired)
 
     @property
     def has_work(self) -> bool:
@@ -147,6 +177,7 @@ class Scheduler:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
+        self._expire(outputs)
         entries = self._schedule_prefill()
         if entries:
             self._run_prefill(entries, outputs)
@@ -194,9 +225,15 @@ class Scheduler:
             if not adder.add_chunked(self.chunked_req):
                 return []
             self.chunked_req = None
+        max_rows = self.config.max_running_requests
+        shared_rows = max_rows - self.reserved_rows
+        rows_of = Counter(r.group for r in self.running)
         for req in order_waiting(self.waiting, self.config.schedule_policy, self.cache, self._last_admitted):
-            if len(self.running) + len(adder.entries) >= self.config.max_running_requests:
+            taken = len(self.running) + len(adder.entries)
+            if taken >= max_rows:
                 break
+            if taken >= shared_rows and rows_of[req.group]:
+                continue  # the last rows are for calls that hold none
             if self._store_waits(req):
                 continue  # its KV is still on the way from the store; others go first
             if not adder.model_fits(req):
@@ -206,6 +243,7 @@ class Scheduler:
             if not adder.add(req):
                 break
             self.waiting.remove(req)
+            rows_of[req.group] += 1
             self._last_admitted[req.cache_namespace] = self.num_forward_steps
         return adder.entries
 
@@ -294,7 +332,7 @@ class Scheduler:
             if not self.running:
                 # A single request outgrew the whole pool: it cannot continue.
                 victim = retracted.pop()
-                outputs.append(self._abort(victim, "the request outgrew the KV pool "
+                outputs.append(self._abort(victim, AbortCause.KV_POOL, "the request outgrew the KV pool "
                                                    f"({self.runner.max_total_tokens} tokens)"))
             self.waiting[:0] = retracted
             if not self.running:

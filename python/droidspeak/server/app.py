@@ -5,6 +5,7 @@ Every hosted model has a name; the native endpoints also live under
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -13,8 +14,11 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from droidspeak.errors import DroidspeakError, InvalidRequestError, ModelNotFoundError
+from droidspeak.errors import (BodyTooLargeError, DroidspeakError, InvalidRequestError, LimitExceededError,
+                               ModelNotFoundError, QueueFullError)
+from droidspeak.scheduler.request import AbortCause
 from droidspeak.server.async_engine import AsyncEngine
+from droidspeak.server.launch import DEFAULT_MAX_BODY_MB
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +30,8 @@ class ServerState:
     engine: AsyncEngine
     api_key: str | None = None
     log_requests: bool = False
+    max_body_bytes: int = DEFAULT_MAX_BODY_MB << 20
+    metrics: object = None  # server.metrics.ServerMetrics, set by create_app
 
     @property
     def model_names(self) -> list[str]:
@@ -62,25 +68,18 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(DroidspeakError)
     async def on_engine_error(request: Request, exc: DroidspeakError):
-        status = 404 if isinstance(exc, ModelNotFoundError) else 400
-        kind = "not_found_error" if status == 404 else "invalid_request_error"
-        param = exc.field if isinstance(exc, InvalidRequestError) else None
-        return JSONResponse(error_body(str(exc), status, param, kind), status_code=status)
+        return engine_error_response(state, exc)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if state.api_key and request.url.path != "/health":
-            if request.headers.get("authorization") != f"Bearer {state.api_key}":
-                return JSONResponse(error_body("invalid or missing API key", 401, kind="authentication_error"),
-                                    status_code=401)
-        return await call_next(request)
+
+    app.add_middleware(AdmissionMiddleware, state=state)
 
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from fastapi.responses import Response
 
     from droidspeak.server.metrics import ServerMetrics
     metrics = ServerMetrics(state.engine.scheduler, state.model_names, state.log_requests,
-                            name_of=state.engine.engine.model_name_of)
+                            name_of=state.engine.engine.model_name_of, queued=lambda: state.engine.num_queued)
+    state.metrics = metrics
     state.engine.on_finished = metrics.observe_finished
 
     @app.get("/metrics")
@@ -100,6 +99,57 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse(error_body(str(exc.detail), exc.status_code), status_code=exc.status_code)
 
     return app
+
+
+def engine_error_response(state: ServerState, exc: DroidspeakError) -> JSONResponse:
+    """The 4xx for a typed error (counted in /metrics when a limit refused it)."""
+    headers = None
+    if isinstance(exc, ModelNotFoundError):
+        status, kind = 404, "not_found_error"
+    elif isinstance(exc, QueueFullError):
+        status, kind, headers = 429, "rate_limit_error", {"Retry-After": str(exc.retry_after_s)}
+        state.metrics.rejected.labels(reason="queue_full").inc()
+    elif isinstance(exc, BodyTooLargeError):
+        status, kind = 413, "invalid_request_error"
+        state.metrics.rejected.labels(reason="body_size").inc()
+    else:
+        status, kind = 400, "invalid_request_error"
+        if isinstance(exc, LimitExceededError):
+            state.metrics.rejected.labels(reason="limit").inc()
+    param = exc.field if isinstance(exc, InvalidRequestError) else None
+    body = error_body(str(exc), status, param, kind)
+    if isinstance(exc, LimitExceededError):
+        body["error"]["limit"] = exc.limit
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class AdmissionMiddleware:
+    """The API key check and the body size cap (from Content-Length, before any of
+    the body is read). Plain ASGI: Starlette's BaseHTTPMiddleware would hide the
+    client's disconnect from the handlers, which must abort work on it."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        headers = dict(scope["headers"])
+        key = self.state.api_key
+        if key and scope["path"] != "/health":
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if given != f"Bearer {key}":
+                return JSONResponse(error_body("invalid or missing API key", 401, kind="authentication_error"),
+                                    status_code=401)
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.state.max_body_bytes:
+            return engine_error_response(self.state, body_too_large(int(declared), self.state.max_body_bytes))
+        return None
 
 
 def body_schema(model) -> dict:
@@ -122,29 +172,75 @@ async def parse_body(request: Request, model):
                                   if field else first.get("msg"), field) from None
 
 
+def body_too_large(size: int, cap: int) -> BodyTooLargeError:
+    return BodyTooLargeError(f"the request body is {size} bytes or more; at most {cap} "
+                             f"(--max-request-body-mb {cap >> 20})")
+
+
+def fanout(prompts: int, sampling_params) -> int:
+    """Sub-requests a call of `prompts` prompts asks for, read before validation
+    (for the queue check only: make_requests enforces the real limits)."""
+    def n_of(p) -> int:
+        n = p.get("n", 1) if isinstance(p, dict) else 1
+        return n if isinstance(n, int) and n > 0 else 1
+    if isinstance(sampling_params, list):
+        return sum(n_of(p) for p in sampling_params) or prompts
+    return max(prompts, 1) * n_of(sampling_params)
+
+
+async def prepare(request: Request, aengine: AsyncEngine, count: int, make) -> list:
+    """The sub-requests `make()` builds (it tokenizes, so it runs on the tokenizer
+    thread), after reserving queue room for `count` of them (429 if there is none).
+    If the client went away meanwhile, nothing is submitted."""
+    reqs = await aengine.prepare(count, make)
+    if await request.is_disconnected():
+        request.app.state.ds.metrics.aborted.labels(cause=AbortCause.DISCONNECT.value).inc(len(reqs))
+        raise ClientDisconnected()
+    return reqs
+
+
+async def _until_disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
 async def collect(aengine: AsyncEngine, reqs, fmt: dict, request: Request) -> list[dict]:
     """Final results of `reqs`; if the client disconnects first, the requests are
     aborted (their KV freed) and the handler gives up."""
-    import asyncio
+    results: list = [None] * len(reqs)
+    async for index, result, finished in guard(request, aengine.generate(reqs, fmt)):
+        if finished:
+            results[index] = result
+    if any(r is None for r in results):
+        raise ClientDisconnected()
+    return results
 
-    async def consume():
-        results: list = [None] * len(reqs)
-        async for index, result, finished in aengine.generate(reqs, fmt):
-            if finished:
-                results[index] = result
-        return results
 
-    async def watch():
-        while not await request.is_disconnected():
-            await asyncio.sleep(DISCONNECT_POLL_S)
-
-    work, watcher = asyncio.ensure_future(consume()), asyncio.ensure_future(watch())
-    done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    if work in done:
+async def guard(request: Request, events):
+    """Yield what the async iterator `events` yields until the client disconnects;
+    then close it (AsyncEngine.generate aborts its unfinished requests on close).
+    Watching for the disconnect matters while nothing is sent: a queued request,
+    or a stream between tokens, would otherwise notice only at its next write."""
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    step = None
+    try:
+        while True:
+            step = asyncio.ensure_future(events.__anext__())
+            done, _ = await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if step not in done:
+                return
+            try:
+                item = step.result()
+            except StopAsyncIteration:
+                return
+            step = None
+            yield item
+    finally:
         watcher.cancel()
-        return work.result()
-    work.cancel()  # the generator's cleanup aborts the unfinished requests
-    raise ClientDisconnected()
+        if step is not None and not step.done():
+            step.cancel()  # the iterator may be closed only once this step has left it
+            await asyncio.wait({step})
+        await events.aclose()
 
 
 class ClientDisconnected(Exception):
@@ -152,8 +248,15 @@ class ClientDisconnected(Exception):
 
 
 async def read_json(request: Request) -> dict:
-    """The body as a JSON object, or a 400 naming what is wrong."""
-    raw = await request.body()
+    """The body as a JSON object, or a 400 naming what is wrong (413 past the size cap)."""
+    cap = request.app.state.ds.max_body_bytes
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise body_too_large(size, cap)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw) if raw else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -24,11 +24,14 @@ from collections.abc import AsyncIterator, Callable
 
 from droidspeak.engine.engine import Engine
 from droidspeak.engine.io import format_output
-from droidspeak.scheduler.request import Req
+from droidspeak.errors import QueueFullError
+from droidspeak.scheduler.request import AbortCause, Req
 
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05  # how long the loop sleeps on an empty inbox when idle
+QUEUE_TOKENS_PER_REQUEST = 256  # default queue limit: one queued request per this many KV pool tokens
+RETRY_AFTER_S = 1  # Retry-After of a 429 for a full queue
 
 
 class AsyncEngine:
@@ -45,12 +48,23 @@ class AsyncEngine:
         self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, dict]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="droidspeak-scheduler", daemon=True)
+        # Tokenizing runs off the event loop, one call at a time (the tokenizer is not
+        # safe for concurrent encodes); its backlog is bounded by max_queued_requests.
+        self._tokenizer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="droidspeak-tokenizer")
+        self._preparing = 0       # sub-requests being tokenized (event loop only)
+        self._in_inbox = 0        # sub-requests handed to the scheduler thread, not yet queued there
+        self._inbox_lock = threading.Lock()
         self.started = time.time()
         self.on_finished: Callable[[Req], None] | None = None  # metrics hook, called on the scheduler thread
 
     def _attach(self, engine: Engine) -> None:
         self.engine = engine
         self.scheduler = engine.scheduler
+        c = engine.config
+        self.max_queued_requests = c.max_queued_requests if c.max_queued_requests is not None else max(
+            2 * c.max_running_requests, engine.runner.max_total_tokens // QUEUE_TOKENS_PER_REQUEST)
+        logger.info("queue limit: %d requests waiting beyond %d running", self.max_queued_requests,
+                    c.max_running_requests)
 
     def start(self) -> None:
         """Start the scheduler thread; returns once the engine is ready, or raises
@@ -62,8 +76,31 @@ class AsyncEngine:
         self._stop.set()
         self._inbox.put(None)
         self._thread.join(timeout=10)
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
 
     # ---- called from the event loop ------------------------------------------
+    @property
+    def num_queued(self) -> int:
+        """Sub-requests admitted but not running: tokenizing, on their way to the
+        scheduler, waiting or mid-way through a chunked prefill."""
+        s = self.scheduler
+        return self._preparing + self._in_inbox + len(s.waiting) + (s.chunked_req is not None)
+
+    async def prepare(self, count: int, make: Callable[[], list[Req]]) -> list[Req]:
+        """Room for `count` sub-requests in the queue (QueueFullError if there is
+        none), then `make()` (which tokenizes) on the tokenizer thread. A count
+        over the fan-out limit reserves the limit: make() refuses the call."""
+        count = min(count, self.engine.config.max_fanout_per_request)
+        if self.num_queued + count > self.max_queued_requests:
+            raise QueueFullError(f"the server's queue is full ({self.num_queued} requests waiting, at most "
+                                 f"{self.max_queued_requests}: max_queued_requests); retry later",
+                                 RETRY_AFTER_S)
+        self._preparing += count
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._tokenizer, make)
+        finally:
+            self._preparing -= count
+
     async def generate(self, reqs: list[Req], fmt: dict) -> AsyncIterator[tuple[int, dict, bool]]:
         """Yield (index in reqs, formatted output, finished) as the scheduler reports
         progress. If the consumer stops early (client gone), the rest is aborted."""
@@ -71,6 +108,8 @@ class AsyncEngine:
         out_queue: asyncio.Queue = asyncio.Queue()
         for i, r in enumerate(reqs):
             self._streams[id(r)] = (loop, out_queue, dict(fmt, index=i))
+        with self._inbox_lock:
+            self._in_inbox += len(reqs)
         self._inbox.put(("add", reqs))
         pending = len(reqs)
         try:
@@ -82,12 +121,13 @@ class AsyncEngine:
         finally:
             unfinished = [r for r in reqs if not r.finished]
             if unfinished:
-                self._inbox.put(("abort", [r.rid for r in unfinished]))
+                self._inbox.put(("abort", unfinished))
             for r in reqs:
                 self._streams.pop(id(r), None)
 
     def abort(self, rid: str) -> None:
-        self._inbox.put(("abort", [rid]))
+        """Abort the requests named `rid` (and each sample of an n > 1 prompt given it)."""
+        self._inbox.put(("abort_rid", rid))
 
     async def call(self, fn: Callable):
         """Run `fn()` on the scheduler thread (between steps) and await its result."""
@@ -133,11 +173,14 @@ class AsyncEngine:
             if kind == "add":
                 for r in payload:
                     self.scheduler.enqueue(r)
-            elif kind == "abort":
-                for rid in payload:
-                    out = self.scheduler.abort_request(rid)
-                    if out is not None:
-                        self._publish(out.req, True)
+                with self._inbox_lock:
+                    self._in_inbox -= len(payload)
+            elif kind == "abort":  # their client went away
+                for out in self.scheduler.abort(payload, AbortCause.DISCONNECT):
+                    self._publish(out.req, True)
+            elif kind == "abort_rid":
+                for out in self.scheduler.abort_request(payload):
+                    self._publish(out.req, True)
             elif kind == "call":
                 fn, future = payload
                 try:
@@ -150,12 +193,7 @@ class AsyncEngine:
                 item = None
 
     def _abort_everything(self):
-        outs = []
-        for r in list(self.scheduler.running) + list(self.scheduler.waiting):
-            out = self.scheduler.abort_request(r.rid)
-            if out is not None:
-                outs.append(out)
-        return outs
+        return self.scheduler.abort_all(AbortCause.INTERNAL)
 
     def _publish(self, req: Req, finished: bool) -> None:
         if finished and self.on_finished is not None:

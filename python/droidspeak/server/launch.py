@@ -5,10 +5,18 @@ import argparse
 import logging
 import signal
 
+from droidspeak.config import EngineConfig
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 30000
+DEFAULT_MAX_BODY_MB = 64
+RESERVED_ROW_SHARE = 1 / 8  # of max_running_requests, by default, for calls holding no row
+
+
+def serving_reserved_rows(max_running_requests: int) -> int:
+    return max(1, int(max_running_requests * RESERVED_ROW_SHARE)) if max_running_requests > 1 else 0
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +24,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (not on /health)")
     parser.add_argument("--log-requests", action="store_true", help="log every request")
+    parser.add_argument("--max-request-body-mb", type=int, default=DEFAULT_MAX_BODY_MB,
+                        help="refuse request bodies larger than this with 413, before reading them "
+                             f"(default: {DEFAULT_MAX_BODY_MB})")
 
 
 def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
@@ -25,10 +36,16 @@ def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
     from droidspeak.server.app import ServerState, create_app
     from droidspeak.server.async_engine import AsyncEngine
 
+    if engine_kwargs.get("reserved_running_requests") is None:
+        engine_kwargs = dict(engine_kwargs, reserved_running_requests=serving_reserved_rows(
+            engine_kwargs.get("max_running_requests") or EngineConfig.max_running_requests))
     aengine = AsyncEngine(factory=lambda: Engine(**engine_kwargs))
     aengine.start()
     engine = aengine.engine
-    app = create_app(ServerState(aengine, api_key=args.api_key, log_requests=args.log_requests))
+    logger.info("%d of %d running rows kept for calls holding none", engine.scheduler.reserved_rows,
+                engine.config.max_running_requests)
+    app = create_app(ServerState(aengine, api_key=args.api_key, log_requests=args.log_requests,
+                                 max_body_bytes=args.max_request_body_mb << 20))
     logger.info("serving %s on http://%s:%d", ", ".join(engine.model_names), args.host, args.port)
     # uvicorn catches SIGINT/SIGTERM, shuts down gracefully, then re-raises the signal
     # under the handlers it found installed: make those no-ops so that a requested

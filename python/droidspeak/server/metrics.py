@@ -16,8 +16,11 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1
 
 
 class ServerMetrics:
-    def __init__(self, scheduler, model_names: list[str], log_requests: bool = False, name_of=None):
-        """`name_of(req)` names the model (or adapter) that served a request."""
+    def __init__(self, scheduler, model_names: list[str], log_requests: bool = False, name_of=None,
+                 queued=None):
+        """`name_of(req)` names the model (or adapter) that served a request;
+        `queued()` counts the requests admitted and not yet running (default: the
+        scheduler's waiting queue)."""
         model_name = model_names[0]
         self.model_names = model_names
         self.name_of = name_of or (lambda req: self.model_names[req.model_id])
@@ -38,11 +41,15 @@ class ServerMetrics:
                              ["model_name"], buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("droidspeak_e2e_request_latency_seconds", "End-to-end request latency", ["model_name"],
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.rejected = Counter("droidspeak_rejected_requests", "Requests refused by a limit, by reason "
+                                "(queue_full: 429, limit: 400, body_size: 413)", ["reason"], registry=r)
+        self.aborted = Counter("droidspeak_aborted_requests", "Sub-requests aborted, by cause", ["cause"],
+                               registry=r)
         runner = scheduler.runner
         Gauge("droidspeak_num_running_reqs", "Requests decoding", ["model_name"], registry=r).labels(
             **labels).set_function(lambda: len(scheduler.running))
-        Gauge("droidspeak_num_queue_reqs", "Requests waiting", ["model_name"], registry=r).labels(
-            **labels).set_function(lambda: len(scheduler.waiting))
+        Gauge("droidspeak_num_queue_reqs", "Requests admitted and not yet running", ["model_name"],
+              registry=r).labels(**labels).set_function(queued or (lambda: len(scheduler.waiting)))
         Gauge("droidspeak_kv_pool_usage", "Share of KV slots held by requests or the prefix cache", ["model_name"],
               registry=r).labels(**labels).set_function(
             lambda: 1 - scheduler.allocator.available_size / runner.max_total_tokens)
@@ -55,6 +62,8 @@ class ServerMetrics:
 
     def observe_finished(self, req: Req) -> None:
         reason = req.finish_reason.kind if req.finish_reason else "unknown"
+        if req.finish_reason is not None and req.finish_reason.cause is not None:
+            self.aborted.labels(cause=req.finish_reason.cause.value).inc()
         model = self.name_of(req)
         self.requests.labels(model_name=model, finish_reason=reason).inc()
         self.prompt_tokens.labels(model_name=model).inc(len(req.origin_input_ids))

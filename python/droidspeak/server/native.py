@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 from droidspeak.errors import InvalidRequestError
 from droidspeak.tokenizer.tokenizer import encode_text
-from droidspeak.server.app import ServerState, body_schema, collect, parse_body, read_json
+from droidspeak.server.app import ServerState, body_schema, collect, fanout, guard, parse_body, prepare, read_json
 
 router = APIRouter()
 
@@ -28,6 +28,7 @@ class GenerateRequest(BaseModel):
     rid: str | list[str] | None = None
     model: str | None = None
     lora_path: str | list[str | None] | None = None
+    request_timeout_s: float | None = None
 
 
 def _state(request: Request) -> ServerState:
@@ -45,14 +46,18 @@ async def generate(request: Request, model_name: str | None = None):
     model = model_name or body.model or lora
     aengine = _engine_for(request, model)
     engine = aengine.engine
-    reqs, single = engine.make_requests(
+    single_prompt = isinstance(body.text, str) or (body.text is None and bool(body.input_ids) and all(
+        isinstance(t, int) for t in body.input_ids))
+    prompts = 1 if single_prompt else len(body.text if body.text is not None else body.input_ids or [])
+    reqs = await prepare(request, aengine, fanout(prompts, body.sampling_params), lambda: engine.make_requests(
         body.text, body.sampling_params, body.input_ids, return_logprob=body.return_logprob,
         logprob_start_len=body.logprob_start_len, top_logprobs_num=body.top_logprobs_num,
-        stream=body.stream, rid=body.rid, model=model)
+        stream=body.stream, rid=body.rid, model=model, timeout_s=body.request_timeout_s)[0])
+    single = single_prompt and len(reqs) == 1
     fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=body.return_text_in_logprobs)
     if body.stream:
         async def events():
-            async for index, result, _ in aengine.generate(reqs, fmt):
+            async for index, result, _ in guard(request, aengine.generate(reqs, fmt)):
                 if not single:
                     result["index"] = index
                 yield f"data: {json.dumps(result)}\n\n"
@@ -108,6 +113,8 @@ async def server_info(request: Request, model_name: str | None = None):
     info.update(model_path=engine.model_path, tokenizer_path=engine.model_path,
                 served_model_name=model_name or _state(request).model_name, dtype=engine.config.resolved_dtype,
                 max_total_num_tokens=engine.runner.max_total_tokens,
+                max_queued_requests=aengine.max_queued_requests,
+                reserved_running_requests=engine.scheduler.reserved_rows,
                 context_length=engine.runner.context_length,
                 version=__import__("droidspeak").__version__, dp_size=1, tp_size=1,
                 cross_model_pairs=engine.cross_policy.describe(),

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from droidspeak.errors import InvalidRequestError
-from droidspeak.server.app import ServerState, body_schema, collect, parse_body
+from droidspeak.server.app import ServerState, body_schema, collect, guard, parse_body, prepare
 
 router = APIRouter(prefix="/v1")
 
@@ -39,6 +39,7 @@ class CommonParams(BaseModel):
     ignore_eos: bool | None = None
     min_tokens: int | None = None
     rid: str | None = None
+    request_timeout_s: float | None = None
 
     def sampling_params(self, max_tokens: int | None) -> dict:
         params = {"max_new_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
@@ -93,7 +94,7 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def _stream(aengine, reqs, fmt: dict, envelope: dict, make_choice, include_usage: bool,
+def _stream(request: Request, aengine, reqs, fmt: dict, envelope: dict, make_choice, include_usage: bool,
             first_choices: tuple = ()) -> StreamingResponse:
     """SSE stream of chunks `envelope + {"choices": [make_choice(...)]}`, one per
     progress report; `make_choice(index, text_delta, result, finished, tokens_sent)`."""
@@ -101,7 +102,7 @@ def _stream(aengine, reqs, fmt: dict, envelope: dict, make_choice, include_usage
         for choice in first_choices:
             yield _sse(dict(envelope, choices=[choice]))
         sent_text, sent_tokens, finals = [0] * len(reqs), [0] * len(reqs), []
-        async for index, result, finished in aengine.generate(reqs, fmt):
+        async for index, result, finished in guard(request, aengine.generate(reqs, fmt)):
             delta = result["text"][sent_text[index]:]
             choice = make_choice(index, delta, result, finished, sent_tokens[index])
             sent_text[index], sent_tokens[index] = len(result["text"]), len(result["output_ids"])
@@ -136,10 +137,12 @@ async def completions(request: Request):
         raise InvalidRequestError("echo is not supported", "echo")
     prompt = body.prompt
     ids_given = isinstance(prompt, list) and prompt and not isinstance(prompt[0], str)
-    reqs, _ = engine.make_requests(
+    prompts = 1 if isinstance(prompt, str) or (ids_given and isinstance(prompt[0], int)) else len(prompt)
+    reqs = await prepare(request, aengine, prompts * max(body.n, 1), lambda: engine.make_requests(
         prompt=None if ids_given else prompt, input_ids=prompt if ids_given else None,
         sampling_params=body.sampling_params(body.max_tokens), stream=body.stream,
-        return_logprob=body.logprobs is not None, top_logprobs_num=body.logprobs or 0, model=body.model)
+        return_logprob=body.logprobs is not None, top_logprobs_num=body.logprobs or 0, model=body.model,
+        timeout_s=body.request_timeout_s)[0])
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_name
     fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=True)
 
@@ -156,7 +159,7 @@ async def completions(request: Request):
 
     if body.stream:
         envelope = {"id": rid, "object": "text_completion", "created": created, "model": model}
-        return _stream(aengine, reqs, fmt, envelope,
+        return _stream(request, aengine, reqs, fmt, envelope,
                        lambda index, delta, result, finished, _: choice(index, delta, result, finished),
                        bool(body.stream_options and body.stream_options.include_usage))
 
@@ -175,6 +178,7 @@ def _chat_prompt_ids(engine, messages: list[ChatMessage]) -> list[int]:
                 raise InvalidRequestError("only text content parts are supported", "messages")
             content = "".join(part.get("text", "") for part in content)
         convo.append({"role": m.role, "content": content or ""})
+    engine.check_text_length(sum(len(m["role"]) + len(m["content"]) for m in convo), field="messages")
     if engine.tokenizer.chat_template is None:
         raise InvalidRequestError("this model has no chat template; use /v1/completions", "messages")
     try:
@@ -194,13 +198,16 @@ async def chat_completions(request: Request):
     engine = aengine.engine
     if not body.messages:
         raise InvalidRequestError("messages must not be empty", "messages")
-    ids = _chat_prompt_ids(engine, body.messages)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    if max_tokens is None:
-        max_tokens = max(1, min(engine.runner.context_length - len(ids), 2048))
-    reqs, _ = engine.make_requests(
-        input_ids=ids, sampling_params=body.sampling_params(max_tokens), stream=body.stream,
-        return_logprob=body.logprobs, top_logprobs_num=body.top_logprobs or 0, model=body.model)
+
+    def make():
+        ids = _chat_prompt_ids(engine, body.messages)
+        tokens = max_tokens if max_tokens is not None else max(1, min(engine.runner.context_length - len(ids), 2048))
+        return engine.make_requests(
+            input_ids=ids, sampling_params=body.sampling_params(tokens), stream=body.stream,
+            return_logprob=body.logprobs, top_logprobs_num=body.top_logprobs or 0, model=body.model,
+            timeout_s=body.request_timeout_s)[0]
+    reqs = await prepare(request, aengine, max(body.n, 1), make)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_name
     fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=True)
 
@@ -224,7 +231,7 @@ async def chat_completions(request: Request):
                     "logprobs": logprobs(result, tokens_sent), "finish_reason": reason}
         opening = tuple({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None} for i in range(len(reqs)))
-        return _stream(aengine, reqs, fmt, envelope, chunk,
+        return _stream(request, aengine, reqs, fmt, envelope, chunk,
                        bool(body.stream_options and body.stream_options.include_usage), opening)
 
     results = await collect(aengine, reqs, fmt, request)

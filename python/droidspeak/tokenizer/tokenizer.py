@@ -33,3 +33,9 @@ def encode_text(tokenizer, text: str, field: str = "text", add_special_tokens: b
         return tokenizer.encode(text, add_special_tokens=add_special_tokens)
     except (UnicodeError, TypeError, ValueError) as exc:
         raise InvalidRequestError(f"{field} cannot be tokenized: {exc}", field) from exc
+
+
+def max_token_chars(tokenizer) -> int:
+    """An upper bound on the characters of text one token covers: the longest
+    vocabulary entry (byte-level entries spell each byte as one character)."""
+    return max((len(t) for t in tokenizer.get_vocab()), default=1)
