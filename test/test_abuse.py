@@ -121,9 +121,10 @@ class RawClient:
     when the client goes away."""
 
     def __init__(self, url: str, path: str, body: dict | None = None, raw: bytes | None = None,
-                 headers: dict | None = None):
+                 headers: dict | None = None, source: str | None = None):
         host, port = url.removeprefix("http://").split(":")
-        self.sock = socket.create_connection((host, int(port)), timeout=GATE_TIMEOUT_S)
+        self.sock = socket.create_connection((host, int(port)), timeout=GATE_TIMEOUT_S,
+                                             source_address=(source, 0) if source else None)
         data = json.dumps(body).encode() if raw is None else raw
         head = {"Host": host, "Content-Type": "application/json", "Content-Length": str(len(data))}
         head.update(headers or {})
@@ -160,7 +161,7 @@ class RawClient:
 @pytest.fixture(scope="module")
 def server(tiny_llama):
     s = InProcessServer(tiny_llama, max_body_mb=1, max_running_requests=4, chunked_prefill_size=64,
-                        max_n=8, max_prompts_per_request=6, max_fanout_per_request=12,
+                        max_n=8, max_prompts_per_request=6, max_fanout_per_request=12, max_requests_per_client=16,
                         kv_store="ram", kv_store_write="through", kv_store_chunk_size=16,
                         kv_store_levels="lossless", kv_store_load="always")
     yield s
@@ -238,9 +239,12 @@ def test_bodies_over_the_cap_get_413_before_they_are_read(server):
 
 
 def test_a_full_queue_answers_429_with_retry_after_on_both_apis(tiny_llama):
-    s = InProcessServer(tiny_llama, max_running_requests=1, max_queued_requests=2)
+    s = InProcessServer(tiny_llama, max_running_requests=1, max_queued_requests=2, max_requests_per_client=0)
     gate = Gate(s.engine.runner, "forward")
     try:
+        # A fan-out larger than the server ever holds could never be admitted: a 400.
+        err = _error(httpx.post(s.url + "/generate", json={"text": "x", "sampling_params": {"n": 4}}), 400)
+        assert err["limit"] == "max_queued_requests" and "1 running + 2 queued" in err["message"]
         gate.arm()
         streams = [RawClient(s.url, "/generate", {"text": "hold the step", "sampling_params": LONG})]
         gate.wait_entered()  # the scheduler is inside the first prefill; the next two only queue
@@ -267,6 +271,38 @@ def test_a_full_queue_answers_429_with_retry_after_on_both_apis(tiny_llama):
         # The server keeps serving once the queue drains.
         ok = httpx.post(s.url + "/generate", json={"text": "after", "sampling_params": {"max_new_tokens": 2}})
         assert ok.status_code == 200
+    finally:
+        gate.remove()
+        s.close()
+
+
+def test_one_client_cannot_fill_the_queue_for_the_others(tiny_llama):
+    s = InProcessServer(tiny_llama, max_running_requests=1, max_queued_requests=4, max_requests_per_client=2)
+    gate = Gate(s.engine.runner, "forward")
+    try:
+        err = _error(httpx.post(s.url + "/generate", json={"text": "x", "sampling_params": {"n": 3}}), 400)
+        assert err["limit"] == "max_requests_per_client"
+        gate.arm()
+        mine = [RawClient(s.url, "/generate", {"text": "hold the step", "sampling_params": LONG})]
+        gate.wait_entered()
+        mine.append(RawClient(s.url, "/generate", {"text": "mine, queued", "sampling_params": LONG}))
+        deadline = time.time() + 10
+        while s.aengine.num_queued < 1:
+            assert time.time() < deadline
+            time.sleep(0.02)
+        third = RawClient(s.url, "/generate", {"text": "one too many for me"})
+        status, headers, body = third.response()
+        assert status == 429 and "max_requests_per_client" in body["error"]["message"]
+        assert headers["retry-after"] == "1"
+        other = RawClient(s.url, "/generate", {"text": "another client", "sampling_params": {"max_new_tokens": 2}},
+                          source="127.0.0.2")
+        gate.release()
+        status, _, body = other.response()
+        assert status == 200 and body["meta_info"]["completion_tokens"] == 2
+        for c in mine + [third, other]:
+            c.drop()
+        s.audit()
+        assert s.aengine._client_live == {} and s.aengine._client_preparing == {}
     finally:
         gate.remove()
         s.close()

@@ -56,9 +56,16 @@ class EngineConfig:
                           "max(2 x max_running_requests, KV pool tokens / 256)."})
     reserved_running_requests: int | None = field(
         default=None,
-        metadata={"help": "Running rows kept for API calls that hold none, so one call that fans out to many "
-                          "sub-requests cannot make a small request behind it wait for the fan-out's decodes; "
-                          "default: max_running_requests / 8 when serving over HTTP, 0 offline."})
+        metadata={"help": "Running rows kept for claimants that hold none (clients when the server limits per "
+                          "client, else API calls), so one that fans out to many sub-requests or floods small ones "
+                          "cannot make another's request wait for its decodes; default: max_running_requests / 8 "
+                          "when serving over HTTP, 0 offline."})
+    max_requests_per_client: int | None = field(
+        default=None,
+        metadata={"help": "Most sub-requests one client (by peer address) may have queued or running; past it "
+                          "its new work gets 429, so one client cannot fill the queue for everyone; default: half "
+                          "of max_running_requests + max_queued_requests; 0: no per-client limit (set it when "
+                          "every request comes through one router's address)."})
     max_n: int = field(default=128, metadata={"help": "Most samples (n) one prompt may ask for (OpenAI's cap)."})
     max_prompts_per_request: int = field(
         default=256, metadata={"help": "Most prompts in one batched request (a list in text / input_ids / prompt)."})
@@ -168,6 +175,8 @@ class EngineConfig:
                 raise InvalidRequestError(f"models entries are NAME=PATH, got {entry!r}", "models")
         if self.reserved_running_requests is not None and self.reserved_running_requests < 0:
             raise InvalidRequestError("reserved_running_requests must be >= 0", "reserved_running_requests")
+        if self.max_requests_per_client is not None and self.max_requests_per_client < 0:
+            raise InvalidRequestError("max_requests_per_client must be >= 0", "max_requests_per_client")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             raise InvalidRequestError("max_queued_requests must be >= 0", "max_queued_requests")
         for name in ("max_n", "max_prompts_per_request", "max_fanout_per_request"):

@@ -13,9 +13,9 @@ def order_waiting(waiting: list[Req], policy: str, cache: PrefixCache,
     """lpm: longest cached prefix first (ties keep arrival order); fcfs: arrival order.
     When several models (or adapters) wait, their queues are interleaved round-robin,
     the model admitted least recently (`last_admitted`: namespace -> step) first, so
-    that one model's backlog cannot starve another. Within a model, API calls
-    (`Req.group`) are interleaved the same way in order of arrival, so a small call
-    behind a large batch is not served after the whole batch."""
+    that one model's backlog cannot starve another. Within a model, claimants
+    (`Req.group`: API calls, or clients) are interleaved the same way in order of
+    arrival, so a small call behind a large batch is not served after all of it."""
     if policy == "fcfs" or len(waiting) > LPM_MAX_QUEUE:
         ordered = list(waiting)
     else:

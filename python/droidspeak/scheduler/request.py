@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +61,8 @@ class Req:
     lora_id: int | None = None    # LoRA adapter applied on top of that member
     cache_namespace: int = 0      # prefix-cache variant: one per model and per adapter
     parent_rid: str | None = None  # the rid the caller gave, for each sample of an n > 1 prompt
-    group: int = 0                # one per API call: admission interleaves calls (scheduler.policy)
+    group: Hashable = 0           # who admission shares rows between (scheduler.policy): the API
+                                  # call offline, the client (its address) when the server tells them apart
     deadline: float | None = None  # perf_counter time past which the request is aborted
 
     output_ids: list[int] = field(default_factory=list)

@@ -72,7 +72,7 @@ class Scheduler:
         self.num_retractions = 0
         self.num_forward_steps = 0
         self._last_admitted: dict[int, int] = {}  # cache namespace -> step of its last admission
-        # Running rows that only calls holding no row may take (see EngineConfig).
+        # Running rows that only a claimant (Req.group) holding no row may take (see EngineConfig).
         self.reserved_rows = min(config.reserved_running_requests or 0, config.max_running_requests - 1)
 
     # ---- queue operations -------------------------------------------------
@@ -233,7 +233,7 @@ class Scheduler:
             if taken >= max_rows:
                 break
             if taken >= shared_rows and rows_of[req.group]:
-                continue  # the last rows are for calls that hold none
+                continue  # the last rows are for claimants that hold none
             if self._store_waits(req):
                 continue  # its KV is still on the way from the store; others go first
             if not adder.model_fits(req):

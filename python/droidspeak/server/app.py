@@ -22,7 +22,6 @@ from droidspeak.server.launch import DEFAULT_MAX_BODY_MB
 
 logger = logging.getLogger(__name__)
 
-DISCONNECT_POLL_S = 0.2
 
 
 @dataclass
@@ -192,23 +191,32 @@ async def prepare(request: Request, aengine: AsyncEngine, count: int, make) -> l
     """The sub-requests `make()` builds (it tokenizes, so it runs on the tokenizer
     thread), after reserving queue room for `count` of them (429 if there is none).
     If the client went away meanwhile, nothing is submitted."""
-    reqs = await aengine.prepare(count, make)
+    reqs = await aengine.prepare(count, make, client_of(request))
     if await request.is_disconnected():
         request.app.state.ds.metrics.aborted.labels(cause=AbortCause.DISCONNECT.value).inc(len(reqs))
         raise ClientDisconnected()
     return reqs
 
 
+def client_of(request: Request) -> str | None:
+    """Who sent the request, for the per-client limit: its peer address."""
+    return request.client.host if request.client else None
+
+
 async def _until_disconnected(request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(DISCONNECT_POLL_S)
+    """Returns when the client has gone. Once the body is read, the server's next
+    ASGI message is the disconnect: waiting for it costs nothing while the client
+    stays (polling is_disconnected for every open request would hold the GIL the
+    scheduler thread needs)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def collect(aengine: AsyncEngine, reqs, fmt: dict, request: Request) -> list[dict]:
     """Final results of `reqs`; if the client disconnects first, the requests are
     aborted (their KV freed) and the handler gives up."""
     results: list = [None] * len(reqs)
-    async for index, result, finished in guard(request, aengine.generate(reqs, fmt)):
+    async for index, result, finished in guard(request, aengine.generate(reqs, fmt, client_of(request))):
         if finished:
             results[index] = result
     if any(r is None for r in results):

@@ -15,6 +15,7 @@ regions, so every short kernel pays a futex wake-up (measured: a decode step
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import queue
@@ -24,7 +25,7 @@ from collections.abc import AsyncIterator, Callable
 
 from droidspeak.engine.engine import Engine
 from droidspeak.engine.io import format_output
-from droidspeak.errors import QueueFullError
+from droidspeak.errors import LimitExceededError, QueueFullError
 from droidspeak.scheduler.request import AbortCause, Req
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ class AsyncEngine:
         self._preparing = 0       # sub-requests being tokenized (event loop only)
         self._in_inbox = 0        # sub-requests handed to the scheduler thread, not yet queued there
         self._inbox_lock = threading.Lock()
+        # Per client (peer address): sub-requests being tokenized (event loop only),
+        # and sub-requests submitted and not yet finished (under _inbox_lock).
+        self._client_preparing: collections.Counter = collections.Counter()
+        self._client_live: collections.Counter = collections.Counter()
+        self._client_of: dict[int, str] = {}  # id(req) -> its client, until it finishes
         self.started = time.time()
         self.on_finished: Callable[[Req], None] | None = None  # metrics hook, called on the scheduler thread
 
@@ -63,8 +69,10 @@ class AsyncEngine:
         c = engine.config
         self.max_queued_requests = c.max_queued_requests if c.max_queued_requests is not None else max(
             2 * c.max_running_requests, engine.runner.max_total_tokens // QUEUE_TOKENS_PER_REQUEST)
-        logger.info("queue limit: %d requests waiting beyond %d running", self.max_queued_requests,
-                    c.max_running_requests)
+        self.max_requests_per_client = c.max_requests_per_client if c.max_requests_per_client is not None else (
+            max(1, (c.max_running_requests + self.max_queued_requests) // 2))
+        logger.info("queue limit: %d requests waiting beyond %d running; per client: %s", self.max_queued_requests,
+                    c.max_running_requests, self.max_requests_per_client or "no limit")
 
     def start(self) -> None:
         """Start the scheduler thread; returns once the engine is ready, or raises
@@ -81,35 +89,69 @@ class AsyncEngine:
     # ---- called from the event loop ------------------------------------------
     @property
     def num_queued(self) -> int:
+        # Read from the event loop while the scheduler thread changes the lists: a
+        # length may be one step old, which the limit tolerates.
         """Sub-requests admitted but not running: tokenizing, on their way to the
         scheduler, waiting or mid-way through a chunked prefill."""
         s = self.scheduler
         return self._preparing + self._in_inbox + len(s.waiting) + (s.chunked_req is not None)
 
-    async def prepare(self, count: int, make: Callable[[], list[Req]]) -> list[Req]:
-        """Room for `count` sub-requests in the queue (QueueFullError if there is
-        none), then `make()` (which tokenizes) on the tokenizer thread. A count
-        over the fan-out limit reserves the limit: make() refuses the call."""
-        count = min(count, self.engine.config.max_fanout_per_request)
-        if self.num_queued + count > self.max_queued_requests:
+    async def prepare(self, count: int, make: Callable[[], list[Req]], client: str | None = None) -> list[Req]:
+        """Room for `count` sub-requests of `client` (QueueFullError if there is
+        none now; a count more than the server ever holds is refused outright),
+        then `make()` (which tokenizes) on the tokenizer thread. A count over the
+        fan-out limit reserves the limit: make() refuses the call."""
+        c = self.engine.config
+        count = min(count, c.max_fanout_per_request)
+        if count > self.max_queued_requests + c.max_running_requests:
+            raise LimitExceededError(
+                f"the request fans out to {count} sub-requests; this server holds at most "
+                f"{c.max_running_requests} running + {self.max_queued_requests} queued (max_queued_requests)",
+                "n", "max_queued_requests")
+        per_client = self.max_requests_per_client
+        if client is not None and per_client:
+            if count > per_client:
+                raise LimitExceededError(f"the request fans out to {count} sub-requests; one client may have at "
+                                         f"most {per_client} in flight (max_requests_per_client)",
+                                         "n", "max_requests_per_client")
+            held = self._client_preparing[client] + self._client_live[client]
+            if held + count > per_client:
+                raise QueueFullError(f"client {client} has {held} requests in flight; at most {per_client} "
+                                     "(max_requests_per_client); retry later", RETRY_AFTER_S)
+        free_rows = self.scheduler.req_pool.available_size  # rows no admitted request holds
+        if self.num_queued + count > self.max_queued_requests + free_rows:
             raise QueueFullError(f"the server's queue is full ({self.num_queued} requests waiting, at most "
                                  f"{self.max_queued_requests}: max_queued_requests); retry later",
                                  RETRY_AFTER_S)
         self._preparing += count
+        self._client_preparing[client] += count
         try:
             return await asyncio.get_running_loop().run_in_executor(self._tokenizer, make)
         finally:
             self._preparing -= count
+            self._client_preparing[client] -= count
+            if not self._client_preparing[client]:
+                del self._client_preparing[client]
 
-    async def generate(self, reqs: list[Req], fmt: dict) -> AsyncIterator[tuple[int, dict, bool]]:
+    async def generate(self, reqs: list[Req], fmt: dict, client: str | None = None
+                       ) -> AsyncIterator[tuple[int, dict, bool]]:
         """Yield (index in reqs, formatted output, finished) as the scheduler reports
-        progress. If the consumer stops early (client gone), the rest is aborted."""
+        progress. If the consumer stops early (client gone), the rest is aborted.
+        `client` (its peer address) is charged for the requests until they finish."""
         loop = asyncio.get_running_loop()
         out_queue: asyncio.Queue = asyncio.Queue()
         for i, r in enumerate(reqs):
             self._streams[id(r)] = (loop, out_queue, dict(fmt, index=i))
         with self._inbox_lock:
             self._in_inbox += len(reqs)
+            if client is not None:
+                self._client_live[client] += len(reqs)
+                self._client_of.update((id(r), client) for r in reqs)
+        if client is not None and self.max_requests_per_client:
+            # Admission's fair share (round robin, reserved rows) goes per client:
+            # many small calls from one client are one claimant, not many.
+            for r in reqs:
+                r.group = ("client", client)
         self._inbox.put(("add", reqs))
         pending = len(reqs)
         try:
@@ -196,8 +238,15 @@ class AsyncEngine:
         return self.scheduler.abort_all(AbortCause.INTERNAL)
 
     def _publish(self, req: Req, finished: bool) -> None:
-        if finished and self.on_finished is not None:
-            self.on_finished(req)
+        if finished:
+            with self._inbox_lock:
+                client = self._client_of.pop(id(req), None)
+                if client is not None:
+                    self._client_live[client] -= 1
+                    if not self._client_live[client]:
+                        del self._client_live[client]
+            if self.on_finished is not None:
+                self.on_finished(req)
         entry = self._streams.get(id(req))
         if entry is None:
             return

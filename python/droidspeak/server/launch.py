@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 30000
 DEFAULT_MAX_BODY_MB = 64
-RESERVED_ROW_SHARE = 1 / 8  # of max_running_requests, by default, for calls holding no row
+RESERVED_ROW_SHARE = 1 / 8  # of max_running_requests, by default, for claimants holding no row
 
 
 def serving_reserved_rows(max_running_requests: int) -> int:
@@ -42,7 +42,7 @@ def serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
     aengine = AsyncEngine(factory=lambda: Engine(**engine_kwargs))
     aengine.start()
     engine = aengine.engine
-    logger.info("%d of %d running rows kept for calls holding none", engine.scheduler.reserved_rows,
+    logger.info("%d of %d running rows kept for clients holding none", engine.scheduler.reserved_rows,
                 engine.config.max_running_requests)
     app = create_app(ServerState(aengine, api_key=args.api_key, log_requests=args.log_requests,
                                  max_body_bytes=args.max_request_body_mb << 20))

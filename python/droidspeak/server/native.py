@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict
 
 from droidspeak.errors import InvalidRequestError
 from droidspeak.tokenizer.tokenizer import encode_text
-from droidspeak.server.app import ServerState, body_schema, collect, fanout, guard, parse_body, prepare, read_json
+from droidspeak.server.app import (ServerState, body_schema, client_of, collect, fanout, guard, parse_body, prepare,
+                                   read_json)
 
 router = APIRouter()
 
@@ -57,7 +58,7 @@ async def generate(request: Request, model_name: str | None = None):
     fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=body.return_text_in_logprobs)
     if body.stream:
         async def events():
-            async for index, result, _ in guard(request, aengine.generate(reqs, fmt)):
+            async for index, result, _ in guard(request, aengine.generate(reqs, fmt, client_of(request))):
                 if not single:
                     result["index"] = index
                 yield f"data: {json.dumps(result)}\n\n"
@@ -114,6 +115,7 @@ async def server_info(request: Request, model_name: str | None = None):
                 served_model_name=model_name or _state(request).model_name, dtype=engine.config.resolved_dtype,
                 max_total_num_tokens=engine.runner.max_total_tokens,
                 max_queued_requests=aengine.max_queued_requests,
+                max_requests_per_client=aengine.max_requests_per_client,
                 reserved_running_requests=engine.scheduler.reserved_rows,
                 context_length=engine.runner.context_length,
                 version=__import__("droidspeak").__version__, dp_size=1, tp_size=1,

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from droidspeak.errors import InvalidRequestError
-from droidspeak.server.app import ServerState, body_schema, collect, guard, parse_body, prepare
+from droidspeak.server.app import ServerState, body_schema, client_of, collect, guard, parse_body, prepare
 
 router = APIRouter(prefix="/v1")
 
@@ -102,7 +102,7 @@ def _stream(request: Request, aengine, reqs, fmt: dict, envelope: dict, make_cho
         for choice in first_choices:
             yield _sse(dict(envelope, choices=[choice]))
         sent_text, sent_tokens, finals = [0] * len(reqs), [0] * len(reqs), []
-        async for index, result, finished in guard(request, aengine.generate(reqs, fmt)):
+        async for index, result, finished in guard(request, aengine.generate(reqs, fmt, client_of(request))):
             delta = result["text"][sent_text[index]:]
             choice = make_choice(index, delta, result, finished, sent_tokens[index])
             sent_text[index], sent_tokens[index] = len(result["text"]), len(result["output_ids"])
