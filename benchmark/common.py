@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import sysconfig
 import time
 
@@ -96,7 +97,8 @@ def _fmt(v) -> str:
 def write_json(name: str, payload: dict) -> str:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{name}.json")
-    payload = dict(payload, machine=machine(), time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    payload = dict(payload, machine=machine(), time=time.strftime("%Y-%m-%d %H:%M:%S"),
+                   command=" ".join(["python", *sys.argv]))
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     print(f"wrote {path}")

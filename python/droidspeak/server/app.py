@@ -23,7 +23,6 @@ from droidspeak.server.launch import DEFAULT_MAX_BODY_MB
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class ServerState:
     engine: AsyncEngine
@@ -68,7 +67,6 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(DroidspeakError)
     async def on_engine_error(request: Request, exc: DroidspeakError):
         return engine_error_response(state, exc)
-
 
     app.add_middleware(AdmissionMiddleware, state=state)
 

@@ -89,10 +89,10 @@ class AsyncEngine:
     # ---- called from the event loop ------------------------------------------
     @property
     def num_queued(self) -> int:
-        # Read from the event loop while the scheduler thread changes the lists: a
-        # length may be one step old, which the limit tolerates.
         """Sub-requests admitted but not running: tokenizing, on their way to the
         scheduler, waiting or mid-way through a chunked prefill."""
+        # Read from the event loop while the scheduler thread changes the lists: a
+        # length may be one step old, which the limit tolerates.
         s = self.scheduler
         return self._preparing + self._in_inbox + len(s.waiting) + (s.chunked_req is not None)
 
