@@ -11,7 +11,8 @@ import torch
 
 from droidspeak import Engine
 from droidspeak.crossmodel.policy import PairStats
-from droidspeak.crossmodel.profile import GroupScore, Profile, ProfileError, fingerprint, profile_path
+from droidspeak.crossmodel.profile import GroupScore, Profile, ProfileError, profile_path
+from droidspeak.models.identity import fingerprint
 from droidspeak.runner.batch import recompute_start
 from droidspeak.runner.sequence import Sequence
 from helpers import build_lora_adapter, build_tiny_model, derive_finetune, record_fetches

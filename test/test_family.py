@@ -41,6 +41,14 @@ def run_mixed(engine, jobs):
     return [r.output_ids for r in reqs]
 
 
+def test_a_batched_call_routes_each_prompt_to_its_own_member(family_engine):
+    names = ["ft2", "base", "ft1", "ft2"]
+    alone = [family_engine.generate(p, GREEDY, model=m)["output_ids"] for p, m in zip(PROMPTS, names)]
+    mixed = family_engine.generate(PROMPTS, GREEDY, model=names)
+    assert [r["output_ids"] for r in mixed] == alone
+    assert_no_leak(family_engine)
+
+
 def test_lineage(family_engine):
     lin = family_engine.lineage
     assert family_engine.model_names == ["base", "ft1", "ft2"]
@@ -194,7 +202,22 @@ def test_family_over_http(family, family_engine):
         assert chat.status_code == 200 and chat.json()["model"] == "ft1"
         info = httpx.get(url + "/models/ft1/model_info").json()
         assert info["served_model_name"] == "ft1" and info["parent"] == "base"
+        from droidspeak.models.identity import fingerprint
+        assert info["fingerprint"] == fingerprint(family["ft1"]) != fingerprint(family["base"])
         assert httpx.get(url + "/models/zzz/model_info").status_code == 404
+        # A batched call routes each prompt to its own member (by model or lora_path).
+        alone = [family_engine.generate(PROMPTS[i], GREEDY, model=m)["output_ids"]
+                 for i, m in enumerate(["ft1", "base", "ft2"])]
+        mixed = httpx.post(url + "/generate", json={"text": PROMPTS[:3], "sampling_params": GREEDY,
+                                                    "model": ["ft1", "base", "ft2"]}).json()
+        assert [r["output_ids"] for r in mixed] == alone
+        by_lora = httpx.post(url + "/generate", json={"text": PROMPTS[:3], "sampling_params": GREEDY,
+                                                      "model": "ft1", "lora_path": [None, "base", "ft2"]}).json()
+        assert [r["output_ids"] for r in by_lora] == alone
+        short = httpx.post(url + "/generate", json={"text": PROMPTS[:3], "model": ["ft1", "base"]})
+        assert short.status_code == 400 and short.json()["error"]["param"] == "model"
+        unknown = httpx.post(url + "/generate", json={"text": PROMPTS[:2], "model": ["ft1", "zzz"]})
+        assert unknown.status_code == 404
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)

@@ -70,7 +70,8 @@ def cmd_profile(args) -> int:
     import os
 
     from droidspeak.crossmodel.calibration import build_items, load_jsonl
-    from droidspeak.crossmodel.profile import Profile, ProfileError, default_profile_dir, fingerprint, profile_path
+    from droidspeak.crossmodel.profile import Profile, ProfileError, default_profile_dir, profile_path
+    from droidspeak.models.identity import fingerprint
     from droidspeak.crossmodel.profiler import DEFAULT_TAILS, Profiler, grid_layout, plot_profile
     from droidspeak.engine.engine import Engine
     from droidspeak.models.config import ModelConfig

@@ -142,7 +142,7 @@ def ensure_profile(model_path: str, out: str | None = None, texts: list[tuple[st
     import os
 
     from droidspeak.crossmodel.calibration import build_items
-    from droidspeak.crossmodel.profile import fingerprint
+    from droidspeak.models.identity import fingerprint
 
     model_fp = fingerprint(model_path)
     out = out or default_codec_profile_path(model_path, model_fp)

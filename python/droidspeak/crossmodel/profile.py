@@ -14,8 +14,6 @@ or an older version) and a bad one is refused with a message naming the field.
 """
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
 import math
 import os
@@ -23,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 
 FORMAT = "droidspeak-profile"
 VERSION = 1
-FINGERPRINT_BYTES = 1 << 20  # of each weight file: enough to tell fine-tunes apart
 # A group meets a quality target when its mean excess plus this many standard
 # errors (over the calibration contexts) is within it: the profile is a small
 # sample, and held-out contexts land on either side of its mean.
@@ -195,19 +192,3 @@ def default_profile_dir(root_name: str) -> str:
 
 def profile_path(directory: str, sender: str, receiver: str) -> str:
     return os.path.join(directory, f"{sender}__{receiver}.json")
-
-
-def fingerprint(path: str) -> str:
-    """Identifies a model or adapter directory by its JSON files and the first MiB
-    of each weight file (a re-trained fine-tune gets a new fingerprint)."""
-    h = hashlib.sha256()
-    if os.path.isfile(path):
-        files = [path]
-    else:
-        files = sorted(glob.glob(os.path.join(path, "*.json")) + glob.glob(os.path.join(path, "*.safetensors")))
-    for name in files:
-        h.update(os.path.basename(name).encode())
-        h.update(str(os.path.getsize(name)).encode())
-        with open(name, "rb") as f:
-            h.update(f.read(FINGERPRINT_BYTES))
-    return h.hexdigest()[:16]

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from droidspeak.crossmodel.calibration import Item
-from droidspeak.crossmodel.profile import GroupScore, Profile, fingerprint, profile_path
+from droidspeak.crossmodel.profile import GroupScore, Profile, profile_path
+from droidspeak.models.identity import fingerprint
 from droidspeak.crossmodel.quality import divergence
 from droidspeak.runner.batch import SINK_TOKENS
 from droidspeak.runner.model_runner import KVLayout

@@ -20,7 +20,7 @@ from droidspeak.cachegen.transform import CodecProfile, CodecProfileError, defau
 from droidspeak.config import EngineConfig, parse_model_entries
 from droidspeak.crossmodel.drift import MAX_TAIL_TOKENS, DriftGuard, HitSample
 from droidspeak.crossmodel.policy import CrossModelPolicy
-from droidspeak.crossmodel.profile import default_profile_dir, fingerprint
+from droidspeak.crossmodel.profile import default_profile_dir
 from droidspeak.errors import InvalidRequestError, LimitExceededError, ModelNotFoundError, PromptTooLongError
 from droidspeak.engine.io import format_output, normalize_inputs, per_prompt
 from droidspeak.kernels import native_available
@@ -32,6 +32,7 @@ from droidspeak.lora.adapter import load_adapter
 from droidspeak.models.config import ModelConfig
 from droidspeak.models_file import load_models_file
 from droidspeak.models.default_model import cache_dir, resolve_model_path
+from droidspeak.models.identity import fingerprint
 from droidspeak.models.lineage import DECLARED_BASE_KEY, LineageInfo, check_family
 from droidspeak.runner.model_runner import KVLayout, ModelRunner
 from droidspeak.sampling.params import SamplingParams
@@ -201,14 +202,18 @@ class Engine:
             # Stored KV is named by the weights that computed it, so engines that
             # call a model differently still share it.
             root = self._fingerprint(self._full_model_paths[0])
-            adapters = self.lora_adapters
-            self._namespaces = {}
-            for variant, (name, target) in self._by_variant.items():
-                model = self._fingerprint(self._full_model_paths[target.model_id])
-                if target.lora_id is not None:
-                    model += "+" + self._fingerprint(adapters[name])
-                self._namespaces[variant] = Namespace(root, model, self.config.resolved_dtype,
-                                                      self.config.kv_store_chunk_size)
+            self._namespaces = {variant: Namespace(root, self.identity(name), self.config.resolved_dtype,
+                                                   self.config.kv_store_chunk_size)
+                                for variant, (name, _) in self._by_variant.items()}
+
+    def identity(self, name: str | None) -> str:
+        """The fingerprint of the weights that serve `name`: a full model's, or an
+        adapter's with its base model's before it (models.identity)."""
+        target = self.resolve(name)
+        model = self._fingerprint(self._full_model_paths[target.model_id])
+        if target.lora_id is not None:
+            model += "+" + self._fingerprint(self.runner.adapters[target.lora_id].path)
+        return model
 
     def _check_lineage(self, members: list[tuple[str, str]]) -> dict[str, LineageInfo]:
         root_name, _ = members[0]
@@ -289,16 +294,16 @@ class Engine:
     # ---- request construction ---------------------------------------------
     def make_requests(self, prompt=None, sampling_params=None, input_ids=None, *,
                       return_logprob=False, logprob_start_len=None, top_logprobs_num=0,
-                      stream=False, rid=None, model: str | None = None,
+                      stream=False, rid=None, model: str | list[str | None] | None = None,
                       timeout_s: float | None = None) -> tuple[list[Req], bool]:
         """Validated requests for one (batched) call; the bool says whether the
-        caller passed a single prompt. The logprob arguments take one value for all
-        prompts or a list with one per prompt. `timeout_s` (default: the config's
-        request_timeout_s) aborts the requests that run longer. The fan-out limits
-        are checked before any text is tokenized."""
-        target = self.resolve(model)
+        caller passed a single prompt. `model` and the logprob arguments take one
+        value for all prompts or a list with one per prompt (None: the root model).
+        `timeout_s` (default: the config's request_timeout_s) aborts the requests
+        that run longer. The fan-out limits are checked before any text is tokenized."""
         prompts, params_list, rids, single = normalize_inputs(prompt, input_ids, sampling_params, rid)
         n = len(prompts)
+        targets = [self.resolve(name) for name in per_prompt(model, "model", n)]
         c = self.config
         if n > c.max_prompts_per_request:
             raise LimitExceededError(f"{n} prompts in one request; at most {c.max_prompts_per_request} "
@@ -325,8 +330,8 @@ class Engine:
         group = next(self._call_ids)
         deadline = None if timeout_s is None else time.perf_counter() + timeout_s
         reqs = []
-        for text_or_ids, params, base_rid, (want_logprob, start, top) in zip(
-                prompts, params_list, rids, logprob_args):
+        for text_or_ids, params, base_rid, target, (want_logprob, start, top) in zip(
+                prompts, params_list, rids, targets, logprob_args):
             if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= vocab):
                 raise InvalidRequestError(f"top_logprobs_num must be an integer in [0, {vocab}], got {top!r}",
                                           "top_logprobs_num")
@@ -372,10 +377,10 @@ class Engine:
     def generate(self, prompt=None, sampling_params=None, input_ids=None, stream: bool = False,
                  return_logprob: bool = False, logprob_start_len: int | None = None,
                  top_logprobs_num: int = 0, return_text_in_logprobs: bool = False, rid=None,
-                 model: str | None = None, timeout_s: float | None = None):
+                 model: str | list[str | None] | None = None, timeout_s: float | None = None):
         """One prompt (text or ids) -> one SGLang-shaped dict; a list -> a list.
         With stream=True, an iterator of dicts with cumulative text. `model` picks a
-        family member by name (default: the root model)."""
+        family member by name (default: the root model), or one per prompt."""
         reqs, single = self.make_requests(
             prompt, sampling_params, input_ids, return_logprob=return_logprob,
             logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,

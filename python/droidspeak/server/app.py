@@ -6,6 +6,7 @@ Every hosted model has a name; the native endpoints also live under
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 from dataclasses import dataclass
@@ -139,8 +140,8 @@ class AdmissionMiddleware:
         headers = dict(scope["headers"])
         key = self.state.api_key
         if key and scope["path"] != "/health":
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if given != f"Bearer {key}":
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {key}".encode()):  # constant time
                 return JSONResponse(error_body("invalid or missing API key", 401, kind="authentication_error"),
                                     status_code=401)
         declared = headers.get(b"content-length", b"")

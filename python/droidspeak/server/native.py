@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
+from droidspeak.engine.io import per_prompt
 from droidspeak.errors import InvalidRequestError
 from droidspeak.tokenizer.tokenizer import encode_text
 from droidspeak.server.app import (ServerState, body_schema, client_of, collect, fanout, guard, parse_body, prepare,
@@ -27,9 +28,17 @@ class GenerateRequest(BaseModel):
     top_logprobs_num: int | list[int] | None = None
     return_text_in_logprobs: bool = False
     rid: str | list[str] | None = None
-    model: str | None = None
+    model: str | list[str | None] | None = None
     lora_path: str | list[str | None] | None = None
     request_timeout_s: float | None = None
+
+    def member(self, prompts: int) -> str | list[str | None] | None:
+        """The family member of each prompt: its `lora_path` entry, else its `model`
+        entry (each one value for all prompts or a list of one per prompt)."""
+        models = per_prompt(self.model, "model", prompts)
+        loras = per_prompt(self.lora_path, "lora_path", prompts)
+        names = [lora if lora is not None else m for m, lora in zip(models, loras)]
+        return names[0] if len(set(names)) == 1 else names
 
 
 def _state(request: Request) -> ServerState:
@@ -43,13 +52,12 @@ def _engine_for(request: Request, model_name: str | None):
 @router.api_route("/generate", methods=["POST", "PUT"], openapi_extra=body_schema(GenerateRequest))
 async def generate(request: Request, model_name: str | None = None):
     body = await parse_body(request, GenerateRequest)
-    lora = body.lora_path[0] if isinstance(body.lora_path, list) and body.lora_path else body.lora_path
-    model = model_name or body.model or lora
-    aengine = _engine_for(request, model)
-    engine = aengine.engine
     single_prompt = isinstance(body.text, str) or (body.text is None and bool(body.input_ids) and all(
         isinstance(t, int) for t in body.input_ids))
     prompts = 1 if single_prompt else len(body.text if body.text is not None else body.input_ids or [])
+    model = model_name or body.member(prompts)
+    aengine = _engine_for(request, None if isinstance(model, list) else model)
+    engine = aengine.engine
     reqs = await prepare(request, aengine, fanout(prompts, body.sampling_params), lambda: engine.make_requests(
         body.text, body.sampling_params, body.input_ids, return_logprob=body.return_logprob,
         logprob_start_len=body.logprob_start_len, top_logprobs_num=body.top_logprobs_num,
@@ -90,7 +98,7 @@ def _model_info(state: ServerState, aengine, name: str | None) -> dict:
     lineage = engine.lineage[name]
     mc = engine.runner.model_config
     return {"model_path": engine.model_path, "tokenizer_path": engine.model_path,
-            "served_model_name": name, "is_generation": True,
+            "served_model_name": name, "is_generation": True, "fingerprint": engine.identity(name),
             "lineage": lineage.lineage, "parent": lineage.parent,
             "preferred_sampling_params": None, "weight_version": "default",
             "has_image_understanding": False, "has_audio_understanding": False,
