@@ -400,13 +400,14 @@ def test_dropped_during_tokenization(server, shape):
         gate.remove()
 
 
-@pytest.mark.parametrize("shape", ["native", "native-n", "openai-completions"])
-def test_dropped_during_prefill(server, shape):
+def drop_in_extend(server, shape: str, prompt: str, params: dict = LONG, skip: int = 0):
+    """Send, hold the forward of the request's (skip + 1)-th prefill chunk, drop the
+    client there, then let the step finish; returns the held batch."""
     gate = Gate(server.engine.runner, "forward", when=lambda batch, *a: batch.mode == ForwardMode.EXTEND)
     try:
         before = aborted(server, "disconnect")
-        gate.arm()
-        client, count = send(server, shape, f"prefill stage {shape}")
+        gate.arm(skip=skip)
+        client, count = send(server, shape, prompt, params)
         gate.wait_entered()
         client.drop()
         time.sleep(0.3)
@@ -414,26 +415,20 @@ def test_dropped_during_prefill(server, shape):
         dropped(server, before, count)
     finally:
         gate.remove()
+    return gate.held_args[0]
+
+
+@pytest.mark.parametrize("shape", ["native", "native-n", "openai-completions"])
+def test_dropped_during_prefill(server, shape):
+    assert drop_in_extend(server, shape, f"prefill stage {shape}").prefix_lens[0] < 64
 
 
 @pytest.mark.parametrize("shape", ["native-stream", "openai-chat-stream"])
 def test_dropped_during_chunked_prefill(server, shape):
-    # 64-token chunks: the gate holds the second chunk's forward.
-    gate = Gate(server.engine.runner, "forward", when=lambda batch, *a: batch.mode == ForwardMode.EXTEND)
-    try:
-        before = aborted(server, "disconnect")
-        gate.arm(skip=1)
-        prompt = " ".join(f"word{i}" for i in range(120))
-        assert len(server.engine.tokenize(prompt)) > 2 * 64
-        client, count = send(server, shape, prompt, dict(LONG, max_new_tokens=100))
-        gate.wait_entered()
-        assert gate.held_args[0].prefix_lens[0] >= 64  # held: a later chunk's forward
-        client.drop()
-        time.sleep(0.3)
-        gate.release()
-        dropped(server, before, count)
-    finally:
-        gate.remove()
+    prompt = " ".join(f"word{i}" for i in range(120))
+    assert len(server.engine.tokenize(prompt)) > 2 * 64  # more than two 64-token chunks
+    held = drop_in_extend(server, shape, prompt, dict(LONG, max_new_tokens=100), skip=1)
+    assert held.prefix_lens[0] >= 64  # it was a later chunk's forward
 
 
 def test_dropped_while_its_prefix_loads_from_the_kv_store(server):

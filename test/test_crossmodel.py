@@ -509,9 +509,50 @@ def test_server_reports_cross_model_hits(family):
         assert pair["recomputed_token_layers"] == 2 * pair["reused_tokens"]
         assert (f'droidspeak_cross_model_recomputed_token_layers_total{{receiver="b",sender="a"}} '
                 f'{2.0 * pair["reused_tokens"]}') in metrics
+        reloaded = httpx.post(url + "/reload_cross_model_profiles").json()["cross_model_pairs"]
+        by_pair = {(p["sender"], p["receiver"]): p for p in reloaded}
+        assert by_pair[("a", "b")]["status"] == "profiled" and by_pair[("a", "b")]["hits"] == 1
+        assert by_pair[("tiny", "a")]["status"] == "missing"  # the root is served as "tiny"
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_profiles_and_adapters_join_while_serving(family, tmp_path):
+    """Profiles made after start, and adapters loaded after it, join the policy
+    where their group fits the running KV layout; every pair reports its status."""
+    paths, _ = family
+    live = str(tmp_path / "live")
+    os.makedirs(live)
+    write_profile(live, paths, "a", "b", (2, 4))  # the layout: segments at 2 and 4, E cache at 2
+    engine = Engine(paths["base"], served_model_name="base", models=(f"a={paths['a']}", f"b={paths['b']}"),
+                    lora_paths=(f"la={paths['la']}",), cross_model_profiles=live, dtype="float32",
+                    max_total_tokens=4096)
+    status = lambda: {(p["sender"], p["receiver"]): p for p in engine.cross_policy.describe()}  # noqa: E731
+    assert status()[("a", "b")]["status"] == "profiled"
+    missing = status()[("b", "a")]
+    assert missing["status"] == "missing" and missing["command"] == "droidspeak profile --sender b --receiver a"
+    assert len(status()) == 4 * 3
+    write_profile(live, paths, "b", "a", (2, 4))
+    write_profile(live, paths, "a", "la", (0, 2))
+    write_profile(live, paths, "b", "la", (1, 3))  # not whole segments of the running pool
+    pairs = {(p["sender"], p["receiver"]): p for p in engine.reload_cross_model_profiles()}
+    assert pairs[("b", "a")]["recompute_layers"] == [2, 4] and pairs[("a", "la")]["recompute_layers"] == [0, 2]
+    assert "restart" in pairs[("b", "la")]["status"] and "[1, 3)" in pairs[("b", "la")]["status"]
+    ids = ids_of(engine, CONTEXT + QUESTIONS[0])
+    run(engine, "b", ids, len(ids_of(engine, CONTEXT)))
+    out = run(engine, "a", ids_of(engine, CONTEXT + QUESTIONS[1]), len(ids_of(engine, CONTEXT)))
+    assert out["meta_info"]["cross_model_cached_tokens"] > 0  # b -> a, profiled after start
+    # An adapter loaded while serving joins with the profile already waiting for it.
+    write_profile(live, {**paths, "lb": paths["la"]}, "a", "lb", (2, 4))
+    engine.load_lora_adapter("lb", paths["la"])
+    assert status()[("a", "lb")]["recompute_layers"] == [2, 4]
+    # An idle engine notices a changed directory by itself.
+    write_profile(live, paths, "base", "a", (2, 4))
+    engine._profile_dir_checked = 0.0
+    engine.idle_tick()
+    assert status()[("base", "a")]["status"] == "profiled"
+    assert_no_leak(engine)
 
 
 def test_span_recompute_native_equals_reference(engine, monkeypatch):

@@ -65,28 +65,20 @@ def test_store_keys_of_the_twins_never_mix(twins, tmp_path):
     prompt = list(range(5, 69))
     params = {"max_new_tokens": 2, "temperature": 0}
 
-    def serve(path):
-        return Engine(path, dtype="float32", max_total_tokens=512, served_model_name="ft", kv_store=f"disk:{disk}",
-                      kv_store_write="through", kv_store_chunk_size=16, kv_store_levels="lossless",
-                      kv_store_load="always", chunked_prefill_size=-1)
-    first = serve(a)
-    try:
-        first.generate(input_ids=prompt, sampling_params=params)
-        first.offloader.flush()
-    finally:
-        first.shutdown()
-    other = serve(b)
-    try:
-        out = other.generate(input_ids=prompt, sampling_params=params)
-        assert out["meta_info"]["kv_store_cached_tokens"] == 0
-    finally:
-        other.shutdown()
-    again = serve(a)
-    try:
-        out = again.generate(input_ids=prompt, sampling_params=params)
-        assert out["meta_info"]["kv_store_cached_tokens"] == 48
-    finally:
-        again.shutdown()
+    def cached_tokens(path) -> int:
+        """Serve `path` as "ft" over the shared tier: the prompt's tokens it loaded."""
+        engine = Engine(path, dtype="float32", max_total_tokens=512, served_model_name="ft",
+                        kv_store=f"disk:{disk}", kv_store_write="through", kv_store_chunk_size=16,
+                        kv_store_levels="lossless", kv_store_load="always", chunked_prefill_size=-1)
+        try:
+            out = engine.generate(input_ids=prompt, sampling_params=params)
+            engine.offloader.flush()
+            return out["meta_info"]["kv_store_cached_tokens"]
+        finally:
+            engine.shutdown()
+    assert cached_tokens(a) == 0   # writes its chunks
+    assert cached_tokens(b) == 0   # finds none of them
+    assert cached_tokens(a) == 48  # its own come back: three whole chunks of the 64-token prompt
 
 
 def test_a_profile_made_for_one_twin_is_stale_for_the_other(twins, tmp_path):

@@ -40,37 +40,20 @@ class PairStats:
 
 class CrossModelPolicy:
     def __init__(self, profiles: list[Profile], quality: float, num_layers: int,
-                 idle_ttft_ms: float | None = None):
+                 idle_ttft_ms: float | None = None, statuses: dict[tuple[str, str], str] | None = None):
+        """`statuses`: why each pair without a usable profile prefills in full."""
         self.quality = quality
         self.idle_ttft_ms = idle_ttft_ms
         self.seconds_per_token_layer: float | None = None  # measured prefill cost (EMA)
         self.num_layers = num_layers
-        self.choices: dict[tuple[str, str], PairChoice] = {}
-        for p in profiles:
-            if p.num_layers != num_layers:
-                logger.warning("profile %s -> %s is for %d layers, the model has %d: ignored",
-                               p.sender, p.receiver, p.num_layers, num_layers)
-                continue
-            target = p.smallest_meeting(quality)
-            if target is None or (target.start == 0 and target.end == num_layers and target.tail == 1):
-                logger.warning("profile %s -> %s: no group is within %.1f%% of full prefill short of "
-                               "recomputing every layer; that pair prefills in full", p.sender, p.receiver,
-                               100 * quality)
-                continue
-            same_start = [g for g in p.groups if g.start == target.start and g.end >= target.end
-                          and g.tail >= target.tail]
-            idle = min(same_start, key=lambda g: (g.soft_ce, g.cost))
-            self.choices[(p.sender, p.receiver)] = PairChoice(target, idle, p)
-            logger.info("cross-model %s -> %s: recompute layers [%d, %d) over the last %.0f%% of the reused "
-                        "span (idle: [%d, %d), %.0f%%), %.2f%% (+-%.2f%%) over full prefill's soft cross-entropy",
-                        p.sender, p.receiver, target.start, target.end, 100 * target.tail, idle.start, idle.end,
-                        100 * idle.tail, 100 * p.excess(target), 100 * p.excess_se(target))
+        self.choices, self.statuses = self._choose(profiles, None, dict(statuses or {}))
         bounds = sorted({b for c in self.choices.values() for b in (c.target.start, c.target.end, c.idle.end)})
         e_layers = sorted({c.target.start for c in self.choices.values() if c.target.start > 0})
         self.segments = LayerSegments(num_layers, bounds)
         self.layout = KVLayout(tuple(bounds), tuple(e_layers))
         self.stats: dict[tuple[str, str], PairStats] = {}
         self._names: dict[int, str] = {}
+        self._variants: dict[str, int] = {}
         self._pairs: dict[tuple[int, int], PairChoice] = {}
         self._senders: dict[int, dict[int, int | None]] = {}
         self._e_senders: set[int] = set()
@@ -78,34 +61,64 @@ class CrossModelPolicy:
         # Called as hit_listener(sender, receiver, prompt_ids, span_end, group) on each hit.
         self.hit_listener = None
 
+    def _choose(self, profiles: list[Profile], supports, statuses: dict
+                ) -> tuple[dict[tuple[str, str], PairChoice], dict[tuple[str, str], str]]:
+        """Each profile's target and idle groups. With `supports(start, end)` (the KV
+        pool exists and cannot change while serving) only groups it can run are
+        candidates; without, the layout is made from the choices."""
+        choices = {}
+        for p in profiles:
+            pair = (p.sender, p.receiver)
+            if p.num_layers != self.num_layers:
+                statuses[pair] = f"profile is for {p.num_layers} layers, the model has {self.num_layers}"
+                logger.warning("profile %s -> %s: %s; ignored", *pair, statuses[pair])
+                continue
+            fits = (lambda g: True) if supports is None else (lambda g: supports(g.start, g.end))
+            target = p.smallest_meeting(self.quality) if supports is None else min(
+                (g for g in p.groups if fits(g) and p.meets(g, self.quality)),
+                key=lambda g: (g.cost, g.soft_ce), default=None)
+            if target is None or (target.start == 0 and target.end == self.num_layers and target.tail == 1):
+                best = p.smallest_meeting(self.quality)
+                if supports is not None and best is not None and best.cost < self.num_layers:
+                    statuses[pair] = (f"profiled: recompute layers [{best.start}, {best.end}) needs a KV layout "
+                                      "the running engine lacks; restart it to use this pair")
+                else:
+                    statuses[pair] = (f"no group is within {100 * self.quality:.1f}% of full prefill short of "
+                                      "recomputing every layer")
+                logger.warning("profile %s -> %s: %s; that pair prefills in full", *pair, statuses[pair])
+                continue
+            same_start = [g for g in p.groups if g.start == target.start and g.end >= target.end
+                          and g.tail >= target.tail and fits(g)]
+            idle = min(same_start, key=lambda g: (g.soft_ce, g.cost))
+            choices[pair] = PairChoice(target, idle, p)
+            logger.info("cross-model %s -> %s: recompute layers [%d, %d) over the last %.0f%% of the reused "
+                        "span (idle: [%d, %d), %.0f%%), %.2f%% (+-%.2f%%) over full prefill's soft cross-entropy",
+                        p.sender, p.receiver, target.start, target.end, 100 * target.tail, idle.start, idle.end,
+                        100 * idle.tail, 100 * p.excess(target), 100 * p.excess_se(target))
+        return choices, statuses
+
     @classmethod
     def from_directory(cls, directory: str | None, names: dict[str, str], quality: float,
                        num_layers: int, fingerprints, idle_ttft_ms: float | None = None) -> "CrossModelPolicy":
         """Profiles for every ordered pair of `names` (name -> path) found in
         `directory`; `fingerprints(path)` checks each is still for those weights."""
-        profiles = []
-        for sender in names:
-            for receiver in names:
-                path = profile_path(directory, sender, receiver) if directory else None
-                if sender == receiver or path is None or not os.path.isfile(path):
-                    continue
-                try:
-                    p = Profile.load(path)
-                except ProfileError as e:
-                    logger.warning("%s; that pair prefills in full", e)
-                    continue
-                stale = [n for n, fp in ((sender, p.sender_fingerprint), (receiver, p.receiver_fingerprint))
-                         if fp != fingerprints(names[n])]
-                if stale or (p.sender, p.receiver) != (sender, receiver):
-                    logger.warning("profile %s was made for other weights of %s; re-run `droidspeak profile "
-                                   "--sender %s --receiver %s`; that pair prefills in full", path,
-                                   " and ".join(stale) or "the pair", sender, receiver)
-                    continue
-                profiles.append(p)
-        return cls(profiles, quality, num_layers, idle_ttft_ms)
+        profiles, statuses = read_profiles(directory, names, fingerprints)
+        return cls(profiles, quality, num_layers, idle_ttft_ms, statuses)
+
+    def reload(self, directory: str | None, names: dict[str, str], fingerprints, layout: KVLayout,
+               supports) -> None:
+        """Read the profiles again while serving (new members, new or re-made
+        profiles); the running pool's KV `layout` stays, so each pair's group must be
+        one it `supports(start, end)`. Counters are kept; a drift guard's
+        retargeting is replaced by the profile's."""
+        profiles, statuses = read_profiles(directory, names, fingerprints)
+        self.layout, self.segments = layout, LayerSegments(self.num_layers, layout.segment_bounds)
+        self.choices, self.statuses = self._choose(profiles, supports, statuses)
+        self.bind(self._variants)
 
     def bind(self, variants: dict[str, int]) -> None:
         """Map model names to prefix-cache variants (call again when adapters change)."""
+        self._variants = dict(variants)
         self._names = {v: n for n, v in variants.items()}
         self._pairs = {(variants[s], variants[r]): c for (s, r), c in self.choices.items()
                        if s in variants and r in variants}
@@ -138,15 +151,25 @@ class CrossModelPolicy:
         self._reindex()
 
     def describe(self) -> list[dict]:
-        """The profiled pairs, their groups and counters (for /server_info)."""
+        """Every ordered pair of the bound members: a profiled one with its groups
+        and counters, any other with why it prefills in full (for /server_info)."""
         out = []
-        for (s, r), c in sorted(self.choices.items()):
-            st = self.stats.get((s, r), PairStats())
-            out.append({"sender": s, "receiver": r, "recompute_layers": [c.target.start, c.target.end],
-                        "recompute_tail": c.target.tail, "idle_recompute_layers": [c.idle.start, c.idle.end],
-                        "idle_recompute_tail": c.idle.tail, "hits": st.hits,
-                        "reused_tokens": st.tokens, "recomputed_layers": st.layers_recomputed,
-                        "recomputed_token_layers": st.token_layers_recomputed})
+        for s in self._variants:
+            for r in self._variants:
+                if s == r:
+                    continue
+                c = self.choices.get((s, r))
+                if c is None:
+                    out.append({"sender": s, "receiver": r, "status": self.statuses.get((s, r), "missing"),
+                                "command": f"droidspeak profile --sender {s} --receiver {r}"})
+                    continue
+                st = self.stats.get((s, r), PairStats())
+                out.append({"sender": s, "receiver": r, "status": "profiled",
+                            "recompute_layers": [c.target.start, c.target.end],
+                            "recompute_tail": c.target.tail, "idle_recompute_layers": [c.idle.start, c.idle.end],
+                            "idle_recompute_tail": c.idle.tail, "hits": st.hits,
+                            "reused_tokens": st.tokens, "recomputed_layers": st.layers_recomputed,
+                            "recomputed_token_layers": st.token_layers_recomputed})
         return out
 
     # ---- what the scheduler asks ---------------------------------------------
@@ -206,3 +229,34 @@ class CrossModelPolicy:
                         "usable cross-model profile, so it prefills in full; profile it with "
                         "`droidspeak profile --sender %s --receiver %s`", self._names[receiver],
                         self._names[s], self._names[s], self._names[receiver])
+
+
+def read_profiles(directory: str | None, names: dict[str, str], fingerprints
+                  ) -> tuple[list[Profile], dict[tuple[str, str], str]]:
+    """The usable profiles of every ordered pair of `names` (name -> path) in
+    `directory`, and for each pair without one, why ("missing", stale, invalid)."""
+    profiles, statuses = [], {}
+    for sender in names:
+        for receiver in names:
+            path = profile_path(directory, sender, receiver) if directory else None
+            if sender == receiver:
+                continue
+            if path is None or not os.path.isfile(path):
+                statuses[(sender, receiver)] = "missing"
+                continue
+            try:
+                p = Profile.load(path)
+            except ProfileError as e:
+                logger.warning("%s; that pair prefills in full", e)
+                statuses[(sender, receiver)] = f"invalid: {e}"
+                continue
+            stale = [n for n, fp in ((sender, p.sender_fingerprint), (receiver, p.receiver_fingerprint))
+                     if fp != fingerprints(names[n])]
+            if stale or (p.sender, p.receiver) != (sender, receiver):
+                logger.warning("profile %s was made for other weights of %s; re-run `droidspeak profile "
+                               "--sender %s --receiver %s`; that pair prefills in full", path,
+                               " and ".join(stale) or "the pair", sender, receiver)
+                statuses[(sender, receiver)] = f"stale: made for other weights of {' and '.join(stale) or 'the pair'}"
+                continue
+            profiles.append(p)
+    return profiles, statuses

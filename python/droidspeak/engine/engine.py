@@ -45,6 +45,14 @@ logger = logging.getLogger(__name__)
 
 # Prefix-cache namespaces of LoRA adapters start here (full models use 0..N-1).
 LORA_NAMESPACE_BASE = 1 << 16
+PROFILE_DIR_CHECK_S = 5.0  # how often an idle engine looks for new cross-model profiles
+
+
+def _mtime(path: str | None) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns if path else None
+    except OSError:
+        return None
 
 
 class Target(NamedTuple):
@@ -82,6 +90,8 @@ class Engine:
         self.tokenizer = load_tokenizer(self.model_path)
         self._max_token_chars = max_token_chars(self.tokenizer)
         self._call_ids = itertools.count(1)  # Req.group of each make_requests call
+        self._fingerprints: dict[str, str] = {}
+        self._profile_dir, self._profile_dir_seen, self._profile_dir_checked = None, None, 0.0
         self.cross_policy = self._load_cross_policy(root_name, members)
         self.runner = ModelRunner(self.config, [p for _, p in members], kv_layout or self.cross_policy.layout)
         self._full_model_names = names
@@ -89,7 +99,6 @@ class Engine:
         self.lineage = self._check_lineage(members)
         self._adapters: dict[str, int] = {}   # adapter name -> id in runner.adapters
         self._adapter_ids = itertools.count(1)
-        self._fingerprints: dict[str, str] = {}
         self._namespaces: dict[int, Namespace] = {}
         for name, path in parse_model_entries(self.config.lora_paths):
             self.load_lora_adapter(name, path)
@@ -107,11 +116,22 @@ class Engine:
         num_layers = ModelConfig.from_dir(self.model_path).num_layers
         if self.config.disable_cross_model:
             return CrossModelPolicy([], self.config.cross_model_quality, num_layers)
-        directory = self.config.cross_model_profiles or default_profile_dir(root_name)
+        directory = self._profile_dir = self.config.cross_model_profiles or default_profile_dir(root_name)
+        self._profile_dir_seen = _mtime(directory)
         paths = dict(members)
         paths.update(parse_model_entries(self.config.lora_paths))
         return CrossModelPolicy.from_directory(directory, paths, self.config.cross_model_quality,
-                                               num_layers, fingerprint, self.config.cross_model_idle_ttft_ms)
+                                               num_layers, self._fingerprint, self.config.cross_model_idle_ttft_ms)
+
+    def reload_cross_model_profiles(self) -> list[dict]:
+        """Read the profile directory again (call between scheduler steps): profiles
+        made or re-made since start, and pairs of adapters loaded since, join where
+        their group fits the running KV layout. Returns every pair's status."""
+        if not self.config.disable_cross_model:
+            self._profile_dir_seen = _mtime(self._profile_dir)
+            self.cross_policy.reload(self._profile_dir, self.model_paths, self._fingerprint, self.runner.layout,
+                                     self.runner.supports_group)
+        return self.cross_policy.describe()
 
     def _make_offloader(self) -> KVOffloader:
         c = self.config
@@ -177,9 +197,18 @@ class Engine:
 
     def idle_tick(self) -> None:
         """Background work for an idle engine (the server calls it when nothing is
-        queued): the cross-model drift check, when one is due."""
-        if self.scheduler.is_idle and self.drift_guard.due():
+        queued): the cross-model drift check, when one is due, and a reload of the
+        profiles when their directory changed."""
+        if not self.scheduler.is_idle:
+            return
+        if self.drift_guard.due():
             self.drift_guard.check_one(make_room=self.scheduler.cache.evict)
+        now = time.monotonic()
+        if not self.config.disable_cross_model and now - self._profile_dir_checked >= PROFILE_DIR_CHECK_S:
+            self._profile_dir_checked = now
+            if _mtime(self._profile_dir) != self._profile_dir_seen:
+                logger.info("cross-model profiles changed in %s: reloading", self._profile_dir)
+                self.reload_cross_model_profiles()
 
     def model_name_of(self, req: Req) -> str:
         """The name of the model or adapter a request ran on (adapter ids are never
@@ -263,6 +292,8 @@ class Engine:
         root = self._full_model_names[0]
         self.lineage[name] = LineageInfo(root, root, f"LoRA adapter, rank {adapter.rank}")
         self._rebind()
+        if hasattr(self, "scheduler"):  # loaded while serving: its pairs' profiles join
+            self.reload_cross_model_profiles()
         logger.info("loaded LoRA adapter %s (rank %d) from %s", name, adapter.rank, path)
 
     @property
@@ -290,6 +321,7 @@ class Engine:
         del self.runner.adapters[lora_id]
         del self.lineage[name]
         self._rebind()
+        self.reload_cross_model_profiles()
 
     # ---- request construction ---------------------------------------------
     def make_requests(self, prompt=None, sampling_params=None, input_ids=None, *,

@@ -216,3 +216,11 @@ async def unload_lora_adapter(request: Request):
     aengine = _state(request).engine
     await aengine.call(lambda: aengine.engine.unload_lora_adapter(body.lora_name))
     return {"success": True, "error_message": "", "loaded_adapters": aengine.engine.lora_adapters}
+
+
+@router.post("/reload_cross_model_profiles")
+async def reload_cross_model_profiles(request: Request, model_name: str | None = None):
+    """Read the cross-model profile directory again; every ordered pair's status."""
+    aengine = _state(request).engine
+    pairs = await aengine.call(aengine.engine.reload_cross_model_profiles)
+    return {"success": True, "cross_model_pairs": pairs}
