@@ -147,7 +147,9 @@ class CrossModelPolicy:
 
     def disable(self, sender: int, receiver: int) -> None:
         self._pairs.pop((sender, receiver), None)
-        self.choices.pop(self.names_of(sender, receiver), None)
+        names = self.names_of(sender, receiver)
+        self.choices.pop(names, None)
+        self.statuses[names] = "stopped by the drift guard: no group it can run stays within the target; re-profile"
         self._reindex()
 
     def describe(self) -> list[dict]:

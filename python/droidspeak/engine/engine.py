@@ -335,12 +335,12 @@ class Engine:
         that run longer. The fan-out limits are checked before any text is tokenized."""
         prompts, params_list, rids, single = normalize_inputs(prompt, input_ids, sampling_params, rid)
         n = len(prompts)
-        targets = [self.resolve(name) for name in per_prompt(model, "model", n)]
         c = self.config
         if n > c.max_prompts_per_request:
             raise LimitExceededError(f"{n} prompts in one request; at most {c.max_prompts_per_request} "
                                      "(max_prompts_per_request)", "input_ids" if prompt is None else "text",
                                      "max_prompts_per_request")
+        targets = [self.resolve(name) for name in per_prompt(model, "model", n)]
         params_list = [SamplingParams.from_dict(raw) for raw in params_list]
         for params in params_list:
             if params.n > c.max_n:
