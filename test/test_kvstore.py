@@ -454,6 +454,28 @@ def test_engines_share_kv_through_redis_and_keep_answering_when_it_dies(tiny_lla
         b.shutdown()
 
 
+def test_a_request_can_wait_until_its_chunks_are_in_the_shared_tier(tiny_llama, redis_server):
+    """Write-through runs in the background; with wait_for_kv_store the answer
+    comes once the request's chunks are in Redis, so another engine's request sent
+    right after it finds the whole prefix."""
+    url, _ = redis_server
+    a = store_engine(tiny_llama, kv_store=url)  # auto: write-through with a shared tier
+    b = store_engine(tiny_llama, kv_store=url)
+    try:
+        throttle(a, 0.2)  # each lookup and write of a's tier takes 0.2 s
+        waited = prompt(70)
+        a.generate(input_ids=waited, sampling_params=GREEDY, wait_for_kv_store=True)
+        assert run(b, waited)["kv_store_cached_tokens"] == 96
+        unwaited = prompt(71)
+        a.generate(input_ids=unwaited, sampling_params=GREEDY)
+        assert run(b, unwaited)["kv_store_cached_tokens"] < 96  # its chunks are still on the way
+        assert_no_leak(a)
+        assert_no_leak(b)
+    finally:
+        a.shutdown()
+        b.shutdown()
+
+
 def test_server_flags_metrics_and_info(tiny_llama, tmp_path):
     """The KV store over HTTP: flags parsed, a flushed prefix comes back from the disk
     tier, /server_info and /metrics report it."""
@@ -466,13 +488,11 @@ def test_server_flags_metrics_and_info(tiny_llama, tmp_path):
                              "--kv-store-chunk-size", str(CHUNK), "--kv-store-levels", "lossless",
                              "--kv-store-load", "always", "--chunked-prefill-size", "-1")
     try:
-        body = {"input_ids": prompt(20), "sampling_params": GREEDY}
+        # The writer stores in the background; this request's answer waits for it.
+        body = {"input_ids": prompt(20), "sampling_params": GREEDY, "wait_for_kv_store": True}
         first = httpx.post(url + "/generate", json=body, timeout=60).json()
-        for _ in range(100):  # the writer stores in the background
-            stats = httpx.get(url + "/server_info").json()["kv_store_stats"]
-            if stats["chunks_written"] >= 6:
-                break
-            time.sleep(0.1)
+        stats = httpx.get(url + "/server_info").json()["kv_store_stats"]
+        assert stats["chunks_written"] == 6
         assert stats["tiers"][0]["tier"] == "disk" and stats["levels"] == ["lossless"]
         assert httpx.post(url + "/flush_cache").status_code == 200
         again = httpx.post(url + "/generate", json=body, timeout=60).json()

@@ -5,6 +5,7 @@ The engine drives the scheduler in the caller's thread; one call to `generate`
 """
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
 import logging
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 # Prefix-cache namespaces of LoRA adapters start here (full models use 0..N-1).
 LORA_NAMESPACE_BASE = 1 << 16
 PROFILE_DIR_CHECK_S = 5.0  # how often an idle engine looks for new cross-model profiles
+STORE_WAIT_TIMEOUT_S = 60.0  # longest an offline wait_for_kv_store call waits for its writes
 
 
 def _mtime(path: str | None) -> int | None:
@@ -327,12 +329,14 @@ class Engine:
     def make_requests(self, prompt=None, sampling_params=None, input_ids=None, *,
                       return_logprob=False, logprob_start_len=None, top_logprobs_num=0,
                       stream=False, rid=None, model: str | list[str | None] | None = None,
-                      timeout_s: float | None = None) -> tuple[list[Req], bool]:
+                      timeout_s: float | None = None, wait_for_kv_store: bool = False) -> tuple[list[Req], bool]:
         """Validated requests for one (batched) call; the bool says whether the
         caller passed a single prompt. `model` and the logprob arguments take one
         value for all prompts or a list with one per prompt (None: the root model).
         `timeout_s` (default: the config's request_timeout_s) aborts the requests
-        that run longer. The fan-out limits are checked before any text is tokenized."""
+        that run longer. `wait_for_kv_store`: the final output waits until the
+        request's write-through chunks are stored (so another engine on a shared
+        tier finds them). The fan-out limits are checked before any text is tokenized."""
         prompts, params_list, rids, single = normalize_inputs(prompt, input_ids, sampling_params, rid)
         n = len(prompts)
         c = self.config
@@ -389,6 +393,7 @@ class Engine:
                     parent_rid=base_rid,
                     group=group,
                     deadline=deadline,
+                    wait_for_kv_store=bool(wait_for_kv_store),
                 ))
         return reqs, single and len(reqs) == 1
 
@@ -409,19 +414,22 @@ class Engine:
     def generate(self, prompt=None, sampling_params=None, input_ids=None, stream: bool = False,
                  return_logprob: bool = False, logprob_start_len: int | None = None,
                  top_logprobs_num: int = 0, return_text_in_logprobs: bool = False, rid=None,
-                 model: str | list[str | None] | None = None, timeout_s: float | None = None):
+                 model: str | list[str | None] | None = None, timeout_s: float | None = None,
+                 wait_for_kv_store: bool = False):
         """One prompt (text or ids) -> one SGLang-shaped dict; a list -> a list.
         With stream=True, an iterator of dicts with cumulative text. `model` picks a
         family member by name (default: the root model), or one per prompt."""
         reqs, single = self.make_requests(
             prompt, sampling_params, input_ids, return_logprob=return_logprob,
             logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
-            stream=stream, rid=rid, model=model, timeout_s=timeout_s)
+            stream=stream, rid=rid, model=model, timeout_s=timeout_s, wait_for_kv_store=wait_for_kv_store)
         fmt = dict(tokenizer=self.tokenizer, return_text_in_logprobs=return_text_in_logprobs)
         if stream:
             return self._stream(reqs, single, fmt)
         for _ in self._drive(reqs):
             pass
+        if wait_for_kv_store:
+            concurrent.futures.wait([f for r in reqs for f in r.store_writes], timeout=STORE_WAIT_TIMEOUT_S)
         results = [format_output(r, **fmt) for r in reqs]
         return results[0] if single else results
 

@@ -230,9 +230,11 @@ class RadixCache(PrefixCache):
                 heapq.heappush(heap, parent)
         return freed
 
-    def _offer(self, node: TreeNode, variants, from_start: bool) -> None:
+    def _offer(self, node: TreeNode, variants, from_start: bool) -> list:
         """Hand `variants`' KV along the path to `node` to the offloader: the chunks
-        that end inside `node` (or, `from_start`, every chunk of the path)."""
+        that end inside `node` (or, `from_start`, every chunk of the path). Returns
+        the futures of their writes in flight."""
+        pending = []
         path = []
         while node is not self.root:
             path.append(node)
@@ -249,11 +251,13 @@ class RadixCache(PrefixCache):
                 erows = torch.cat([e.erows if e.erows is not None else
                                    torch.zeros((self.num_e_layers, e.slots.shape[1]), dtype=torch.int64)
                                    for e in entries], dim=1)
-            self.offloader.offer(tokens, start, variant, torch.cat([e.slots for e in entries], dim=1), erows)
+            pending.extend(self.offloader.offer(tokens, start, variant, torch.cat([e.slots for e in entries], dim=1),
+                                                erows))
+        return pending
 
     def _stored(self, req, node: TreeNode) -> None:
         if self.offloader is not None and self.write_through and node is not self.root:
-            self._offer(node, (req.cache_variant,), from_start=True)
+            req.store_writes = self._offer(node, (req.cache_variant,), from_start=True)
 
     def lock(self, node: TreeNode | None) -> None:
         while node is not None and node is not self.root:

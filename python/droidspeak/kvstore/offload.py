@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -156,6 +156,7 @@ class _WriteJob:
     kv: torch.Tensor
     e: dict[int, torch.Tensor]
     first: bool  # the prompt's first chunk: its first token (the attention sink) is stored exactly
+    written: Future = field(default_factory=Future)  # done once every tier has been given the chunk
 
 
 class KVOffloader:
@@ -191,6 +192,7 @@ class KVOffloader:
         self.level_counts = {lv: 0 for lv in self.levels}
         self._known: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._known_lock = threading.Lock()
+        self._in_flight: dict[tuple[str, str], _WriteJob] = {}  # queued or being written (under _known_lock)
         self._queue: queue.Queue[_WriteJob | None] = queue.Queue(WRITE_QUEUE)
         self._pool = ThreadPoolExecutor(LOAD_WINDOW, thread_name_prefix="kv-store-load")
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kv-store-prefetch")
@@ -242,17 +244,25 @@ class KVOffloader:
 
     # ---- write path ------------------------------------------------------------
     def offer(self, tokens: list[int], start: int, variant: int, slots: torch.Tensor,
-              erows: torch.Tensor | None) -> None:
+              erows: torch.Tensor | None) -> list[Future]:
         """Store the chunks of `variant`'s KV of `tokens` that end after `start`.
         `slots` [G, len(tokens)] and `erows` [E, len(tokens)] (0: not kept) are the
-        pool locations; they are read now, before the caller frees them."""
+        pool locations; they are read now, before the caller frees them. Returns
+        the futures of those chunks' writes still in flight (this call's, or an
+        earlier one's of the same chunk): when they are done, other engines on a
+        shared tier can read the chunks."""
         ns = self.namespace_of(variant)
         C = self.chunk_size
         if ns is None or len(tokens) < C:
-            return
+            return []
         hashes = chunk_hashes(tokens, C)
+        pending = []
         for k in range(start // C, len(hashes)):
             if self._is_known(ns, hashes[k]):
+                with self._known_lock:
+                    job = self._in_flight.get((ns.model, hashes[k]))
+                if job is not None:
+                    pending.append(job.written)
                 continue
             span = slice(k * C, (k + 1) * C)
             if bool((slots[:, span] <= 0).any()):
@@ -264,11 +274,17 @@ class KVOffloader:
                     if bool((rows > 0).all()):
                         e[layer] = self.e_pool.h[j].index_select(0, rows).unsqueeze(0)
             self.counters["chunks_offered"] += 1
+            job = _WriteJob(ns, hashes[k], self._gather(slots[:, span]), e, k == 0)
             try:
-                self._queue.put_nowait(_WriteJob(ns, hashes[k], self._gather(slots[:, span]), e, k == 0))
-                self._remember(ns, hashes[k])
+                self._queue.put_nowait(job)
             except queue.Full:
                 self.counters["chunks_dropped"] += 1
+                continue
+            self._remember(ns, hashes[k])
+            with self._known_lock:
+                self._in_flight[(ns.model, hashes[k])] = job
+            pending.append(job.written)
+        return pending
 
     def _write_loop(self) -> None:
         while True:
@@ -280,6 +296,10 @@ class KVOffloader:
             except Exception:  # a failed write loses a cached chunk, never the engine
                 logger.exception("KV store: writing a chunk failed")
             finally:
+                if job is not None:
+                    with self._known_lock:
+                        self._in_flight.pop((job.ns.model, job.chunk_hash), None)
+                    job.written.set_result(None)  # done either way: a waiter must not hang on a lost chunk
                 self._queue.task_done()
 
     def _write(self, job: _WriteJob) -> None:

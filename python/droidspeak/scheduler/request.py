@@ -84,6 +84,8 @@ class Req:
     store_tokens: int = 0         # of those, tokens loaded from the KV store's tiers
     store_prefetch: Any = None    # Future of the KV store load planned on arrival (kvstore.offload)
     store_load: Any = None        # its load bound to the row's slots, for the next forward (kvstore.offload.PoolLoad)
+    wait_for_kv_store: bool = False  # answer only once its write-through chunks are in the store's tiers
+    store_writes: list = field(default_factory=list)  # Futures of those writes (set at finish)
     admitted_once: bool = False
     num_retractions: int = 0
 

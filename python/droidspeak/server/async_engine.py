@@ -254,4 +254,27 @@ class AsyncEngine:
         fmt = dict(fmt)
         index = fmt.pop("index")
         result = format_output(req, **fmt)
-        loop.call_soon_threadsafe(out_queue.put_nowait, (index, result, finished))
+        deliver = lambda *_: loop.call_soon_threadsafe(out_queue.put_nowait, (index, result, finished))  # noqa: E731
+        pending = [f for f in req.store_writes if not f.done()] if finished and req.wait_for_kv_store else []
+        if pending:
+            # The answer goes out once its chunks are in the store's tiers (the
+            # writer thread completes them), without holding up the scheduler.
+            when_all(pending, deliver)
+        else:
+            deliver()
+
+
+def when_all(futures: list[concurrent.futures.Future], callback: Callable[[], None]) -> None:
+    """Call `callback()` once every one of `futures` is done (on the thread that
+    completes the last)."""
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_):
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            callback()
+    for f in futures:
+        f.add_done_callback(one_done)

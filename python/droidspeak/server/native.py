@@ -31,6 +31,7 @@ class GenerateRequest(BaseModel):
     model: str | list[str | None] | None = None
     lora_path: str | list[str | None] | None = None
     request_timeout_s: float | None = None
+    wait_for_kv_store: bool = False
 
     def member(self, prompts: int) -> str | list[str | None] | None:
         """The family member of each prompt: its `lora_path` entry, else its `model`
@@ -61,7 +62,8 @@ async def generate(request: Request, model_name: str | None = None):
     reqs = await prepare(request, aengine, fanout(prompts, body.sampling_params), lambda: engine.make_requests(
         body.text, body.sampling_params, body.input_ids, return_logprob=body.return_logprob,
         logprob_start_len=body.logprob_start_len, top_logprobs_num=body.top_logprobs_num,
-        stream=body.stream, rid=body.rid, model=model, timeout_s=body.request_timeout_s)[0])
+        stream=body.stream, rid=body.rid, model=model, timeout_s=body.request_timeout_s,
+        wait_for_kv_store=body.wait_for_kv_store)[0])
     single = single_prompt and len(reqs) == 1
     fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=body.return_text_in_logprobs)
     if body.stream:

@@ -40,6 +40,7 @@ class CommonParams(BaseModel):
     min_tokens: int | None = None
     rid: str | None = None
     request_timeout_s: float | None = None
+    wait_for_kv_store: bool = False
 
     def sampling_params(self, max_tokens: int | None) -> dict:
         params = {"max_new_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
@@ -142,7 +143,7 @@ async def completions(request: Request):
         prompt=None if ids_given else prompt, input_ids=prompt if ids_given else None,
         sampling_params=body.sampling_params(body.max_tokens), stream=body.stream,
         return_logprob=body.logprobs is not None, top_logprobs_num=body.logprobs or 0, model=body.model,
-        timeout_s=body.request_timeout_s)[0])
+        timeout_s=body.request_timeout_s, wait_for_kv_store=body.wait_for_kv_store)[0])
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_name
     fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=True)
 
@@ -206,7 +207,7 @@ async def chat_completions(request: Request):
         return engine.make_requests(
             input_ids=ids, sampling_params=body.sampling_params(tokens), stream=body.stream,
             return_logprob=body.logprobs, top_logprobs_num=body.top_logprobs or 0, model=body.model,
-            timeout_s=body.request_timeout_s)[0]
+            timeout_s=body.request_timeout_s, wait_for_kv_store=body.wait_for_kv_store)[0]
     reqs = await prepare(request, aengine, max(body.n, 1), make)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_name
     fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=True)
