@@ -13,16 +13,14 @@ from test_kvstore import redis_server  # noqa: F401  (a fixture)
 from test_server import free_port, start_server
 
 
-@pytest.fixture(scope="module")
-def router(tmp_path_factory):
-    path = build_tiny_model(str(tmp_path_factory.mktemp("router")), "llama")
-    workers = [start_server(path) for _ in range(2)]
+def start_router(worker_urls: list[str], log) -> tuple[subprocess.Popen, str]:
+    """sglang-router (cache-aware) over `worker_urls`, its output in the file `log`;
+    returns once a request through it is answered (or after a minute)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("router_log") / "router.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-             "--worker-urls", *[url for _, url in workers], "--policy", "cache_aware",
+             "--worker-urls", *worker_urls, "--policy", "cache_aware",
              "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())],
             stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -35,6 +33,15 @@ def router(tmp_path_factory):
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory):
+    path = build_tiny_model(str(tmp_path_factory.mktemp("router")), "llama")
+    workers = [start_server(path) for _ in range(2)]
+    log = tmp_path_factory.mktemp("router_log") / "router.log"
+    proc, url = start_router([url for _, url in workers], log)
     yield url, log
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)
@@ -76,13 +83,7 @@ def test_cross_model_reuse_across_workers_over_a_shared_redis(tmp_path, redis_se
              "--kv-store-load", "always", "--chunked-prefill-size", "-1", "--max-requests-per-client", "0")
     workers = [start_server(base, *flags) for _ in range(2)]
     (_, url_a), (_, url_b) = workers
-    port = free_port()
-    router = subprocess.Popen(
-        [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-         "--worker-urls", url_a, url_b, "--policy", "cache_aware",
-         "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    router, url = start_router([url_a, url_b], tmp_path / "router.log")
     params = {"temperature": 0, "max_new_tokens": 3}
     try:
         sender = httpx.post(url_a + "/generate", json={"text": CONTEXT + QUESTIONS[0], "model": "a",
@@ -96,16 +97,6 @@ def test_cross_model_reuse_across_workers_over_a_shared_redis(tmp_path, redis_se
         pair = next(p for p in httpx.get(url_b + "/server_info").json()["cross_model_pairs"]
                     if (p["sender"], p["receiver"]) == ("a", "b"))
         assert pair["hits"] == 1 and pair["recompute_layers"] == [2, 4]
-        deadline = time.time() + 60
-        while True:  # the router is up once it answers
-            try:
-                if httpx.post(url + "/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 1}},
-                              timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "router did not come up"
-            time.sleep(0.5)
         redis_proc.kill()
         redis_proc.wait()
         for i, model in enumerate(["a", "b", "a", "b"]):

@@ -8,6 +8,25 @@ from droidspeak.errors import InvalidRequestError
 from droidspeak.scheduler.request import Req
 
 
+def _is_ints(ids) -> bool:
+    return isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+
+
+def _is_token_list(ids) -> bool:
+    """One prompt's token ids (a batch is a list of such lists; an empty one is the
+    scheduler's "empty prompt" error)."""
+    return bool(ids) and _is_ints(ids)
+
+
+def num_prompts(prompt, input_ids) -> int:
+    """How many prompts a call holds (a string or one token list: 1), read before
+    validation (normalize_inputs refuses malformed ones)."""
+    given = prompt if prompt is not None else input_ids
+    if isinstance(given, str) or _is_token_list(given):
+        return 1
+    return len(given) if isinstance(given, list) else 1
+
+
 def normalize_inputs(prompt, input_ids, sampling_params, rid):
     """-> (prompts: texts or token id lists, sampling param dicts, rids, single?).
     Texts are not tokenized here: the caller checks its limits first."""
@@ -19,12 +38,9 @@ def normalize_inputs(prompt, input_ids, sampling_params, rid):
         if not isinstance(prompts, list) or not prompts or not all(isinstance(t, str) for t in prompts):
             raise InvalidRequestError("text must be a string or a non-empty list of strings", "text")
     else:
-        single = isinstance(input_ids, list) and bool(input_ids) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in input_ids)
+        single = _is_token_list(input_ids)
         prompts = [input_ids] if single else input_ids
-        if (not isinstance(prompts, list) or not prompts or not all(
-                isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
-                for p in prompts)):
+        if not isinstance(prompts, list) or not prompts or not all(_is_ints(p) for p in prompts):
             raise InvalidRequestError("input_ids must be a list of ints or a list of such lists", "input_ids")
     n = len(prompts)
     if isinstance(sampling_params, list):

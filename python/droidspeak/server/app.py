@@ -186,15 +186,16 @@ def fanout(prompts: int, sampling_params) -> int:
     return max(prompts, 1) * n_of(sampling_params)
 
 
-async def prepare(request: Request, aengine: AsyncEngine, count: int, make) -> list:
-    """The sub-requests `make()` builds (it tokenizes, so it runs on the tokenizer
-    thread), after reserving queue room for `count` of them (429 if there is none).
-    If the client went away meanwhile, nothing is submitted."""
-    reqs = await aengine.prepare(count, make, client_of(request))
+async def prepare(request: Request, aengine: AsyncEngine, count: int, make) -> tuple[list, bool]:
+    """What `make()` (Engine.make_requests: sub-requests, single prompt?) returns
+    (it tokenizes, so it runs on the tokenizer thread), after reserving queue room
+    for `count` sub-requests (429 if there is none). If the client went away
+    meanwhile, nothing is submitted."""
+    reqs, single = await aengine.prepare(count, make, client_of(request))
     if await request.is_disconnected():
         request.app.state.ds.metrics.aborted.labels(cause=AbortCause.DISCONNECT.value).inc(len(reqs))
         raise ClientDisconnected()
-    return reqs
+    return reqs, single
 
 
 def client_of(request: Request) -> str | None:

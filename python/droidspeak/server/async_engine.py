@@ -96,7 +96,8 @@ class AsyncEngine:
         s = self.scheduler
         return self._preparing + self._in_inbox + len(s.waiting) + (s.chunked_req is not None)
 
-    async def prepare(self, count: int, make: Callable[[], list[Req]], client: str | None = None) -> list[Req]:
+    async def prepare(self, count: int, make: Callable[[], tuple[list[Req], bool]], client: str | None = None
+                      ) -> tuple[list[Req], bool]:
         """Room for `count` sub-requests of `client` (QueueFullError if there is
         none now; a count more than the server ever holds is refused outright),
         then `make()` (which tokenizes) on the tokenizer thread. A count over the

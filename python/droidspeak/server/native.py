@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from droidspeak.engine.io import per_prompt
+from droidspeak.engine.io import num_prompts, per_prompt
 from droidspeak.errors import InvalidRequestError
 from droidspeak.tokenizer.tokenizer import encode_text
 from droidspeak.server.app import (ServerState, body_schema, client_of, collect, fanout, guard, parse_body, prepare,
@@ -53,18 +53,15 @@ def _engine_for(request: Request, model_name: str | None):
 @router.api_route("/generate", methods=["POST", "PUT"], openapi_extra=body_schema(GenerateRequest))
 async def generate(request: Request, model_name: str | None = None):
     body = await parse_body(request, GenerateRequest)
-    single_prompt = isinstance(body.text, str) or (body.text is None and bool(body.input_ids) and all(
-        isinstance(t, int) for t in body.input_ids))
-    prompts = 1 if single_prompt else len(body.text if body.text is not None else body.input_ids or [])
+    prompts = num_prompts(body.text, body.input_ids)
     model = model_name or body.member(prompts)
     aengine = _engine_for(request, None if isinstance(model, list) else model)
     engine = aengine.engine
-    reqs = await prepare(request, aengine, fanout(prompts, body.sampling_params), lambda: engine.make_requests(
+    reqs, single = await prepare(request, aengine, fanout(prompts, body.sampling_params), lambda: engine.make_requests(
         body.text, body.sampling_params, body.input_ids, return_logprob=body.return_logprob,
         logprob_start_len=body.logprob_start_len, top_logprobs_num=body.top_logprobs_num,
         stream=body.stream, rid=body.rid, model=model, timeout_s=body.request_timeout_s,
-        wait_for_kv_store=body.wait_for_kv_store)[0])
-    single = single_prompt and len(reqs) == 1
+        wait_for_kv_store=body.wait_for_kv_store))
     fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=body.return_text_in_logprobs)
     if body.stream:
         async def events():

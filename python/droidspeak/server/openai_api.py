@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
+from droidspeak.engine.io import num_prompts
 from droidspeak.errors import InvalidRequestError
 from droidspeak.server.app import ServerState, body_schema, client_of, collect, guard, parse_body, prepare
 
@@ -138,12 +139,11 @@ async def completions(request: Request):
         raise InvalidRequestError("echo is not supported", "echo")
     prompt = body.prompt
     ids_given = isinstance(prompt, list) and prompt and not isinstance(prompt[0], str)
-    prompts = 1 if isinstance(prompt, str) or (ids_given and isinstance(prompt[0], int)) else len(prompt)
-    reqs = await prepare(request, aengine, prompts * max(body.n, 1), lambda: engine.make_requests(
-        prompt=None if ids_given else prompt, input_ids=prompt if ids_given else None,
-        sampling_params=body.sampling_params(body.max_tokens), stream=body.stream,
+    text, ids = (None, prompt) if ids_given else (prompt, None)
+    reqs, _ = await prepare(request, aengine, num_prompts(text, ids) * max(body.n, 1), lambda: engine.make_requests(
+        prompt=text, input_ids=ids, sampling_params=body.sampling_params(body.max_tokens), stream=body.stream,
         return_logprob=body.logprobs is not None, top_logprobs_num=body.logprobs or 0, model=body.model,
-        timeout_s=body.request_timeout_s, wait_for_kv_store=body.wait_for_kv_store)[0])
+        timeout_s=body.request_timeout_s, wait_for_kv_store=body.wait_for_kv_store))
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_name
     fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=True)
 
@@ -207,8 +207,8 @@ async def chat_completions(request: Request):
         return engine.make_requests(
             input_ids=ids, sampling_params=body.sampling_params(tokens), stream=body.stream,
             return_logprob=body.logprobs, top_logprobs_num=body.top_logprobs or 0, model=body.model,
-            timeout_s=body.request_timeout_s, wait_for_kv_store=body.wait_for_kv_store)[0]
-    reqs = await prepare(request, aengine, max(body.n, 1), make)
+            timeout_s=body.request_timeout_s, wait_for_kv_store=body.wait_for_kv_store)
+    reqs, _ = await prepare(request, aengine, max(body.n, 1), make)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or state.model_name
     fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=True)
 
