@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import sysconfig
@@ -12,30 +11,13 @@ import time
 
 import torch
 
+from droidspeak import cpu
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-# The CPU features our kernels pick their paths by (VMs of one "model name" differ).
-ISA_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
-
-
 def machine() -> dict:
-    cpu, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    import psutil
-    return {"cpu": cpu, "isa": [f for f in ISA_FLAGS if f in flags], "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "torch": torch.__version__, "python": platform.python_version()}
+    return cpu.describe()
 
 
 def rss_mib() -> float:
@@ -94,14 +76,28 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def git_commit() -> str | None:
+    """The checkout's commit, with `+` when it has uncommitted changes."""
+    import subprocess
+    root = os.path.dirname(RESULTS_DIR)
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+" if dirty else "")
+
+
 def write_json(name: str, payload: dict) -> str:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{name}.json")
     payload = dict(payload, machine=machine(), time=time.strftime("%Y-%m-%d %H:%M:%S"),
-                   command=" ".join(["python", *sys.argv]))
+                   command=" ".join(["python", *sys.argv]), commit=git_commit())
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
-    print(f"wrote {path}")
+    print(f"wrote {path}; python benchmark/report.py puts it into the docs")
     return path
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from droidspeak import cpu
 from droidspeak.crossmodel.calibration import CORPORA, split
 
 FULL_FINETUNES = ("code", "docs", "math")
@@ -241,7 +242,9 @@ def main() -> int:
     os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
     with open(args.results, "w") as f:
         json.dump({"base": base_name, "args": vars(args), "made": made, "heldout_loss": losses,
-                   "wholesale_reuse": reuse, "context_tokens": ctx}, f, indent=2)
+                   "wholesale_reuse": reuse, "context_tokens": ctx, "machine": cpu.describe(),
+                   "time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(["python", *sys.argv])},
+                  f, indent=2)
     print(f"wrote {args.results}")
     return 0
 

@@ -215,12 +215,8 @@ class EngineConfig:
 
 def cpu_default_dtype() -> str:
     """bfloat16 where the CPU has native bf16 matrix support, else float32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        flags = ""
-    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+    from droidspeak import cpu
+    return cpu.default_dtype()
 
 
 def available_memory_bytes() -> int:
