@@ -146,10 +146,8 @@ inline void widen_bf16(const at::BFloat16* src, at::vec::Vectorized<float> (&out
 #if defined(DS_HAVE_AVX512BF16) && defined(CPU_CAPABILITY_AVX512)
 // Without AMX tiles, the scores come from AVX512-BF16 dot products over the raw
 // bf16 K rows (exact products, fp32 sums; the scale moves into the softmax, where
-// it is exact for a power-of-two scale), four tokens' sums reduced together. On
-// a Zen 4 VM, widening each K row to fp32 first and reducing every (token, head)
-// sum on its own: batch-16 decode attention over 30 layers at 256 tokens 6.3-7.4
-// ms against 5.8-5.9 (the two builds alternated three times).
+// it is exact for a power-of-two scale), four tokens' sums reduced together
+// (faster than widening each K row to fp32 first: docs/kernels.md).
 #define DS_DECODE_DPBF16 1
 #endif
 

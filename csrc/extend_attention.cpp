@@ -27,19 +27,14 @@ namespace {
 // scores against every key the block sees come from one brgemm with fp32 output
 // (as exact as SDPA's flash kernel, which also keeps scores in fp32), one pass per
 // row applies scale, the causal limit and softmax and writes bf16 probabilities,
-// and oneDNN's bf16 matmul multiplies them by V. Per layer at 2,048 tokens on the
-// default model (9 query / 3 KV heads of 64), SDPA's CPU flash kernel took 38 ms,
-// this path 23-25 (with a prefix of 2,000 and 64 new tokens: 2.2 -> 1.8 ms), on a
-// CPU without AMX. With AMX, both products run as brgemm on tiles over packed
-// K^T and V, and the probabilities are left unnormalised (each output row is
-// divided by its sum after P @ V): 32 -> 16-19 ms per layer at 2,048 tokens.
+// and oneDNN's bf16 matmul multiplies them by V (faster than SDPA's CPU flash
+// kernel: docs/kernels.md). With AMX, both products run as brgemm on tiles over
+// packed K^T and V, and the probabilities are left unnormalised (each output row
+// is divided by its sum after P @ V).
 constexpr int64_t BQ = 64;
 // kAmxSmallExtend (team.h): tokens per request up to which an extend runs on
-// attend_amx: 1 token over a
-// 2,000-token prefix took 0.12 ms per layer there against 0.34-0.49 through the
-// packed brgemm path, 16 tokens 0.40-0.47 against 0.37-0.61 (30-layer pool,
-// alternating processes); past that the packed path's reuse of K^T across query
-// blocks wins.
+// attend_amx, which skips packing the prefix; past that the packed path's reuse of
+// K^T across query blocks wins.
 constexpr int64_t kKB = 64;  // keys per packed block (oneDNN's VNNI B takes ld_b <= 64)
 
 // Softmax of s[0..n) * scale, in place in fp32, then written to p as bf16.
@@ -65,8 +60,8 @@ inline void softmax_to_bf16(float* s, at::BFloat16* p, int64_t n, float scale) {
 // instruction adds a pair's two products to one output column, so no
 // horizontal sums). It serves both products of the blocked path on CPUs without
 // AMX: Q @ K^T (b: one packed K^T block, 64 keys) and P @ V (b: 64 head dims of
-// the packed V). oneDNN/MKL's bf16 brgemm there ran on an fp32 path (scores and
-// P @ V at a third of the linears' rate on a Zen 4 VM).
+// the packed V). Without AMX, oneDNN/MKL's bf16 brgemm runs an fp32 path, hence
+// our own kernel there.
 template <int R>
 inline void vnni_rows64(const uint32_t* a, int64_t lda_w, const uint32_t* b, int64_t ldb_w, int64_t K2, float* c,
                         int64_t ldc) {

@@ -71,7 +71,7 @@ inline void tile(const uint16_t* const* xs, const uint16_t* w, int64_t ldw, int6
     for (int j = 0; j < NN; ++j) wv[j] = _mm512_loadu_si512(w + j * ldw + k);
     // the next tile's weight rows, one tile ahead: the loop interleaves compute
     // with four weight streams, and the hardware prefetcher alone leaves the
-    // memory bus idle (measured: 1.6x at 4 rows on one core)
+    // memory bus idle
     for (int j = 0; j < NN; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + (NN + j) * ldw + k), _MM_HINT_T0);
     for (int m = 0; m < MM; ++m) {
       const __m512i xv = _mm512_loadu_si512(xs[m] + k);
@@ -118,14 +118,13 @@ inline void dot_tile(const uint16_t* const* xs, int64_t M, const uint16_t* w, in
 // Row-sequential path for groups of at most kSeqRows rows (decode of one to a few
 // requests per model), where the op is bound by the weight stream: each of 16
 // weight rows is read start to end in turn (tile() reads four rows side by side,
-// which on a Zen 4 VM streamed a [196608, 576] matrix at 13-17 GB/s against
-// 27-32 GB/s read one row after another), with one fp32 accumulator per row
+// which streams memory at about half the rate: docs/kernels.md), with one fp32
+// accumulator per row
 // and output in the same K order as tile(), and the 16 outputs' lanes reduced
 // together (transposed) with tile()'s horizontal-sum tree, so each output is
 // bit-identical to the tiled path's and a row's result still does not depend on
-// how many rows share the call. Measured there (a model's linears, 270 MB of
-// weights, alternating with the tiled path): 1 row 1.5x, 2 rows 1.55x, 3 rows
-// 1.4x, 4 rows no faster, so four rows and more stay tiled.
+// how many rows share the call. From four rows on it is no faster, so those stay
+// tiled.
 constexpr int64_t kSeqRows = 3;
 constexpr int64_t kSeqBlock = 16;
 
@@ -244,8 +243,7 @@ void amx_task(const uint32_t* packed, int64_t rn, const uint16_t* w, const uint1
     const bool two = m0 + kAmxCols < rn;
     // prefetch while the weights come from memory (the first row blocks) and,
     // in the last, the next task's first blocks; the row blocks in between
-    // find the weights in cache, and prefetching there too made 224 rows 1.3x
-    // slower (1.27 vs 0.96 TFLOP/s per core, a model's gate/up linears)
+    // find the weights in cache, and prefetching there too slows them
     const bool first = m0 == 0, last = m0 + 2 * kAmxCols >= rn;
     _tile_zero(0);
     _tile_zero(1);
@@ -255,11 +253,9 @@ void amx_task(const uint32_t* packed, int64_t rn, const uint16_t* w, const uint1
       const int64_t bo = kb * kAmxRows * kAmxCols, wo = kb * kAmxK;
       // a tile load touches one cache line in each of 16 weight rows; the
       // hardware prefetcher does not follow that pattern and at few rows the
-      // loop waits on memory (measured over a decode step's linears of the
-      // default model, weights from memory: 17.4 ms without this, 12-15 ms with);
-      // near the rows' end it fetches the first blocks of the next task's rows
-      // (the next 32 features, where a thread's next task usually lies), which
-      // otherwise started on a miss each (a batch-16 decode step 16.2 -> 14.3 ms, Intel VM)
+      // loop waits on memory; near the rows' end it fetches the first blocks of
+      // the next task's rows (the next 32 features, where a thread's next task
+      // usually lies), which otherwise start on a miss each
       const int64_t ahead = kb + kAmxPrefetch;
       if (ahead < kbc ? first : last) {
         const uint16_t* pw = ahead < kbc ? w0 + ahead * kAmxK : w0 + amx_linear::kTaskN * K + (ahead - kbc) * kAmxK;
@@ -295,9 +291,8 @@ void amx_task(const uint32_t* packed, int64_t rn, const uint16_t* w, const uint1
 // Outputs [n0, n1) of one group's rn rows (r: their rows in x and the [T, N]
 // output). Groups of a few rows stream the weights row by row (seq_outputs); the
 // rest run weight tiles outside and row blocks inside, so a tile's kTileN weight
-// rows come from memory once and stay in L1 for every row block (row blocks
-// outside: a model's linears at 8 and 16 rows 1.12-1.15x slower on a Zen 4 VM,
-// the two orders alternated in one process). Each output is the same whatever
+// rows come from memory once and stay in L1 for every row block (the other order
+// is slower: docs/kernels.md). Each output is the same whatever
 // [n0, n1) it is computed in.
 void block_outputs(const uint16_t* xp, int64_t ldx, const int64_t* r, int64_t rn, const uint16_t* w,
                    const uint16_t* bias, int64_t K, int64_t N, int64_t n0, int64_t n1, uint16_t* op) {

@@ -39,9 +39,9 @@ inline float exp_shifted(float* s, int64_t n, float shift, float scale = 1.f) {
 }
 
 // max of s[0..n) (n >= 1). On AVX-512: plain vmaxps over two accumulators and a
-// masked tail; at::vec::maximum's NaN propagation (a compare and an or per vector)
-// made this loop a fifth of a long prefill's softmax. A NaN score still poisons its
-// row through exp.
+// masked tail, without at::vec::maximum's NaN propagation (a compare and an or per
+// vector, costly in a long prefill's softmax). A NaN score still poisons its row
+// through exp.
 inline float row_max(const float* s, int64_t n) {
 #ifdef CPU_CAPABILITY_AVX512
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -66,13 +66,10 @@ inline float row_max(const float* s, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(DS_HAVE_AVX512BF16)
 // exp(s * scale - shift) as 2^t, t = (s * scale - shift) * log2(e): 2^round(t)
 // by vscalefps (0 far below fp32's range, NaN kept) times 2^(t - round(t)) from
-// a degree-5 fit on [-1/2, 1/2] (relative error 1.5e-7, against exp_u20's
-// ~1.2e-6), 10 instructions against exp_u20's ~20: the exponential was most of a
-// softmax pass, and the softmax half of a long extend's attention. The shift is
-// taken off before the change of base, so that the large scores attention sinks
-// get (and their shift) lose little to log2(e)'s rounding: folding log2(e) into
-// scale and shift put the default model's bf16 logits 17% further from fp32
-// than transformers' bf16 (test_model), against 6% this way and 4% with exp_u20.
+// a degree-5 fit on [-1/2, 1/2] (relative error 1.5e-7), about half exp_u20's
+// instructions. Hazard: the shift must come off before the change of base; with
+// log2(e) folded into scale and shift, the large scores of attention sinks lose
+// enough to its rounding to move bf16 logits measurably (test_model bounds it).
 inline __m512 exp_scaled(__m512 s, __m512 scale, __m512 shift) {
   const __m512 t = _mm512_mul_ps(_mm512_fmsub_ps(s, scale, shift), _mm512_set1_ps(1.4426950408889634f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

@@ -99,8 +99,7 @@ def encode(x: torch.Tensor, level: int | str = "medium", group: int | None = Non
     to DEFAULT_GROUP); the lossless level ignores it. A lossy level stores the
     first `exact_tokens` tokens as they are: give 1 for a chunk that starts a
     prompt, whose first token is the model's attention sink (every later token
-    attends to it; on SmolLM2-135M coding it exactly cuts the KL of a 512-token
-    context's continuation by 40%). With a profile, `token_scales` ([tokens] uint8,
+    attends to it, so its error costs the most: docs/kv-store.md). With a profile, `token_scales` ([tokens] uint8,
     from `token_scales(...)` on the chunk's whole KV) refines each token's step;
     by default they are computed from `x` when it holds the layers the profile's
     sink detector reads, else every step is the level's."""

@@ -46,7 +46,7 @@ from droidspeak import kernels
 PROFILE_FORMAT = 2  # 2 added the sink detector; format 1 files still load, without one
 INVERSE_TOLERANCE = 1e-3  # max |forward @ inverse - I| of a valid profile
 SINK_BINS = 20  # bins of the sink score over [-1, 1]
-SINK_MAX_SCALE = 4.0  # at most 4x finer steps: 8x made chunks larger at no better agreement (side run)
+SINK_MAX_SCALE = 4.0  # at most 4x finer steps: finer makes chunks larger at no better agreement
 TOKEN_SCALE_CODE_MAX = 16  # a token's step is the level's / 2^(code / 4): at most 16x finer
 
 

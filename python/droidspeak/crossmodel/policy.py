@@ -58,7 +58,7 @@ class CrossModelPolicy:
         self._senders: dict[int, dict[int, int | None]] = {}
         self._e_senders: set[int] = set()
         self._missed_logged: set[tuple[int, int]] = set()
-        # Called as hit_listener(sender, receiver, prompt_ids, span_end, group) on each hit.
+        # Called as hit_listener(sender, receiver, prompt_ids, span_end, group, tail) on each hit.
         self.hit_listener = None
 
     def _choose(self, profiles: list[Profile], supports, statuses: dict

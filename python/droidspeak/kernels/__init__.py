@@ -101,14 +101,9 @@ def fp32_to_bf16(x):
 
 
 # A group (one family member's rows) of at most this many rows runs its linear
-# layers through the grouped kernel; beyond it torch's blocked matmul is as fast.
-# Measured in the engine on the AMX kernel, alternating with a limit of 32, an
-# extend over an 830-token cached prefix: 64 tokens 1.24x, 128 1.05x, 230 1.09x,
-# 400 0.89x (oneDNN's blocking pays off there). Since its row operand is aligned
-# and packed on every thread (Intel VM, a model's linears x 30 layers, weights
-# from memory): 16 rows 8 vs 18 ms, 223 rows 29 vs 37 ms, 384 rows 48-51 vs 47 ms.
-# Without AMX tiles (the AVX512-BF16 dot-product path) the kernel only wins at
-# decode's few rows.
+# layers through the grouped kernel; beyond it oneDNN's blocked matmul is as fast
+# or faster. Without AMX tiles the dot-product kernel wins only at decode's few
+# rows (docs/kernels.md).
 GROUPED_KERNEL_MAX_ROWS = 256 if _native is not None and _native.amx_available() else 32
 
 
@@ -153,8 +148,8 @@ def rmsnorm(x, weight, row_group, eps):
 
 
 def argmax_rows(x):
-    """See `reference.argmax_rows`; native for float32 (torch's max over a
-    [16, 49152] batch of logits took 0.7 ms here, the native pass 0.1 ms)."""
+    """See `reference.argmax_rows`; native for float32 (several times faster than
+    torch's max over the vocabulary)."""
     if _supported(x) and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] > 0:
         return _native.argmax_rows(x if x.stride(1) == 1 else x.contiguous())
     return reference.argmax_rows(x)

@@ -38,7 +38,7 @@ class CostModel:
     estimates rest on. The fit gives the cost's shape; the last RECENT
     prefills, of any shape, its current scale (`speed`: their measured over
     fitted time, the newest weighing most), so the estimate tracks a machine
-    whose speed drifts (this project's VMs move 30-50% within minutes) instead of
+    whose speed drifts (a shared VM's can move by a third within minutes) instead of
     averaging over the minutes the observations span. The recent prefills are in
     the fit too, so part of a drift seen on one shape goes into the fit's
     coefficients instead of the scale. Decode time per byte per level is a
@@ -135,9 +135,8 @@ def choose_level(sizes: dict[str, int], bandwidth: float, latency_s: float, cost
     A chunk's time is its link time plus its decode time when it is the last one;
     in a stream of `chunks_left` the loader keeps two fetches in flight, so one
     chunk's decode overlaps the next one's transfer and a chunk costs about the
-    larger of the two, plus its share of filling the pipeline. (Summing them made
-    a 15 MB/s link look too slow for `low`: 0.12 s on the link plus 0.06 s of
-    decoding per chunk, where a stream of them measured 0.14 s per chunk.)"""
+    larger of the two, plus its share of filling the pipeline (summing them would
+    overstate a slow link's cost)."""
     n_left = max(chunks_left, 1)
     times = {}
     for lv, n in sizes.items():

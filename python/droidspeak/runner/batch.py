@@ -118,11 +118,8 @@ def recompute_start(start: int, end: int, tail: float) -> int:
 # Tokens at the sequence's start that a tail recompute also runs: the first token
 # is the attention sink, which every later token attends to heavily, and the
 # sender's KV there is another model's. Recomputing it (it attends only to itself,
-# so this is exactly the receiver's own KV) costs one row. On 9 held-out contexts
-# of 1,024 tokens (the default model -> its math fine-tune) it cut the soft
-# cross-entropy excess over full prefill at tail shares 1/16, 1/8 and 1/4 from
-# 0.99/0.90/0.73% to 0.86/0.74/0.57%, about what doubling the tail buys; for
-# the code fine-tune by 0.03-0.08 points.
+# so this is exactly the receiver's own KV) costs one row and buys about what
+# doubling the tail does (docs/cross-model.md).
 SINK_TOKENS = 1
 
 

@@ -9,8 +9,7 @@ pickling every request and token across process boundaries
 Every torch op of the engine runs on that one thread, its construction included
 (`AsyncEngine.build`): OpenMP keeps one worker team per thread that starts
 parallel regions, and with two teams on 2 cores libgomp stops spinning between
-regions, so every short kernel pays a futex wake-up (measured: a decode step
-1.6x slower than the same step on the only team).
+regions, so every short kernel pays a futex wake-up (docs/architecture.md).
 """
 from __future__ import annotations
 
