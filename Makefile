@@ -48,9 +48,11 @@ serve: model
 test: model redis
 	$(PY) -m pytest test -q $(PYTEST_ARGS)
 
+# The kernel-level benchmarks, then every docs table from the results files.
 bench: model
 	$(PY) benchmark/bench_one_batch.py
 	$(PY) benchmark/bench_offline.py
+	$(PY) benchmark/report.py
 
 clean:
 	rm -rf $(VENV) build python/droidspeak/_C*.so python/*.egg-info

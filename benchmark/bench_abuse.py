@@ -12,7 +12,7 @@ leak audit: nothing running or queued, no KV held outside the prefix cache, and
 after /flush_cache every slot free.
 
     python benchmark/bench_abuse.py [--phase-s 15] [--quick]
-    python benchmark/bench_abuse.py --render   # the docs table from the results file
+    python benchmark/report.py                 # the docs table from the results file
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import time
 import httpx
 
 from bench_serving import free_port, start_http
-from common import RESULTS_DIR, percentile, print_table, write_json
+from common import percentile, print_table, write_json
 
 MAX_QUEUED = 192
 MAX_FANOUT = 128                      # two prompts x n = 64: the fan-out attack sits at the limit,
@@ -220,49 +220,11 @@ def wait_idle(url: str, timeout_s: float = 60) -> tuple[dict, float]:
         time.sleep(0.1)
 
 
-DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "serving.md")
-BEGIN, END = "<!-- bench_abuse:begin -->", "<!-- bench_abuse:end -->"
-
-
-def render(results: dict) -> str:
-    """The docs table of a bench_abuse.json."""
-    def answers(d: dict) -> str:
-        return ", ".join(f"{v} x {k}" for k, v in d.items()) or "-"
-    m, audit = results["machine"], results["leak_audit"]
-    lines = [f"{m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}; "
-             f"{results['dtype']}, {results['phase_s']:g} s phases, {results['time']}.", "",
-             "| phase | well-behaved requests (refused) | TTFT p50 / p99 ms | p99 / unloaded | its inter-token p50 ms "
-             "| hostile answers | rejected | aborted | idle after (s) |", "|---|---|---|---|---|---|---|---|---|"]
-    for row, (name, ph) in zip(results["rows"], results["phases"].items()):
-        lines.append(f"| {name} | {row['good requests']} ({row['good refused']}) | {row['ttft p50 ms']:.0f} / "
-                     f"{row['ttft p99 ms']:.0f} | {row['p99 / unloaded']:.1f}x | {row['itl p50 ms']:.0f} | "
-                     f"{answers(ph['hostile'])} | "
-                     f"{answers(ph['rejected'])} | {answers(ph['aborted'])} | {ph['idle_after_s']:.2f} |")
-    lines += ["", f"Leak audit after the run: idle after every phase {audit['idle']}, cache flushed "
-                  f"{audit['flushed']}, KV pool usage after the flush {audit['kv_pool_usage_after_flush']:g}."]
-    return "\n".join(lines)
-
-
-def write_doc_table() -> None:
-    with open(os.path.join(RESULTS_DIR, "bench_abuse.json")) as f:
-        table = render(json.load(f))
-    with open(DOC) as f:
-        doc = f.read()
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    with open(DOC, "w") as f:
-        f.write(f"{head}{BEGIN}\n{table}\n{END}{tail}")
-    print(f"wrote the table into {os.path.normpath(DOC)}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--phase-s", type=float, default=15.0, help="seconds per phase (default: 15)")
     parser.add_argument("--quick", action="store_true", help="5-second phases (a smoke run)")
-    parser.add_argument("--render", action="store_true", help="only write the docs table from the results file")
     args = parser.parse_args()
-    if args.render:
-        return write_doc_table()
     seconds = 5.0 if args.quick else args.phase_s
     port = free_port()
     cmd = [sys.executable, "-m", "droidspeak.launch_server", "--port", str(port),
@@ -308,7 +270,6 @@ def main() -> None:
         print("leak audit:", audit)
         write_json("bench_abuse", {"model": info["model_path"], "dtype": info["dtype"], "phase_s": seconds,
                                    "limits": limits, "rows": rows, "phases": phases, "leak_audit": audit})
-        write_doc_table()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

@@ -77,13 +77,15 @@ def _fmt(v) -> str:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit, with `+` when it has uncommitted changes."""
+    """The checkout's commit, with `+` when its code (not its docs or results) has
+    uncommitted changes."""
     import subprocess
     root = os.path.dirname(RESULTS_DIR)
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "python", "csrc",
+                                "setup.py", "benchmark", "scripts", ":!benchmark/results"], cwd=root,
                                capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
