@@ -18,8 +18,8 @@ EWMA = 0.3
 # Hysteresis of the load-or-recompute choice: a load starts only when it is
 # estimated this much faster than recomputing, and once started it stops only when
 # it is estimated this much slower. Near break-even the estimates are noisy, and
-# flipping after a chunk or two pays for the transfers and the prefill both
-# (bench_kv_tiers at 5 MB/s: 8.0 s against 5.7 s for recomputing everything).
+# flipping after a chunk or two pays for the transfers and the prefill both, which
+# is slower than either alone.
 STREAM_MARGIN = 0.15
 
 
