@@ -314,9 +314,7 @@ class Engine:
         if name not in self._adapters:
             raise ModelNotFoundError(f"no LoRA adapter named {name!r}; loaded: {list(self._adapters)}")
         lora_id = self._adapters[name]
-        sched = self.scheduler
-        busy = [r for r in sched.waiting + sched.running + ([sched.chunked_req] if sched.chunked_req else [])
-                if r.lora_id == lora_id]
+        busy = [r for r in self.scheduler.in_flight() if r.lora_id == lora_id]
         if busy:
             raise InvalidRequestError(f"LoRA adapter {name!r} is serving {len(busy)} request(s)", "lora_name")
         del self._adapters[name]

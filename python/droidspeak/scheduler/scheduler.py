@@ -41,6 +41,18 @@ ABORT_MESSAGES = {
 }
 
 
+class StepFailed(RuntimeError):
+    """A step raised. The requests it was running were finished with cause
+    `internal_error` and everything they held was released (their final outputs
+    are `outputs`); every other request is untouched and the scheduler can go on
+    stepping. The original exception is `__cause__`."""
+
+    def __init__(self, outputs: list[RequestOutput], error: BaseException):
+        super().__init__(f"scheduler step failed ({type(error).__name__}: {error}); "
+                         f"{len(outputs)} request(s) failed with it")
+        self.outputs = outputs
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, runner: ModelRunner, eos_token_ids: list[int],
                  cross_policy=None, offloader=None):
@@ -68,6 +80,10 @@ class Scheduler:
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.chunked_req: Req | None = None
+        # The requests the current step has taken out of the queues for its forward,
+        # each with the slots it holds past its kv_len (the extend, or decode's one
+        # token): a failing step releases exactly these.
+        self._in_step: dict[int, list] = {}
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.num_retractions = 0
         self.num_forward_steps = 0
@@ -127,7 +143,15 @@ class Scheduler:
         return [self._abort(req, cause) for req in self._take(lambda r: id(r) in ids)]
 
     def abort_all(self, cause: AbortCause) -> list[RequestOutput]:
-        return [self._abort(req, cause) for req in self._take(lambda r: True)]
+        outputs = self._fail_in_step(cause, ABORT_MESSAGES[cause])
+        return outputs + [self._abort(req, cause) for req in self._take(lambda r: True)]
+
+    def in_flight(self) -> list[Req]:
+        """Every request the scheduler holds: queued, chunked, running, or inside
+        the step under way."""
+        seen = {id(r) for r in self.waiting + self.running}
+        return (self.waiting + self.running + ([self.chunked_req] if self.chunked_req is not None else [])
+                + [r for r, _ in self._in_step.values() if id(r) not in seen and r is not self.chunked_req])
 
     def _take(self, match) -> list[Req]:
         """Remove the matching requests from the queues and the chunked slot."""
@@ -176,7 +200,37 @@ class Scheduler:
     # ---- one iteration ------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        """One prefill or decode step. A failure inside it fails only the requests
+        the step was running (raised as StepFailed, after releasing them)."""
         outputs: list[RequestOutput] = []
+        try:
+            self._step(outputs)
+        except Exception as exc:
+            logger.exception("scheduler step failed; failing the %d request(s) it was running",
+                             len(self._in_step))
+            failed = self._fail_in_step(AbortCause.INTERNAL, f"{ABORT_MESSAGES[AbortCause.INTERNAL]} "
+                                                             f"({type(exc).__name__}: {exc})")
+            raise StepFailed(outputs + failed, exc) from exc
+        self._in_step = {}
+        return outputs
+
+    def _fail_in_step(self, cause: AbortCause, message: str) -> list[RequestOutput]:
+        """Finish and release the requests of the step under way (see _in_step)."""
+        failed = []
+        for req, pending in self._in_step.values():
+            if req.finished:
+                continue  # finished (and released) before the failure
+            self._take(lambda r: r is req)
+            req.kv_len += pending  # its slots past kv_len go back with the rest
+            if req.store_load is not None:
+                req.store_load.load.cancel()
+                PrefillAdder.unbind(self.cache, req)
+            req.recompute = None
+            failed.append(self._abort(req, cause, message))
+        self._in_step = {}
+        return failed
+
+    def _step(self, outputs: list[RequestOutput]) -> None:
         self._expire(outputs)
         entries = self._schedule_prefill()
         if entries:
@@ -192,7 +246,6 @@ class Scheduler:
             raise RuntimeError(f"scheduler stalled: {len(self.waiting)} waiting, "
                                f"{self.allocator.available_size} free slots")
         self.num_forward_steps += 1
-        return outputs
 
     def _store_waits(self, req: Req) -> list:
         """The futures `req` waits on before admission: its KV-store lookup, then,
@@ -221,9 +274,11 @@ class Scheduler:
                              active_models={r.cache_namespace for r in self.running},
                              cross_policy=self.cross_policy,
                              idle=not self.running and len(self.waiting) <= 1, offloader=self.offloader)
+        self._in_step = {}
         if self.chunked_req is not None:
             if not adder.add_chunked(self.chunked_req):
                 return []
+            self._note_in_step(adder)
             self.chunked_req = None
         max_rows = self.config.max_running_requests
         shared_rows = max_rows - self.reserved_rows
@@ -242,10 +297,15 @@ class Scheduler:
                 break
             if not adder.add(req):
                 break
+            self._note_in_step(adder)
             self.waiting.remove(req)
             rows_of[req.group] += 1
             self._last_admitted[req.cache_namespace] = self.num_forward_steps
         return adder.entries
+
+    def _note_in_step(self, adder: PrefillAdder) -> None:
+        entry = adder.entries[-1]
+        self._in_step[id(entry.req)] = [entry.req, entry.num_tokens]
 
     def _run_prefill(self, entries, outputs: list[RequestOutput]) -> None:
         batch, extra_rows, extra_pos = build_prefill_batch(entries, self.runner)
@@ -279,6 +339,7 @@ class Scheduler:
                 self._record_input_logprobs(req, positions, logits.extra_logits[extra_offset:extra_offset + len(positions)])
                 extra_offset += len(positions)
             req.kv_len += entry.num_tokens
+            self._in_step[id(req)][1] = 0
             self.cache.cache_unfinished_req(req)
             if req.kv_len < req.seq_len:
                 self.chunked_req = req
@@ -310,6 +371,7 @@ class Scheduler:
                 self.cache.release_req(req)
                 req.admitted_once, req.store_tokens, req.cross_model_tokens = False, 0, 0
                 self.waiting.insert(0, req)
+                self._in_step.pop(id(req), None)  # queued again, holding nothing
                 failed.append(req)
         return failed
 
@@ -339,9 +401,11 @@ class Scheduler:
                 return
         batch = build_decode_batch(self.running, self.allocator, self.runner,
                                    self.cross_policy.is_sender if self.cross_policy else None)
+        self._in_step = {id(r): [r, 1] for r in self.running}
         logits = self.runner.forward(batch)
         for req in self.running:
             req.kv_len += 1
+            self._in_step[id(req)][1] = 0
         self._sample_and_append(list(self.running), logits.next_token_logits, outputs)
         self.running = [r for r in self.running if not r.finished]
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)

@@ -92,6 +92,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def on_disconnect(request: Request, exc: ClientDisconnected):
         return JSONResponse(error_body("client disconnected", 499), status_code=499)
 
+    @app.exception_handler(InternalFailure)
+    async def on_internal_failure(request: Request, exc: InternalFailure):
+        return JSONResponse(error_body(str(exc), 500, kind="internal_error"), status_code=500)
+
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException):
         return JSONResponse(error_body(str(exc.detail), exc.status_code), status_code=exc.status_code)
@@ -214,14 +218,35 @@ async def _until_disconnected(request: Request) -> None:
 
 async def collect(aengine: AsyncEngine, reqs, fmt: dict, request: Request) -> list[dict]:
     """Final results of `reqs`; if the client disconnects first, the requests are
-    aborted (their KV freed) and the handler gives up."""
+    aborted (their KV freed) and the handler gives up. A request that an internal
+    failure stopped makes the whole answer a 500."""
     results: list = [None] * len(reqs)
     async for index, result, finished in guard(request, aengine.generate(reqs, fmt, client_of(request))):
         if finished:
             results[index] = result
     if any(r is None for r in results):
         raise ClientDisconnected()
+    failure = next((m for m in map(internal_failure, results) if m), None)
+    if failure:
+        raise InternalFailure(failure)
     return results
+
+
+def internal_failure(result: dict) -> str | None:
+    """The message of a finished result that an engine failure stopped, else None."""
+    reason = result["meta_info"].get("finish_reason") or {}
+    return reason.get("message") if reason.get("cause") == AbortCause.INTERNAL.value else None
+
+
+def internal_failure_event(result: dict, finished: bool) -> str | None:
+    """The SSE error event that follows a streamed request's last chunk when an
+    engine failure stopped it (the status line went out with the first chunk)."""
+    message = internal_failure(result) if finished else None
+    return f"data: {json.dumps(error_body(message, 500, kind='internal_error'))}\n\n" if message else None
+
+
+class InternalFailure(Exception):
+    """A step of the engine failed under the request (answered with a 500)."""
 
 
 async def guard(request: Request, events):

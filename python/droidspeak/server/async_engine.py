@@ -26,6 +26,7 @@ from droidspeak.engine.engine import Engine
 from droidspeak.engine.io import format_output
 from droidspeak.errors import LimitExceededError, QueueFullError
 from droidspeak.scheduler.request import AbortCause, Req
+from droidspeak.scheduler.scheduler import StepFailed
 
 logger = logging.getLogger(__name__)
 
@@ -199,9 +200,11 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.scheduler.step()
-            except Exception:  # pragma: no cover - a bug; keep serving, fail the requests
-                logger.exception("scheduler step failed; aborting the requests in flight")
-                outputs = self._abort_everything()
+            except StepFailed as failed:  # logged by the scheduler; the rest keeps running
+                outputs = failed.outputs
+            except Exception:  # outside any step's requests: fail everything in flight
+                logger.exception("scheduler failed outside a step; aborting every request in flight")
+                outputs = self.scheduler.abort_all(AbortCause.INTERNAL)
             for out in outputs:
                 self._publish(out.req, out.finished)
 
@@ -233,9 +236,6 @@ class AsyncEngine:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 item = None
-
-    def _abort_everything(self):
-        return self.scheduler.abort_all(AbortCause.INTERNAL)
 
     def _publish(self, req: Req, finished: bool) -> None:
         if finished:

@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict
 from droidspeak.engine.io import num_prompts, per_prompt
 from droidspeak.errors import InvalidRequestError
 from droidspeak.tokenizer.tokenizer import encode_text
-from droidspeak.server.app import (ServerState, body_schema, client_of, collect, fanout, guard, parse_body, prepare,
-                                   read_json)
+from droidspeak.server.app import (ServerState, body_schema, client_of, collect, fanout, guard,
+                                   internal_failure_event, parse_body, prepare, read_json)
 
 router = APIRouter()
 
@@ -65,10 +65,12 @@ async def generate(request: Request, model_name: str | None = None):
     fmt = dict(tokenizer=engine.tokenizer, return_text_in_logprobs=body.return_text_in_logprobs)
     if body.stream:
         async def events():
-            async for index, result, _ in guard(request, aengine.generate(reqs, fmt, client_of(request))):
+            async for index, result, finished in guard(request, aengine.generate(reqs, fmt, client_of(request))):
                 if not single:
                     result["index"] = index
                 yield f"data: {json.dumps(result)}\n\n"
+                if failure := internal_failure_event(result, finished):
+                    yield failure
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
     results = await collect(aengine, reqs, fmt, request)

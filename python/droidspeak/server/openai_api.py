@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict
 
 from droidspeak.engine.io import num_prompts
 from droidspeak.errors import InvalidRequestError
-from droidspeak.server.app import ServerState, body_schema, client_of, collect, guard, parse_body, prepare
+from droidspeak.server.app import (ServerState, body_schema, client_of, collect, guard, internal_failure_event,
+                                  parse_body, prepare)
 
 router = APIRouter(prefix="/v1")
 
@@ -111,6 +112,8 @@ def _stream(request: Request, aengine, reqs, fmt: dict, envelope: dict, make_cho
             if finished:
                 finals.append(result)
             yield _sse(dict(envelope, choices=[choice]))
+            if failure := internal_failure_event(result, finished):
+                yield failure
         if include_usage:
             yield _sse(dict(envelope, choices=[], usage=_usage(finals)))
         yield "data: [DONE]\n\n"
