@@ -65,6 +65,7 @@ def assert_no_leak(engine):
     slot with references is out of the free lists, and no request row is taken."""
     sched, runner = engine.scheduler, engine.runner
     assert sched.is_idle
+    assert not sched.leases.live, f"{len(sched.leases)} KV lease(s) still open"
     assert sched.cache.protected_size == 0
     for alloc, attr in ((runner.allocator, "slots"), (runner.e_allocator, "erows")):
         if alloc is None:

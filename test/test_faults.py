@@ -194,7 +194,7 @@ def test_fault_inside_a_kv_store_load(tiny_llama, monkeypatch):
         reqs = submit(e, prompt(0), params={"max_new_tokens": 6, "temperature": 0})
         failed = step_until_failure(e)
         monkeypatch.undo()
-        assert calls and reqs[0].store_load is None
+        assert calls and reqs[0].kv is None  # its lease, the bound load with it, is released
         assert_failed(failed, reqs)
         assert_no_leak(e)
         again = store_run(e, prompt(0))

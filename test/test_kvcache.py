@@ -1,7 +1,9 @@
 """Radix cache, slot allocator and request-to-token pool."""
+import pytest
 import torch
 
 from droidspeak.kvcache.chunk_cache import NoPrefixCache
+from droidspeak.kvcache.lease import Leases
 from droidspeak.kvcache.pool import KVPool, LayerSegments, ReqToTokenPool, SlotAllocator
 from droidspeak.kvcache.radix_cache import RadixCache
 
@@ -206,3 +208,52 @@ def test_shared_slots_are_freed_once_with_their_node():
     assert cache.evict(100) == 4
     assert alloc._count == [10, 10, 10] and alloc.num_referenced == 0
     assert e_alloc.available_size == 10 and e_alloc.num_referenced == 0
+
+
+def lease_on(cache, leases, key, variant=0, senders=None):
+    """A lease as admission opens one: the matched prefix locked and pointed at."""
+    m = cache.match_prefix(key, variant, senders)
+    lease = leases.open(object(), variant)
+    lease.node = m.last_node
+    cache.lock(m.last_node)
+    lease.point(0, m.indices)
+    lease.prefix_len = lease.kv_len = lease.end = m.length
+    return lease
+
+
+def test_a_released_lease_gives_back_everything_it_took():
+    cache, alloc, e_alloc = make_family_cache()
+    leases = Leases(cache, cache.req_to_token_pool)
+    put_variant(cache, alloc, e_alloc, [1, 2, 3, 4], 0)
+    free, e_free, rows = alloc._count.copy(), e_alloc.available_size, cache.req_to_token_pool.available_size
+    lease = lease_on(cache, leases, [1, 2, 3, 4, 5], 1, senders={0: 0})  # variant 1 reuses 0's [0, 4)
+    m = cache.match_prefix([1, 2, 3, 4, 5], 1, senders={0: 0})
+    assert m.length == 0 and m.cross.length == 4 and cache.protected_size == 4
+    lease.point(0, m.cross.indices)
+    lease.prefix_len = lease.kv_len = lease.end = 4
+    lease.hold_cross(range(1, 2), 1, 2)  # segment 1 recomputed over [2, 4) and the sink [0, 1)
+    lease.grow(3, with_e=True)  # the extend's slots, still pending
+    assert len(leases) == 1 and alloc._count != free
+    lease.release()
+    assert alloc._count == free and e_alloc.available_size == e_free
+    assert cache.req_to_token_pool.available_size == rows and len(leases) == 0
+    assert cache.protected_size == 0 and cache.evictable_size == 4
+    with pytest.raises(RuntimeError, match="closed twice"):
+        lease.release()
+
+
+def test_a_committed_lease_leaves_its_kv_to_the_cache():
+    cache, alloc = make_cache(20)
+    leases = Leases(cache, cache.req_to_token_pool)
+    put(cache, alloc, [1, 2])
+    lease = lease_on(cache, leases, [1, 2, 3, 4])
+    assert lease.kv_len == 2 and cache.protected_size == 2  # the prefix is locked while leased
+    lease.grow(2, with_e=False)
+    lease.computed()
+    lease.checkpoint([1, 2, 3, 4])
+    assert lease.prefix_len == 4 and cache.protected_size == 4
+    lease.grow(1, with_e=False)
+    lease.computed()
+    assert lease.commit([1, 2, 3, 4, 5]) == []
+    assert cache.match_prefix([1, 2, 3, 4, 5]).length == 5 and cache.protected_size == 0
+    assert alloc.available_size == 20 - 5 and len(leases) == 0

@@ -8,6 +8,8 @@ from droidspeak.kvcache.base import MatchResult, PrefixCache
 
 
 class NoPrefixCache(PrefixCache):
+    keeps_entries = False
+
     def match_prefix(self, key, variant=0, senders=None):
         return MatchResult(torch.empty((self.allocator.num_spaces, 0), dtype=torch.int64), None)
 
@@ -33,6 +35,3 @@ class NoPrefixCache(PrefixCache):
 
     def reset(self):
         pass
-
-    def cache_unfinished_req(self, req):
-        pass  # the request keeps owning its slots

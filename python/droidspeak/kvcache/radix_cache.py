@@ -255,9 +255,10 @@ class RadixCache(PrefixCache):
                                                 erows))
         return pending
 
-    def _stored(self, req, node: TreeNode) -> None:
+    def _stored(self, variant: int, node: TreeNode) -> list:
         if self.offloader is not None and self.write_through and node is not self.root:
-            req.store_writes = self._offer(node, (req.cache_variant,), from_start=True)
+            return self._offer(node, (variant,), from_start=True)
+        return []
 
     def lock(self, node: TreeNode | None) -> None:
         while node is not None and node is not self.root:

@@ -46,14 +46,14 @@ PART_LAYERS = 6           # layers per stored KV part: the unit that loading run
 
 
 class StoreLoad:
-    """A planned load of one model's KV for tokens [start, end) of a prompt, in
-    flight: per KV layer part and per E-cache layer, one fetch per chunk (each a
-    Future of the decoded tensor, None if it did not arrive)."""
+    """A planned load of one model's (`variant`'s) KV for tokens [start, end) of a
+    prompt, in flight: per KV layer part and per E-cache layer, one fetch per
+    chunk (each a Future of the decoded tensor, None if it did not arrive)."""
 
-    def __init__(self, ns: Namespace, hashes: list[str], start: int, end: int, chunk_start: int,
+    def __init__(self, variant: int, ns: Namespace, hashes: list[str], start: int, end: int, chunk_start: int,
                  parts: list[tuple[int, int]], kv: list[list[Future]], e: list[list[Future]] | None,
                  levels: list[str]):
-        self.ns, self.hashes = ns, hashes
+        self.variant, self.ns, self.hashes = variant, ns, hashes
         self.start, self.end = start, end
         self.skip = start - chunk_start  # tokens of the first chunk before `start`
         self.parts, self.kv, self.e, self.levels = parts, kv, e, levels
@@ -342,7 +342,7 @@ class KVOffloader:
         `candidates` are (variant, cached prefix length, E layers) in order of
         preference (the request's own model, then cross-model senders). The
         future's result, once the load is planned (its fetches then run on), is
-        (variant, StoreLoad) for the first that the store holds, or None."""
+        the StoreLoad of the first that the store holds, or None."""
         return self._prefetcher.submit(self._prefetch, key, limit, candidates)
 
     def _prefetch(self, key, limit, candidates):
@@ -350,7 +350,7 @@ class KVOffloader:
             for variant, start, e_layers in candidates:
                 load = self.plan(variant, key, start, limit, e_layers)
                 if load is not None:
-                    return variant, load
+                    return load
         except Exception:  # a failed prefetch costs a recompute, never the request
             logger.exception("KV store: prefetch failed")
         return None
@@ -395,7 +395,7 @@ class KVOffloader:
                                  (hi - lo, C, self.channels)) for k, state, level in chunks]
               for lo, hi in self.parts]
         first = chunks[0][0] * C
-        return StoreLoad(ns, [hashes[k] for k, _, _ in chunks], start, first + len(chunks) * C, first,
+        return StoreLoad(variant, ns, [hashes[k] for k, _, _ in chunks], start, first + len(chunks) * C, first,
                          self.parts, kv, e, [level for _, _, level in chunks])
 
     def bind(self, load: "StoreLoad", start: int, slots: torch.Tensor, erows: torch.Tensor | None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from droidspeak.kvcache.base import PrefixCache
+from droidspeak.kvcache.lease import grow_each
 from droidspeak.kvcache.pool import SlotAllocator
 from droidspeak.runner.batch import ForwardBatch, ForwardMode
 from droidspeak.scheduler.prefill import stack_e_loc
@@ -29,7 +30,7 @@ def make_room_for_decode(running: list[Req], cache: PrefixCache, allocator: Slot
             break
         victim = victims.pop(0)
         running.remove(victim)
-        cache.release_req(victim)
+        victim.release_kv()
         victim.num_retractions += 1
         retracted.append(victim)
     return retracted
@@ -40,15 +41,11 @@ def build_decode_batch(running: list[Req], allocator: SlotAllocator, runner,
     """`is_sender(variant)`: whether a variant keeps an E cache (cross-model senders)."""
     table = runner.req_to_token_pool.table
     slots = allocator.allocate(len(running))
-    rows = torch.tensor([r.req_pool_idx for r in running], dtype=torch.int64)
+    rows = torch.tensor([r.kv.row for r in running], dtype=torch.int64)
     kv_lens = torch.tensor([r.kv_len for r in running], dtype=torch.int64)
-    table[:, rows, kv_lens] = slots.to(torch.int32)
-    e_locs = [None] * len(running)
-    if is_sender is not None:
-        for i, r in enumerate(running):
-            if is_sender(r.cache_variant):
-                e_locs[i] = runner.e_allocator.allocate(1)
-                r.erows.append(e_locs[i])
+    e_locs = [runner.e_allocator.allocate(1) if is_sender is not None and is_sender(r.cache_variant) else None
+              for r in running]
+    grow_each([r.kv for r in running], slots, e_locs)
     batch = ForwardBatch(
         mode=ForwardMode.DECODE,
         input_ids=torch.tensor([r.output_ids[-1] for r in running], dtype=torch.int64),

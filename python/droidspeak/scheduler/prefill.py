@@ -1,17 +1,25 @@
-"""Admission of waiting requests into a prefill batch: prefix matching, locking,
-the token budgets, chunking, and slot allocation."""
+"""Admission of waiting requests into a prefill batch: prefix matching, the token
+budgets, chunking, and what each admitted request takes.
+
+Admission is two steps. `PrefillAdder._plan` decides, from the request and the
+cache state, what the request would reuse and compute (an `AdmissionPlan`);
+`PrefillAdder._admit` carries the plan out on a new `KVLease`, which owns
+everything it takes, so a plan that cannot be carried out releases its lease
+and nothing else needs undoing.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from droidspeak.kvcache.base import PrefixCache
-from droidspeak.kvcache.pool import ReqToTokenPool, SlotAllocator
+from droidspeak.crossmodel.profile import GroupScore
+from droidspeak.kvcache.base import MatchResult, PrefixCache
+from droidspeak.kvcache.lease import KVLease, Leases
+from droidspeak.kvcache.pool import SlotAllocator
+from droidspeak.kvstore.offload import StoreLoad
 from droidspeak.runner.batch import ForwardBatch, ForwardMode, Recompute, recompute_start, sink_tokens
 from droidspeak.scheduler.request import Req
-
-WAIT_FOR_MEMORY = object()  # a usable KV-store load that does not fit yet: admit the request later
 
 # Decode tokens reserved per running request are capped here: a request asking for
 # 100K new tokens should not block admission of everything else.
@@ -22,10 +30,66 @@ CLIP_MAX_NEW_TOKENS = 4096
 class PrefillEntry:
     req: Req
     num_tokens: int  # tokens of fill_ids computed by this forward, from req.kv_len on
+    recompute: Recompute | None = None  # its cross-model recompute, run by this forward
 
     @property
     def completes_prompt(self) -> bool:
         return self.req.kv_len + self.num_tokens == self.req.seq_len
+
+
+@dataclass
+class CrossPlan:
+    """Reuse of another variant's (`sender`'s) KV for tokens [start, end): the
+    receiver recomputes the layer group `group` over [first, end) and over the
+    attention sink [0, sink). `indices`/`erows`: the sender's slots and E-cache
+    rows from the prefix tree; None for a load from the KV store."""
+    sender: int
+    start: int
+    end: int
+    group: GroupScore
+    first: int
+    sink: int
+    spaces: range                 # the KV segments of `group` (empty: nothing recomputed)
+    indices: torch.Tensor | None = None
+    erows: torch.Tensor | None = None
+
+    @property
+    def recomputes(self) -> bool:
+        return self.group.start < self.group.end
+
+    @property
+    def new_slots(self) -> int:
+        """Slots a tree hit takes for the recomputed segments."""
+        return self.end - self.first + self.sink if self.indices is not None and self.spaces else 0
+
+
+@dataclass
+class AdmissionPlan:
+    """What admission decided for one request: its own cached prefix `match`
+    [0, match.length); then either a cross-model hit from the tree (`cross` with
+    indices) or a KV-store load `load` up to load.end (of its own KV, or of a
+    sender's with `cross`); then `take` tokens computed by this forward, with
+    `reserve` tokens of decode room set aside unless `chunked`."""
+    match: MatchResult
+    cross: CrossPlan | None
+    load: StoreLoad | None
+    take: int
+    chunked: bool
+    reserve: float
+
+    @property
+    def prefix_len(self) -> int:
+        """Tokens served from the tree: the own prefix and a cross-model hit."""
+        tree_cross = self.cross.end - self.cross.start if self.cross is not None and self.load is None else 0
+        return self.match.length + tree_cross
+
+    @property
+    def loaded(self) -> int:
+        return self.load.end - self.prefix_len if self.load is not None else 0
+
+    @property
+    def slots_needed(self) -> int:
+        return self.loaded + self.take + (self.cross.new_slots if self.cross is not None else 0)
 
 
 def decode_reserve(req: Req, new_token_ratio: float) -> float:
@@ -37,12 +101,12 @@ class PrefillAdder:
     """Fills one prefill batch within the prefill token budget, the chunk size and
     the KV memory left after reserving decode room for running requests."""
 
-    def __init__(self, cache: PrefixCache, allocator: SlotAllocator, req_pool: ReqToTokenPool,
+    def __init__(self, cache: PrefixCache, allocator: SlotAllocator, leases: Leases,
                  max_prefill_tokens: int, chunk_size: int, memory_budget: float,
                  new_token_ratio: float, nothing_running: bool,
                  max_models: int = 1 << 30, active_models: set[int] | None = None,
                  cross_policy=None, idle: bool = False, offloader=None):
-        self.cache, self.allocator, self.req_pool = cache, allocator, req_pool
+        self.cache, self.allocator, self.leases = cache, allocator, leases
         self.offloader = offloader  # kvstore.offload.KVOffloader or None
         self.cross_policy = cross_policy  # crossmodel.policy.CrossModelPolicy or None
         self.idle = idle
@@ -66,186 +130,201 @@ class PrefillAdder:
         reserve = decode_reserve(req, self.ratio) if take == req.extend_len else 0.0
         if take + reserve > self.budget:
             take, reserve = min(take, int(self.budget)), 0.0
-        if take < 1 or not self._allocate(req, take):
+        if take < 1 or not self._make_room(take):
             return False
+        req.kv.grow(take, self._keeps_e(req))
         if take < req.extend_len:
             self.new_chunked_req = req
-        self._commit(req, take, reserve)
+        self._commit(PrefillEntry(req, take), reserve)
         return True
 
-    def add(self, req: Req, allow_cross: bool = True) -> bool:
+    def add(self, req: Req) -> bool:
         """Admit a new (or retracted) request; False stops filling the batch."""
-        if not self.req_pool.can_allocate():
+        if not self.leases.req_pool.can_allocate():
             return False
-        req.recompute = None
-        senders = self.cross_policy.senders_for(req.cache_variant) if self.cross_policy and allow_cross else None
-        match = self.cache.match_prefix(req.cache_key[:req.max_prefix_len], req.cache_variant, senders)
-        stored = self._stored_load(req, match)
-        if stored is WAIT_FOR_MEMORY:
+        plan = self._plan(req, allow_cross=True)
+        if plan is None:
             return False
-        if stored is not None:
-            match = match._replace(cross=None)  # the load reaches further than the tree's cross hit
-        prefix_len = match.length + (match.cross.length if match.cross else 0)
-        if match.other_variants and self.cross_policy is not None and stored is None:
-            self.cross_policy.note_missed(match.other_variants, req.cache_variant)
-        loaded = stored[1].end - prefix_len if stored else 0
-        extend = req.seq_len - prefix_len - loaded
-        take = min(extend, self.rem_chunk, self.rem_tokens)
-        if take < 1:
-            return False  # this batch's token or chunk budget is spent
-        chunked = take < extend
-        if chunked and self.new_chunked_req is not None:
-            return False  # one request is chunked at a time
-        reserve = 0.0 if chunked else decode_reserve(req, self.ratio)
-        if loaded + take + reserve > self.budget:
-            if self.entries or not self.nothing_running:
-                return False
-            # Nothing else holds memory: make progress by chunking to fit.
-            take, reserve, chunked = min(take, int(self.budget) - loaded), 0.0, True
-            if take < 1 or self.new_chunked_req is not None:
-                return False
-        self.cache.lock(match.last_node)
-        row = self.req_pool.allocate()
-        self.req_pool.table[:, row, :match.length] = match.indices.to(torch.int32)
-        req.req_pool_idx, req.prefix_len, req.kv_len, req.last_node = row, prefix_len, prefix_len, match.last_node
-        if match.cross is not None and not self._start_recompute(req, match):
+        admitted = self._admit(req, plan)
+        if admitted is None and plan.cross is not None and plan.load is None:
             # The recomputed layers do not fit beside the sender's locked entry:
-            # unlock it and admit the request as a plain miss (evicting may then help).
-            self.cache.release_req(req)
-            return self.add(req, allow_cross=False)
-        if (stored is not None and not self._bind_stored(req, *stored)) or not self._allocate(req, take):
-            self.unbind(self.cache, req)
-            self.cache.release_req(req)
+            # admit the request as a plain miss (evicting may then help).
+            plan = self._plan(req, allow_cross=False)
+            admitted = self._admit(req, plan) if plan is not None else None
+        if admitted is None:
             return False
-        if stored is not None:
+        lease, recompute = admitted
+        req.kv = lease
+        if plan.load is not None:
             req.store_prefetch = None
         if not req.admitted_once:
-            req.cached_tokens, req.admitted_once = req.kv_len, True
-            own_load = stored is not None and stored[0] == req.cache_variant
-            req.cross_model_tokens = 0 if own_load else req.kv_len - match.length
-            req.store_tokens = loaded
-        if chunked:
+            req.cached_tokens, req.admitted_once = lease.kv_len, True
+            own_load = plan.load is not None and plan.load.variant == req.cache_variant
+            req.cross_model_tokens = 0 if own_load else lease.kv_len - plan.match.length
+            req.store_tokens = plan.loaded
+        if plan.cross is not None:
+            c = plan.cross
+            self.cross_policy.record_hit(c.sender, req.cache_variant, c.end - c.start,
+                                         (c.group.start, c.group.end), c.end - c.first + c.sink,
+                                         req.origin_input_ids, c.end, c.group.tail)
+        if plan.chunked:
             self.new_chunked_req = req
-        self._commit(req, take, reserve)
+        self.budget -= plan.slots_needed - plan.take  # _commit takes the extend and the reserve
+        self._commit(PrefillEntry(req, plan.take, recompute), plan.reserve)
         return True
 
-    def _stored_load(self, req: Req, match):
-        """(variant, StoreLoad, the group to recompute on a cross-model load, else
-        None) of the request's KV-store prefetch if it continues
-        the tree's match, further than the tree's own cross-model hit, and can be
-        used; else None. A load that can never be used is cancelled; one that only
-        has to wait for memory stays with the request."""
+    # ---- deciding ----------------------------------------------------------------
+    def _plan(self, req: Req, allow_cross: bool) -> AdmissionPlan | None:
+        """What admitting `req` into this batch would take, or None if it cannot
+        join this batch (a budget is spent, or its store load must wait for memory)."""
+        senders = self.cross_policy.senders_for(req.cache_variant) if self.cross_policy and allow_cross else None
+        match = self.cache.match_prefix(req.cache_key[:req.max_prefix_len], req.cache_variant, senders)
+        load, wait = self._store_load(req, match)
+        if wait:
+            return None
+        cross = None
+        if load is not None and load.variant != req.cache_variant:
+            cross = self._cross_plan(req, load.variant, match.length, load.end)
+        elif load is None and match.cross is not None:
+            hit = match.cross
+            cross = self._cross_plan(req, hit.sender, hit.start, hit.start + hit.length, hit.indices, hit.erows)
+        if match.other_variants and self.cross_policy is not None and load is None:
+            self.cross_policy.note_missed(match.other_variants, req.cache_variant)
+        plan = AdmissionPlan(match, cross, load, 0, False, 0.0)
+        extend = req.seq_len - plan.prefix_len - plan.loaded
+        take = min(extend, self.rem_chunk, self.rem_tokens)
+        if take < 1:
+            return None  # this batch's token or chunk budget is spent
+        chunked = take < extend
+        if chunked and self.new_chunked_req is not None:
+            return None  # one request is chunked at a time
+        reserve = 0.0 if chunked else decode_reserve(req, self.ratio)
+        if plan.loaded + take + reserve > self.budget:
+            if self.entries or not self.nothing_running:
+                return None
+            # Nothing else holds memory: make progress by chunking to fit.
+            take, reserve, chunked = min(take, int(self.budget) - plan.loaded), 0.0, True
+            if take < 1 or self.new_chunked_req is not None:
+                return None
+        plan.take, plan.chunked, plan.reserve = take, chunked, reserve
+        return plan
+
+    def _cross_plan(self, req: Req, sender: int, start: int, end: int,
+                    indices: torch.Tensor | None = None, erows: torch.Tensor | None = None) -> CrossPlan:
+        group = self.cross_policy.choose(sender, req.cache_variant, self.idle, end - start)
+        # Only the last `tail` share of the span is recomputed; before it the
+        # sender's KV serves every layer.
+        first = recompute_start(start, end, group.tail)
+        spaces = (self.cross_policy.segments.covering(group.start, group.end) if indices is not None
+                  else range(0))
+        sink = sink_tokens(start, first, group.start) if (spaces or indices is None) else 0
+        return CrossPlan(sender, start, end, group, first, sink, spaces, indices, erows)
+
+    def _store_load(self, req: Req, match) -> tuple[StoreLoad | None, bool]:
+        """The request's KV-store prefetch if it continues the tree's match,
+        further than the tree's own cross-model hit, and can be used, and whether
+        the request must wait for memory to take it. A load that can never be
+        used is cancelled; one that only has to wait stays with the request."""
         future = req.store_prefetch
         if self.offloader is None or future is None:
-            return None
-        result = future.result()
-        if result is not None:
-            variant, load = result
+            return None, False
+        load = future.result()
+        if load is not None:
             start = match.length
             reaches = match.cross.start + match.cross.length if match.cross is not None else start
             usable = load.start <= start < load.end and load.end > reaches
-            choice = None
-            if usable and variant != req.cache_variant:
-                choice = self._cross_load_choice(req, variant, load, load.end - start)
-                usable = choice is not None
+            if usable and load.variant != req.cache_variant:
+                usable = self._cross_load_usable(req, load, load.end - start)
             if usable:
-                return (variant, load, choice) if load.end - start < self.budget else WAIT_FOR_MEMORY
+                return (load, False) if load.end - start < self.budget else (None, True)
             load.cancel()
         req.store_prefetch = None
-        return None
+        return None, False
 
-    def _cross_load_choice(self, req: Req, sender: int, load, tokens: int):
-        """The group the policy recomputes for a cross-model load, or None if the
-        load cannot serve: it needs a profile for the pair and, for a group above
-        layer 0, the sender's E cache at its start and rows to put it in."""
+    def _cross_load_usable(self, req: Req, load: StoreLoad, tokens: int) -> bool:
+        """Whether a sender's stored KV can serve: the pair needs a profile and,
+        for a group above layer 0, the sender's E cache at its start and rows to
+        put it in."""
         policy = self.cross_policy
-        if policy is None or sender not in policy.senders_for(req.cache_variant):
+        if policy is None or load.variant not in policy.senders_for(req.cache_variant):
+            return False
+        group = policy.choose(load.variant, req.cache_variant, self.idle, tokens)
+        if group.start == 0 or group.start >= group.end:
+            return True
+        return (policy.e_index(group.start) is not None and load.has_e
+                and self.cache.e_allocator.can_allocate(tokens))
+
+    # ---- carrying out ------------------------------------------------------------
+    def _admit(self, req: Req, plan: AdmissionPlan) -> tuple[KVLease, Recompute | None] | None:
+        """Open a lease and take what the plan says; on any shortfall release it
+        (which gives back whatever it took) and return None."""
+        lease = self.leases.open(req, req.cache_variant)
+        if lease is None:
             return None
-        choice = policy.choose(sender, req.cache_variant, self.idle, tokens)
-        if choice.start == 0 or choice.start >= choice.end:
-            return choice
-        usable = (policy.e_index(choice.start) is not None and load.has_e
-                  and self.cache.e_allocator.can_allocate(tokens))
-        return choice if usable else None
+        match = plan.match
+        lease.node = match.last_node
+        self.cache.lock(match.last_node)
+        lease.point(0, match.indices)
+        lease.prefix_len = lease.kv_len = lease.end = plan.prefix_len
+        recompute = None
+        cross = plan.cross
+        if cross is not None and plan.load is None:  # a hit in the tree
+            lease.point(cross.start, cross.indices)
+            if cross.new_slots and not self._make_room(cross.new_slots):
+                lease.release()
+                return None
+            if cross.spaces:
+                lease.hold_cross(cross.spaces, cross.sink, cross.first)
+            recompute = self._recompute_job(req, lease, cross, cross.erows)
+        if plan.load is not None:
+            if not self._make_room(plan.loaded):
+                lease.release()
+                return None
+            recompute = self._bind_load(req, lease, plan.load, cross)
+        if not self._make_room(plan.take):
+            lease.release()
+            return None
+        lease.grow(plan.take, self._keeps_e(req))
+        return lease, recompute
 
-    def _bind_stored(self, req: Req, variant: int, load, choice) -> bool:
-        """Give the request fresh slots for the load's tokens [kv_len, load.end),
-        which it owns like computed ones (a failed load drops them with it), and
-        bind the load to them; on a cross-model load, queue the recompute of the
+    def _bind_load(self, req: Req, lease: KVLease, load: StoreLoad, cross: CrossPlan | None) -> Recompute | None:
+        """Hold fresh slots for the load's tokens [kv_len, load.end), which the
+        lease owns like computed ones (a failed load releases them with it), and
+        bind the load to them; on a sender's load, the recompute of the
         receiver's group over them (from the sender's E cache above layer 0)."""
-        start, end = req.kv_len, load.end
-        n = end - start
-        if not self._make_room(n):
-            return False
+        start, n = lease.end, load.end - lease.end
         slots = self.allocator.allocate(n)
-        self.req_pool.table[:, req.req_pool_idx, start:end] = slots.to(torch.int32)
-        req.kv_len = end
-        erows, temporary = None, False
         policy, e_alloc = self.cross_policy, self.cache.e_allocator
-        if variant == req.cache_variant:
-            if load.has_e and policy is not None and policy.is_sender(variant) and e_alloc.can_allocate(n):
-                erows = e_alloc.allocate(n)  # its own E cache, kept with its KV
-                req.erows.append(erows)
-        else:
-            if choice.start < choice.end and policy.e_index(choice.start) is not None:
-                erows, temporary = e_alloc.allocate(n), True  # the sender's, for this forward only
-            first = recompute_start(start, end, choice.tail)
-            # the sink's loaded slots are the request's own, like the rest of the span
-            self._queue_recompute(req, variant, choice, start, first, end, erows,
-                                  sink_tokens(start, first, choice.start))
-        req.store_load = self.offloader.bind(load, start, slots, erows, temporary)
-        self.budget -= n
-        return True
+        kept = temporary = None
+        if cross is None:
+            if load.has_e and policy is not None and policy.is_sender(load.variant) and e_alloc.can_allocate(n):
+                kept = e_alloc.allocate(n)  # its own E cache, kept with its KV
+        elif cross.recomputes and policy.e_index(cross.group.start) is not None:
+            temporary = e_alloc.allocate(n)  # the sender's, for this forward only
+        lease.hold(slots, kept)
+        lease.kv_len = lease.end  # KV by the time the forward reads it
+        erows = kept if kept is not None else temporary
+        lease.bind(self.offloader.bind(load, start, slots, erows, temporary is not None))
+        return self._recompute_job(req, lease, cross, temporary) if cross is not None else None
 
-    @staticmethod
-    def unbind(cache: PrefixCache, req: Req) -> None:
-        """Drop the request's bound load (its slots stay with the request) and the
-        E-cache rows it held for a recompute only."""
-        load, req.store_load = req.store_load, None
-        if load is not None and load.temporary_erows:
-            cache.e_allocator.free(load.erows)
-        req.recompute = None
+    def _recompute_job(self, req: Req, lease: KVLease, cross: CrossPlan,
+                       erows: torch.Tensor | None) -> Recompute | None:
+        """The receiver's recompute of the cross plan's layer group over [first,
+        end) and the sink [0, sink), from the sender's E-cache rows `erows`
+        [E, end - start] when the group starts above layer 0 (None: nothing
+        recomputed)."""
+        if not cross.recomputes:
+            return None
+        e_index = self.cross_policy.e_index(cross.group.start)
+        first, sink = cross.first, cross.sink
+        return Recompute(lease.row, first, cross.end, cross.group.start, cross.group.end,
+                         None if e_index is None else erows[e_index, first - cross.start:].clone(),
+                         torch.tensor(req.fill_ids[first:cross.end], dtype=torch.int64),
+                         req.model_id, req.lora_id,
+                         torch.tensor(req.fill_ids[:sink], dtype=torch.int64) if sink else None)
 
-    def _start_recompute(self, req: Req, match) -> bool:
-        """Point the row at the sender's KV for the cross-model hit, with fresh
-        slots for the recompute group's segments, and queue the recompute."""
-        hit = match.cross
-        choice = self.cross_policy.choose(hit.sender, req.cache_variant, self.idle, hit.length)
-        spaces = self.cross_policy.segments.covering(choice.start, choice.end)
-        end = hit.start + hit.length
-        # Only the last `tail` share of the span is recomputed; before it the
-        # sender's KV serves every layer.
-        first = recompute_start(hit.start, end, choice.tail)
-        sink = sink_tokens(hit.start, first, choice.start) if spaces else 0
-        if spaces and not self._make_room(end - first + sink):
-            return False
-        table, row = self.req_pool.table, req.req_pool_idx
-        table[:, row, hit.start:end] = hit.indices.to(torch.int32)
-        # what the request owns: spaces over [first, end) and [0, sink)
-        req.cross_start, req.cross_spaces, req.cross_sink = first, spaces, sink
-        if spaces:
-            for a, b in ((0, sink), (first, end)):
-                if b > a:
-                    table[spaces.start:spaces.stop, row, a:b] = self.allocator.allocate(b - a, spaces).to(torch.int32)
-            self.budget -= end - first + sink
-        self._queue_recompute(req, hit.sender, choice, hit.start, first, end, hit.erows, sink)
-        return True
-
-    def _queue_recompute(self, req: Req, sender: int, choice, start: int, first: int, end: int,
-                         erows: torch.Tensor | None, sink: int = 0) -> None:
-        """Queue the receiver's recompute of `choice`'s layer group over [first, end)
-        of a cross-model hit [start, end) (nothing for an empty group), and over
-        the sink tokens [0, sink), from the sender's E-cache rows `erows`
-        [E, end - start] when the group starts above layer 0, and count the hit."""
-        if choice.start < choice.end:
-            e_index = self.cross_policy.e_index(choice.start)
-            req.recompute = Recompute(req.req_pool_idx, first, end, choice.start, choice.end,
-                                      None if e_index is None else erows[e_index, first - start:].clone(),
-                                      torch.tensor(req.fill_ids[first:end], dtype=torch.int64),
-                                      req.model_id, req.lora_id,
-                                      torch.tensor(req.fill_ids[:sink], dtype=torch.int64) if sink else None)
-        self.cross_policy.record_hit(sender, req.cache_variant, end - start, (choice.start, choice.end),
-                                     end - first + sink, req.origin_input_ids, end, choice.tail)
+    def _keeps_e(self, req: Req) -> bool:
+        return self.cross_policy is not None and self.cross_policy.is_sender(req.cache_variant)
 
     def _make_room(self, n: int) -> bool:
         short = n - self.allocator.available_size
@@ -253,21 +332,12 @@ class PrefillAdder:
             self.cache.evict(short)
         return self.allocator.can_allocate(n)
 
-    def _allocate(self, req: Req, take: int) -> bool:
-        if not self._make_room(take):
-            return False
-        slots = self.allocator.allocate(take)
-        self.req_pool.table[:, req.req_pool_idx, req.kv_len:req.kv_len + take] = slots.to(torch.int32)
-        if self.cross_policy is not None and self.cross_policy.is_sender(req.cache_variant):
-            req.erows.append(self.cache.e_allocator.allocate(take))
-        return True
-
-    def _commit(self, req: Req, take: int, reserve: float) -> None:
-        self.entries.append(PrefillEntry(req, take))
-        self.active_models.add(req.cache_namespace)
-        self.budget -= take + reserve
-        self.rem_tokens -= take
-        self.rem_chunk -= take
+    def _commit(self, entry: PrefillEntry, reserve: float) -> None:
+        self.entries.append(entry)
+        self.active_models.add(entry.req.cache_namespace)
+        self.budget -= entry.num_tokens + reserve
+        self.rem_tokens -= entry.num_tokens
+        self.rem_chunk -= entry.num_tokens
 
 
 def fuses_with_extend(job: Recompute | None, req: Req, num_layers: int) -> bool:
@@ -277,7 +347,7 @@ def fuses_with_extend(job: Recompute | None, req: Req, num_layers: int) -> bool:
     then simply extend through all layers over the sender's KV before them, as
     one pass instead of two (the same attention, one set of per-layer calls)."""
     return (job is not None and job.layer_start == 0 and job.layer_end == num_layers
-            and job.e_rows is None and job.end == req.kv_len and job.req_pool_idx == req.req_pool_idx
+            and job.e_rows is None and job.end == req.kv_len and job.req_pool_idx == req.kv.row
             and job.model_id == req.model_id and job.lora_id == req.lora_id)
 
 
@@ -293,20 +363,20 @@ def build_prefill_batch(entries: list[PrefillEntry], runner) -> tuple[ForwardBat
     table = runner.req_to_token_pool.table
     num_layers = runner.model_config.num_layers
     for e in entries:
-        r, n = e.req, e.num_tokens
+        r, n, job = e.req, e.num_tokens, e.recompute
         first = r.kv_len
-        if fuses_with_extend(r.recompute, r, num_layers):
-            fused.append(r.recompute)
-            first = r.recompute.start
-            if r.recompute.sink is not None:
-                sinks.append(r.recompute.sink_job())
-        elif r.recompute is not None:
-            separate.append(r.recompute)
+        if fuses_with_extend(job, r, num_layers):
+            fused.append(job)
+            first = job.start
+            if job.sink is not None:
+                sinks.append(job.sink_job())
+        elif job is not None:
+            separate.append(job)
         end = r.kv_len + n
         ids.extend(r.fill_ids[first:end])
         positions.append(torch.arange(first, end))
-        locs.append(table[:, r.req_pool_idx, first:end])
-        e_loc = r.erows[-1] if r.erows else None
+        locs.append(table[:, r.kv.row, first:end])
+        e_loc = r.kv.erows[-1] if r.kv.erows else None
         if e_loc is not None and first < r.kv_len:  # no E cache kept for the recomputed rows
             e_loc = torch.cat([torch.zeros((e_loc.shape[0], r.kv_len - first), dtype=e_loc.dtype), e_loc], 1)
         e_locs.append(e_loc)
@@ -332,7 +402,7 @@ def build_prefill_batch(entries: list[PrefillEntry], runner) -> tuple[ForwardBat
         input_ids=torch.tensor(ids, dtype=torch.int64),
         positions=torch.cat(positions),
         out_cache_loc=torch.cat(locs, dim=1).to(torch.int64),
-        req_pool_indices=torch.tensor([e.req.req_pool_idx for e in entries] + [j.req_pool_idx for j in sinks],
+        req_pool_indices=torch.tensor([e.req.kv.row for e in entries] + [j.req_pool_idx for j in sinks],
                                       dtype=torch.int64),
         seq_lens=torch.tensor([e.req.kv_len + e.num_tokens for e in entries] + [j.end for j in sinks],
                               dtype=torch.int64),
@@ -347,7 +417,7 @@ def build_prefill_batch(entries: list[PrefillEntry], runner) -> tuple[ForwardBat
         kv_only=len(sinks),
     )
     batch.e_pool, batch.e_loc = runner.e_pool, stack_e_loc(e_locs, lens)
-    batch.loads = [e.req.store_load for e in entries if e.req.store_load is not None]
+    batch.loads = [e.req.kv.load for e in entries if e.req.kv.load is not None]
     return batch, torch.tensor(extra_rows, dtype=torch.int64), extra_pos
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from droidspeak.kvcache.lease import KVLease
 from droidspeak.sampling.params import SamplingParams
 from droidspeak.tokenizer.detokenizer import IncrementalDetokenizer
 
@@ -69,21 +70,11 @@ class Req:
     finish_reason: FinishReason | None = None
     output_text: str = ""         # detokenized output, trimmed at a matched stop string
 
-    # KV state (see kvcache.base.CachedRequest)
-    req_pool_idx: int | None = None
-    kv_len: int = 0
-    prefix_len: int = 0
-    last_node: Any = None
-    cross_start: int = 0          # [cross_start, prefix_len) came from another variant
-    cross_spaces: range | None = None  # KV segments of that span this request recomputed
-    cross_sink: int = 0           # ... and of its first tokens [0, cross_sink) (the attention sink)
-    recompute: Any = None         # the pending cross-model recompute (runner.batch.Recompute)
-    erows: list[torch.Tensor] = field(default_factory=list)  # owned E-cache rows, see kvcache.base
+    kv: KVLease | None = None     # what it holds in KV memory, from admission to its finish
     cached_tokens: int = 0        # prompt tokens served from the prefix cache
     cross_model_tokens: int = 0   # of those, tokens reused from another model
     store_tokens: int = 0         # of those, tokens loaded from the KV store's tiers
     store_prefetch: Any = None    # Future of the KV store load planned on arrival (kvstore.offload)
-    store_load: Any = None        # its load bound to the row's slots, for the next forward (kvstore.offload.PoolLoad)
     wait_for_kv_store: bool = False  # answer only once its write-through chunks are in the store's tiers
     store_writes: list = field(default_factory=list)  # Futures of those writes (set at finish)
     admitted_once: bool = False
@@ -109,6 +100,18 @@ class Req:
     @property
     def cache_variant(self) -> int:
         return self.cache_namespace
+
+    def release_kv(self) -> None:
+        """Give back everything the request holds (abort, retraction, a failed
+        load or step); it may be admitted again later."""
+        lease, self.kv = self.kv, None
+        if lease is not None:
+            lease.release()
+
+    @property
+    def kv_len(self) -> int:
+        """Leading tokens of fill_ids whose KV the request holds."""
+        return self.kv.kv_len if self.kv is not None else 0
 
     @property
     def seq_len(self) -> int:

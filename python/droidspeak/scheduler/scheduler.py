@@ -13,6 +13,7 @@ import torch
 from droidspeak.config import EngineConfig
 from droidspeak.errors import InvalidRequestError, PromptTooLongError
 from droidspeak.kvcache.chunk_cache import NoPrefixCache
+from droidspeak.kvcache.lease import Leases
 from droidspeak.kvcache.radix_cache import RadixCache
 from droidspeak.runner.model_runner import ModelRunner
 from droidspeak.sampling.sampler import SamplingRow, sample
@@ -66,6 +67,7 @@ class Scheduler:
         self.req_pool = runner.req_to_token_pool
         cache_cls = NoPrefixCache if config.disable_radix_cache else RadixCache
         self.cache = cache_cls(self.req_pool, self.allocator, runner.e_allocator)
+        self.leases = Leases(self.cache, self.req_pool)  # every request holding KV, by its lease
         self.cross_policy = cross_policy
         self.offloader = offloader
         self.pipeline = not config.disable_kv_store_pipeline
@@ -80,10 +82,9 @@ class Scheduler:
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.chunked_req: Req | None = None
-        # The requests the current step has taken out of the queues for its forward,
-        # each with the slots it holds past its kv_len (the extend, or decode's one
-        # token): a failing step releases exactly these.
-        self._in_step: dict[int, list] = {}
+        # The requests the current step has taken out of the queues for its forward
+        # (by id): a failing step fails exactly these.
+        self._in_step: dict[int, Req] = {}
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.num_retractions = 0
         self.num_forward_steps = 0
@@ -143,15 +144,18 @@ class Scheduler:
         return [self._abort(req, cause) for req in self._take(lambda r: id(r) in ids)]
 
     def abort_all(self, cause: AbortCause) -> list[RequestOutput]:
+        """Abort every request in flight and release every lease."""
         outputs = self._fail_in_step(cause, ABORT_MESSAGES[cause])
-        return outputs + [self._abort(req, cause) for req in self._take(lambda r: True)]
+        outputs += [self._abort(req, cause) for req in self._take(lambda r: True)]
+        for req in self.leases.owners():  # held by no queue: a bug, but nothing may leak
+            logger.error("request %s held KV outside every queue; releasing it", req.rid)
+            outputs.append(self._abort(req, cause))
+        return outputs
 
     def in_flight(self) -> list[Req]:
-        """Every request the scheduler holds: queued, chunked, running, or inside
-        the step under way."""
-        seen = {id(r) for r in self.waiting + self.running}
-        return (self.waiting + self.running + ([self.chunked_req] if self.chunked_req is not None else [])
-                + [r for r, _ in self._in_step.values() if id(r) not in seen and r is not self.chunked_req])
+        """Every request the scheduler holds: queued, or holding KV (chunked,
+        running, or inside the step under way). A queued request holds none."""
+        return self.waiting + self.leases.owners()
 
     def _take(self, match) -> list[Req]:
         """Remove the matching requests from the queues and the chunked slot."""
@@ -167,9 +171,9 @@ class Scheduler:
     def _abort(self, req: Req, cause: AbortCause, message: str | None = None) -> RequestOutput:
         future, req.store_prefetch = req.store_prefetch, None
         if future is not None and not future.cancel() and future.done() and future.result() is not None:
-            future.result()[1].cancel()  # its fetches still queued
+            future.result().cancel()  # its fetches still queued
         finish(req, FinishReason("abort", message=message or ABORT_MESSAGES[cause], cause=cause))
-        self.cache.release_req(req)
+        req.release_kv()
         return RequestOutput(req, finished=True)
 
     def _expire(self, outputs: list[RequestOutput]) -> None:
@@ -217,16 +221,11 @@ class Scheduler:
     def _fail_in_step(self, cause: AbortCause, message: str) -> list[RequestOutput]:
         """Finish and release the requests of the step under way (see _in_step)."""
         failed = []
-        for req, pending in self._in_step.values():
+        for req in self._in_step.values():
             if req.finished:
                 continue  # finished (and released) before the failure
             self._take(lambda r: r is req)
-            req.kv_len += pending  # its slots past kv_len go back with the rest
-            if req.store_load is not None:
-                req.store_load.load.cancel()
-                PrefillAdder.unbind(self.cache, req)
-            req.recompute = None
-            failed.append(self._abort(req, cause, message))
+            failed.append(self._abort(req, cause, message))  # releases its lease, load included
         self._in_step = {}
         return failed
 
@@ -256,19 +255,19 @@ class Scheduler:
             return []
         if not future.done():
             return [future]
-        result = future.result()
-        if result is None or result[1].done():
+        load = future.result()
+        if load is None or load.done():
             return []
         if self.pipeline and not self.running and self.chunked_req is None:
             return []
-        return [f for f in result[1].futures() if not f.done()]
+        return [f for f in load.futures() if not f.done()]
 
     def _schedule_prefill(self):
         if not self.waiting and self.chunked_req is None:
             return []
         reserve = sum(decode_reserve(r, self.new_token_ratio) for r in self.running)
         budget = self.allocator.available_size + self.cache.evictable_size - reserve
-        adder = PrefillAdder(self.cache, self.allocator, self.req_pool, self.config.max_prefill_tokens,
+        adder = PrefillAdder(self.cache, self.allocator, self.leases, self.config.max_prefill_tokens,
                              self.config.chunked_prefill_size, budget, self.new_token_ratio,
                              nothing_running=not self.running, max_models=self.config.max_models_per_batch,
                              active_models={r.cache_namespace for r in self.running},
@@ -304,8 +303,8 @@ class Scheduler:
         return adder.entries
 
     def _note_in_step(self, adder: PrefillAdder) -> None:
-        entry = adder.entries[-1]
-        self._in_step[id(entry.req)] = [entry.req, entry.num_tokens]
+        req = adder.entries[-1].req
+        self._in_step[id(req)] = req
 
     def _run_prefill(self, entries, outputs: list[RequestOutput]) -> None:
         batch, extra_rows, extra_pos = build_prefill_batch(entries, self.runner)
@@ -325,7 +324,6 @@ class Scheduler:
         extra_offset = 0
         for i, entry in enumerate(entries):
             req = entry.req
-            req.recompute = None
             positions = extra_pos[i]
             if id(req) in failed:
                 extra_offset += len(positions)
@@ -338,9 +336,8 @@ class Scheduler:
             if positions:
                 self._record_input_logprobs(req, positions, logits.extra_logits[extra_offset:extra_offset + len(positions)])
                 extra_offset += len(positions)
-            req.kv_len += entry.num_tokens
-            self._in_step[id(req)][1] = 0
-            self.cache.cache_unfinished_req(req)
+            req.kv.computed()
+            req.kv.checkpoint(req.cache_key)
             if req.kv_len < req.seq_len:
                 self.chunked_req = req
             elif req.sampling_params.max_new_tokens == 0:
@@ -359,16 +356,15 @@ class Scheduler:
         to the queue's front, to be prefilled from scratch; those are returned."""
         failed = []
         for entry in entries:
-            req, load = entry.req, entry.req.store_load
+            req, load = entry.req, entry.req.kv.load
             if load is None:
                 continue
             ok = load.finish()
-            PrefillAdder.unbind(self.cache, req)
+            req.kv.unbind()
             if not ok:
                 logger.warning("KV store: part of request %s's stored prefix did not arrive; "
                                "prefilling it from scratch", req.rid)
-                req.kv_len += entry.num_tokens
-                self.cache.release_req(req)
+                req.release_kv()
                 req.admitted_once, req.store_tokens, req.cross_model_tokens = False, 0, 0
                 self.waiting.insert(0, req)
                 self._in_step.pop(id(req), None)  # queued again, holding nothing
@@ -401,11 +397,10 @@ class Scheduler:
                 return
         batch = build_decode_batch(self.running, self.allocator, self.runner,
                                    self.cross_policy.is_sender if self.cross_policy else None)
-        self._in_step = {id(r): [r, 1] for r in self.running}
+        self._in_step = {id(r): r for r in self.running}
         logits = self.runner.forward(batch)
         for req in self.running:
-            req.kv_len += 1
-            self._in_step[id(req)][1] = 0
+            req.kv.computed()
         self._sample_and_append(list(self.running), logits.next_token_logits, outputs)
         self.running = [r for r in self.running if not r.finished]
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
@@ -431,5 +426,6 @@ class Scheduler:
         return list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
 
     def _release_finished(self, req: Req, outputs: list[RequestOutput]) -> None:
-        self.cache.cache_finished_req(req)
+        lease, req.kv = req.kv, None
+        req.store_writes = lease.commit(req.cache_key)
         outputs.append(RequestOutput(req, finished=True))
