@@ -117,7 +117,7 @@ def main() -> int:
 
     from droidspeak.cachegen.codec import decode, encode
     from droidspeak.crossmodel.calibration import build_items
-    from droidspeak.runner.sequence import Sequence
+    from droidspeak.scheduler.sequence import Sequence
 
     engine, member, (model_id, lora_id), hf = load_member(args)
     runner, tok = engine.runner, engine.tokenizer
@@ -140,10 +140,9 @@ def main() -> int:
         ref_seq = Sequence(runner)
         ref_seq.extend(ctx, model_id, lora_id)
         ref = ref_seq.extend(suffix, model_id, lora_id)[:-1]
-        k, v = ref_seq.kv(len(ctx))
+        x = ref_seq.kv_tensors(len(ctx))  # [L, T, 2 * H * D]
         ref_seq.release()
-        L, T, H, D = k.shape
-        x = torch.cat([k.flatten(2), v.flatten(2)], dim=2)  # [L, T, 2 * H * D]
+        T = x.shape[1]
         tokens += T
         chunks += -(-T // args.chunk)
         ref_nll += score(ref, ref, targets)["nll"]
@@ -166,7 +165,7 @@ def main() -> int:
                 totals[mode]["decode_s"] += time.perf_counter() - start
                 size = sum(len(b) for b in bufs)
             seq = Sequence(runner)
-            seq.load(x_hat[..., :H * D].reshape(L, T, H, D), x_hat[..., H * D:].reshape(L, T, H, D))
+            seq.load(x_hat)
             logits = seq.extend(suffix, model_id, lora_id)[:-1]
             seq.release()
             totals[mode]["bytes"] += size

@@ -145,7 +145,7 @@ def heldout_loss(engine, model: str, data: torch.Tensor) -> float:
 def reuse_quality(engine, sender: str, receiver: str, rows: torch.Tensor, ctx: int) -> dict:
     """Receiver's next-token distributions over each row's suffix when the context's
     KV comes wholesale from `sender`, against the receiver's own full prefill."""
-    from droidspeak.runner.sequence import Sequence
+    from droidspeak.scheduler.sequence import Sequence
     runner = engine.runner
     s_target, r_target = engine.resolve(sender), engine.resolve(receiver)
     kls, agree, n = [], 0, 0

@@ -180,7 +180,8 @@ def pytest_without_amx(test_file: str, keyword: str) -> str:
     use); returns pytest's output, failing on any failure."""
     import subprocess
     import sys
-    code = ("import sys, pytest; from droidspeak import _C; assert not _C.amx_available(); "
+    # torch first: the extension links against its libraries (the package itself loads lazily)
+    code = ("import sys, pytest, torch; from droidspeak import _C; assert not _C.amx_available(); "
             f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {test_file!r}, '-k', {keyword!r}]))")
     env = dict(os.environ, DROIDSPEAK_NO_AMX="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

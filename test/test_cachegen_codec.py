@@ -154,21 +154,19 @@ def test_a_rans_chunk_without_the_extension_is_a_clear_error(monkeypatch):
 def test_restored_kv_reproduces_the_model(tiny_engine):
     """A context's KV taken out of the pool, coded losslessly, decoded and loaded
     back gives exactly the logits of the original; a lossy level stays close."""
-    from droidspeak.runner.sequence import Sequence
+    from droidspeak.scheduler.sequence import Sequence
     runner = tiny_engine.runner
     ids = list(range(5, 70))
     ctx, suffix = ids[:50], ids[50:]
     seq = Sequence(runner)
     seq.extend(ctx)
     ref = seq.extend(suffix)
-    k, v = seq.kv(len(ctx))
+    x = seq.kv_tensors(len(ctx))
     seq.release()
-    L, T, H, D = k.shape
-    x = torch.cat([k.flatten(2), v.flatten(2)], dim=2)
     for level in ("lossless", "high"):
         y = decode(encode(x, level))
         restored = Sequence(runner)
-        restored.load(y[..., :H * D].reshape(L, T, H, D), y[..., H * D:].reshape(L, T, H, D))
+        restored.load(y)
         logits = restored.extend(suffix)
         restored.release()
         if level == "lossless":

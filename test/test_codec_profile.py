@@ -17,12 +17,12 @@ from droidspeak.cachegen.transform import SINK_BINS, CodecProfile, CodecProfileE
 
 def context_kv(engine, ids):
     """[L, T, 2 * H * D] KV of `ids` as the pool holds it, and the sequence's runner."""
-    from droidspeak.runner.sequence import Sequence
+    from droidspeak.scheduler.sequence import Sequence
     seq = Sequence(engine.runner)
     seq.extend(ids)
-    k, v = seq.kv()
+    x = seq.kv_tensors()
     seq.release()
-    return torch.cat([k.flatten(2), v.flatten(2)], dim=2)
+    return x
 
 
 def test_calibration_gives_an_invertible_transform_that_survives_its_file(tiny_codec_profile, tiny_engine):
@@ -256,7 +256,7 @@ def test_on_the_default_model_a_profile_makes_chunks_smaller_at_no_worse_quality
     from droidspeak import Engine
     from droidspeak.cachegen.calibrate import calibrate
     from droidspeak.crossmodel.calibration import build_items
-    from droidspeak.runner.sequence import Sequence
+    from droidspeak.scheduler.sequence import Sequence
 
     cal = build_items("calibration", 1, context_chars=1500)
     profile = calibrate(default_model_path, [(i.context, i.question) for i in cal], samples=2, progress=False)
@@ -272,17 +272,16 @@ def test_on_the_default_model_a_profile_makes_chunks_smaller_at_no_worse_quality
             ref_seq = Sequence(runner)
             ref_seq.extend(ctx)
             ref = F.log_softmax(ref_seq.extend(cont), -1)
-            k, v = ref_seq.kv(len(ctx))
+            x = ref_seq.kv_tensors(len(ctx))
             ref_seq.release()
-            L, T, H, D = k.shape
-            x = torch.cat([k.flatten(2), v.flatten(2)], dim=2)
+            T = x.shape[1]
             for mode, buf in (("plain", encode(x, "low", exact_tokens=1)),
                               ("profiled", encode(x, "medium", profile=profile, exact_tokens=1)),
                               ("no sinks", encode(x, "medium", profile=profile, exact_tokens=1,
                                                   token_scales=np.zeros(T, np.uint8)))):
                 y = decode(buf, profile)
                 seq = Sequence(runner)
-                seq.load(y[..., :H * D].reshape(L, T, H, D), y[..., H * D:].reshape(L, T, H, D))
+                seq.load(y)
                 lp = F.log_softmax(seq.extend(cont), -1)
                 seq.release()
                 sizes[mode] += len(buf)

@@ -12,9 +12,10 @@ import torch
 from droidspeak import Engine
 from droidspeak.crossmodel.policy import PairStats
 from droidspeak.crossmodel.profile import GroupScore, Profile, ProfileError, profile_path
+from droidspeak.crossmodel.profiler import Encoded, Profiler
 from droidspeak.models.identity import fingerprint
 from droidspeak.runner.batch import recompute_start
-from droidspeak.runner.sequence import Sequence
+from droidspeak.scheduler.sequence import Sequence
 from helpers import build_lora_adapter, build_tiny_model, derive_finetune, record_fetches
 from conftest import assert_no_leak
 
@@ -107,9 +108,12 @@ def test_policy_layout_from_profiles(engine):
 
 
 def test_full_group_equals_own_prefill(engine):
+    """Recomputing every layer runs as the head of the receiver's extend: one pass
+    over the whole prompt, bit for bit the receiver's own served prefill."""
+    engine.flush_cache()
     ids = ids_of(engine, CONTEXT + QUESTIONS[0])
     ctx = len(ids_of(engine, CONTEXT))
-    own = reference_logprobs(engine, "a", "b", ids, ctx, None)
+    own = engine_logprobs(run(engine, "b", ids, ctx))
     recomputed = reference_logprobs(engine, "a", "b", ids, ctx, (0, NUM_LAYERS))
     assert torch.equal(own, recomputed)
 
@@ -171,6 +175,30 @@ def test_cross_hit_recomputes_the_group(engine, sender, receiver, group, tail, m
     assert stats.hits == before.hits + 1 and stats.tokens == before.tokens + ctx
     assert stats.token_layers_recomputed - before.token_layers_recomputed == \
         (job.end - job.start + len(sink)) * (group[1] - group[0])
+    assert_no_leak(engine)
+
+
+@pytest.mark.parametrize("sender,receiver,group,tail", [("a", "b", (2, 4), 1.0), ("a", "la", (0, 2), 1.0),
+                                                       ("b", "la", (0, NUM_LAYERS), 0.5), ("b", "a", (2, 2), 1.0)])
+def test_served_hit_equals_the_profilers_measurement_bit_for_bit(engine, sender, receiver, group, tail):
+    """The profiler scores exactly the code path a served request runs: the same
+    plan, lease, recompute job, batch and runner calls give the same bits."""
+    engine.flush_cache()
+    ids = ids_of(engine, CONTEXT + QUESTIONS[0])
+    ctx = len(ids_of(engine, CONTEXT))
+    run(engine, sender, ids[:ctx], ctx)  # the sender prefills the context alone, as the profiler's does
+    out = run(engine, receiver, ids, ctx)
+    assert out["meta_info"]["cross_model_cached_tokens"] == ctx
+    s, r = engine.resolve(sender), engine.resolve(receiver)
+    sender_seq = Sequence(engine.runner)
+    try:
+        sender_seq.extend(ids[:ctx], s.model_id, s.lora_id, keep_e=True)
+        enc = Encoded(ids[:ctx], ids[ctx:], len(ids) - ctx - 1, range(0))
+        logits = Profiler(engine, [])._suffix_logits(sender_seq, enc, (*group, tail), r)
+    finally:
+        sender_seq.release()
+    profiled = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[ctx + 1:])[:, None]).squeeze(1)
+    assert torch.equal(engine_logprobs(out), profiled)
     assert_no_leak(engine)
 
 
@@ -248,15 +276,14 @@ def test_tail_recompute_owns_the_attention_sink(engine):
     own = Sequence(runner)
     try:
         own.extend(ids[:1], la.model_id, la.lora_id)
-        k_own, v_own = own.kv(1)
+        kv_own = own.kv_tensors(1)
     finally:
         own.release()
-    pool, segs = runner.kv_pool, runner.kv_pool.segments
+    pool = runner.kv_pool
+    torch.testing.assert_close(pool.gather(receiver[:, :1]), kv_own, rtol=0, atol=1e-5)
+    half = pool.channels // 2  # K, then V
     for layer in range(NUM_LAYERS):
-        slot = receiver[segs.segment_of[layer], 0]
-        torch.testing.assert_close(pool.k[layer, slot], k_own[layer, 0], rtol=0, atol=1e-5)
-        torch.testing.assert_close(pool.v[layer, slot], v_own[layer, 0], rtol=0, atol=1e-5)
-        assert not torch.allclose(pool.k[layer, sender[segs.segment_of[layer], 0]], k_own[layer, 0], atol=1e-3)
+        assert not torch.allclose(pool.gather(sender[:, :1])[layer, 0, :half], kv_own[layer, 0, :half], atol=1e-3)
     assert_no_leak(engine)
 
 
@@ -571,9 +598,10 @@ def test_span_recompute_native_equals_reference(engine, monkeypatch):
         try:
             sender.extend(ids[:ctx], a.model_id, keep_e=True)
             receiver.reuse(sender, ctx, (2, 4), b.model_id)
+            logits = receiver.extend(ids[ctx:], b.model_id)  # the recompute runs in this forward
             slots = receiver.table[1, :ctx].long()  # segment 1 = layers [2, 4)
             kv = torch.stack([runner.kv_pool.k[2:4, slots], runner.kv_pool.v[2:4, slots]]).clone()
-            return kv, receiver.extend(ids[ctx:], b.model_id)
+            return kv, logits
         finally:
             sender.release()
             receiver.release()

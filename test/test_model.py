@@ -6,7 +6,7 @@ from droidspeak.config import EngineConfig
 from droidspeak.errors import ModelNotFoundError, UnsupportedModelError
 from droidspeak.models.config import ModelConfig
 from droidspeak.runner.model_runner import ModelRunner
-from droidspeak.runner.sequence import Sequence
+from droidspeak.scheduler.sequence import Sequence
 from helpers import build_tiny_model
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from droidspeak.crossmodel.quality import divergence
-from droidspeak.runner.sequence import Sequence
+from droidspeak.scheduler.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,7 @@ import os
 from dataclasses import dataclass
 
 from droidspeak.crossmodel.profile import GroupScore, Profile, ProfileError, profile_path
-from droidspeak.kvcache.pool import LayerSegments
-from droidspeak.runner.model_runner import KVLayout
+from droidspeak.kvcache.pool import KVLayout, LayerSegments
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ sender's KV with that group recomputed and reads the question
 scored against the receiver's own full prefill of the same context: KL of the
 next-token distributions, greedy-token agreement, cross-entropy of the real text,
 and the share of answers still produced greedily. Runs on the real pools and
-kernels through `runner.sequence.Sequence`; resumable per context.
+kernels through `scheduler.sequence.Sequence`; resumable per context.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from droidspeak.crossmodel.profile import GroupScore, Profile, profile_path
 from droidspeak.models.identity import fingerprint
 from droidspeak.crossmodel.quality import divergence
 from droidspeak.runner.batch import SINK_TOKENS
-from droidspeak.runner.model_runner import KVLayout
-from droidspeak.runner.sequence import Sequence
+from droidspeak.kvcache.pool import KVLayout
+from droidspeak.scheduler.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 

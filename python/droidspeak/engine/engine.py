@@ -35,7 +35,8 @@ from droidspeak.models_file import load_models_file
 from droidspeak.models.default_model import cache_dir, resolve_model_path
 from droidspeak.models.identity import fingerprint
 from droidspeak.models.lineage import DECLARED_BASE_KEY, LineageInfo, check_family
-from droidspeak.runner.model_runner import KVLayout, ModelRunner
+from droidspeak.kvcache.pool import KVLayout
+from droidspeak.runner.model_runner import ModelRunner
 from droidspeak.sampling.params import SamplingParams
 from droidspeak.scheduler.request import AbortCause, Req
 from droidspeak.scheduler.scheduler import Scheduler

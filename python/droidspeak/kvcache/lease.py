@@ -45,6 +45,7 @@ class KVLease:
     cross_spaces: range | None = None
     cross_sink: int = 0
     erows: list[torch.Tensor] = field(default_factory=list)
+    step_erows: torch.Tensor | None = None  # E rows of the slots [kv_len, end), if any
     load: Any = None
     registry: "Leases | None" = None
     closed: bool = False
@@ -63,6 +64,7 @@ class KVLease:
         n = int(slots.shape[1])
         self.point(self.end, slots)
         self.end += n
+        self.step_erows = erows
         if erows is not None:
             self.erows.append(erows)
 
@@ -87,7 +89,7 @@ class KVLease:
 
     def computed(self) -> None:
         """The forward under way wrote every held slot: [0, end) is KV now."""
-        self.kv_len = self.end
+        self.kv_len, self.step_erows = self.end, None
 
     def slots(self) -> torch.Tensor:
         """[G, kv_len] the slots of the computed tokens."""
@@ -199,6 +201,7 @@ def grow_each(leases: list[KVLease], slots: torch.Tensor, erows: list[torch.Tens
     table[:, rows, ends] = slots.to(torch.int32)
     for lease, e in zip(leases, erows):
         lease.end += 1
+        lease.step_erows = e
         if e is not None:
             lease.erows.append(e)
 

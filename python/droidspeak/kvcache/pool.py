@@ -10,7 +10,18 @@ the others holds new memory only in the recomputed segment.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How the pool is cut for cross-model reuse: KV segment boundaries (every
+    recompute group's start and end) and the layers whose input stream is kept
+    as the E cache. The default (no profiles) is one segment and no E cache."""
+    segment_bounds: tuple[int, ...] = ()
+    e_layers: tuple[int, ...] = ()
 
 
 class LayerSegments:
@@ -62,6 +73,34 @@ class KVPool:
 
     def layer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer_id], self.v[layer_id]
+
+    @property
+    def channels(self) -> int:
+        """K and V of one token in one layer, flattened: 2 * H_kv * D."""
+        return 2 * self.k.shape[2] * self.k.shape[3]
+
+    # The one copy between the pool and host tensors (the KV store, offline tools).
+    def gather(self, slots: torch.Tensor) -> torch.Tensor:
+        """[layers, n, channels] copy of the KV of `slots` ([G, n], one row per
+        segment): K then V of each token."""
+        bounds, n = self.segments.bounds, slots.shape[1]
+        parts = []
+        for g in range(len(bounds) - 1):
+            lo, hi = bounds[g], bounds[g + 1]
+            k = self.k[lo:hi].index_select(1, slots[g]).reshape(hi - lo, n, -1)
+            v = self.v[lo:hi].index_select(1, slots[g]).reshape(hi - lo, n, -1)
+            parts.append(torch.cat([k, v], dim=2))
+        return torch.cat(parts, dim=0)
+
+    def scatter(self, kv: torch.Tensor, lo: int, hi: int, slots: torch.Tensor) -> None:
+        """Write `kv` [hi - lo, n, channels] (layout of `gather`), layers [lo, hi),
+        to `slots` ([G, n])."""
+        half, shape = kv.shape[2] // 2, self.k.shape[2:]
+        kv = kv.to(self.dtype)
+        for layer in range(lo, hi):
+            g = self.segments.segment_of[layer]
+            self.k[layer].index_copy_(0, slots[g], kv[layer - lo, :, :half].reshape(-1, *shape))
+            self.v[layer].index_copy_(0, slots[g], kv[layer - lo, :, half:].reshape(-1, *shape))
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,

@@ -125,7 +125,7 @@ class PoolLoad:
             self.failed = True
             return
         lo, hi = self.load.parts[p]
-        self.offloader.scatter(kv[:, self.skip:], lo, hi, self.slots)
+        self.offloader.kv_pool.scatter(kv[:, self.skip:], lo, hi, self.slots)
 
     def ensure_e(self) -> None:
         if self.e_written:
@@ -202,31 +202,7 @@ class KVOffloader:
     # ---- shapes --------------------------------------------------------------
     @property
     def channels(self) -> int:
-        k = self.kv_pool.k
-        return 2 * k.shape[2] * k.shape[3]
-
-    def _gather(self, slots: torch.Tensor) -> torch.Tensor:
-        """[layers, n, 2*H*D] KV of `slots` ([G, n], one row per segment)."""
-        pool, bounds = self.kv_pool, self.kv_pool.segments.bounds
-        n = slots.shape[1]
-        parts = []
-        for g in range(len(bounds) - 1):
-            lo, hi = bounds[g], bounds[g + 1]
-            k = pool.k[lo:hi].index_select(1, slots[g]).reshape(hi - lo, n, -1)
-            v = pool.v[lo:hi].index_select(1, slots[g]).reshape(hi - lo, n, -1)
-            parts.append(torch.cat([k, v], dim=2))
-        return torch.cat(parts, dim=0)
-
-    def scatter(self, kv: torch.Tensor, lo: int, hi: int, slots: torch.Tensor) -> None:
-        """Write `kv` [hi - lo, n, 2*H*D], layers [lo, hi), to `slots` ([G, n])."""
-        pool, segment_of = self.kv_pool, self.kv_pool.segments.segment_of
-        half = kv.shape[2] // 2
-        shape = pool.k.shape[2:]
-        kv = kv.to(pool.dtype)
-        for layer in range(lo, hi):
-            g = segment_of[layer]
-            pool.k[layer].index_copy_(0, slots[g], kv[layer - lo, :, :half].reshape(-1, *shape))
-            pool.v[layer].index_copy_(0, slots[g], kv[layer - lo, :, half:].reshape(-1, *shape))
+        return self.kv_pool.channels
 
     def _kv_key(self, ns: Namespace, chunk_hash: str, lo: int, hi: int, level: str) -> str:
         return ns.key(chunk_hash, kv_part(lo, hi), self._level_keys[level])
@@ -274,7 +250,7 @@ class KVOffloader:
                     if bool((rows > 0).all()):
                         e[layer] = self.e_pool.h[j].index_select(0, rows).unsqueeze(0)
             self.counters["chunks_offered"] += 1
-            job = _WriteJob(ns, hashes[k], self._gather(slots[:, span]), e, k == 0)
+            job = _WriteJob(ns, hashes[k], self.kv_pool.gather(slots[:, span]), e, k == 0)
             try:
                 self._queue.put_nowait(job)
             except queue.Full:

@@ -40,7 +40,7 @@ class Attention(nn.Module):
         k_cache, v_cache = batch.kv_pool.layer(self.layer_id)
         segment = batch.kv_pool.segments.segment_of[self.layer_id]
         table = batch.req_to_token[segment]
-        if batch.mode.value == "decode":
+        if batch.is_decode:
             kernels.rope_and_store(q, k, v, batch.positions, cos_sin, k_cache, v_cache,
                                    batch.out_cache_loc[segment])
             out = kernels.decode_attention(q, k_cache, v_cache, table,

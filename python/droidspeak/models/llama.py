@@ -78,7 +78,7 @@ class LlamaForCausalLM(nn.Module):
         group g (default: this model runs every row)."""
         members = members or [self]
         if self._native_layers(hidden, batch):
-            decode = batch.mode.value == "decode"
+            decode = batch.is_decode
             loras, lora_rows = batch.lora.native(len(self.layers)) if batch.lora is not None else ([], [])
             return self._layer_stack(members, batch.kv_pool).run(
                 hidden, start, end, batch.groups.rows if batch.groups else [],

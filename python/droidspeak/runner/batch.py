@@ -51,6 +51,10 @@ class ForwardBatch:
     kv_only: int = 0
 
     @property
+    def is_decode(self) -> bool:
+        return self.mode is ForwardMode.DECODE
+
+    @property
     def batch_size(self) -> int:
         return len(self.extend_lens)
 
@@ -152,3 +156,13 @@ class Recompute:
             return None
         return Recompute(self.req_pool_idx, 0, len(self.sink), self.layer_start, self.layer_end, None,
                          self.sink, self.model_id, self.lora_id)
+
+
+def stack_e_loc(e_locs: list[torch.Tensor | None], lens: list[int]) -> torch.Tensor | None:
+    """[E, T] E-cache rows for a batch (0 where a request keeps none), or None."""
+    present = [e for e in e_locs if e is not None]
+    if not present:
+        return None
+    num_e = present[0].shape[0]
+    return torch.cat([e if e is not None else torch.zeros((num_e, n), dtype=torch.int64)
+                      for e, n in zip(e_locs, lens)], dim=1)

@@ -9,7 +9,7 @@ import torch
 
 from droidspeak import kernels
 from droidspeak.config import EngineConfig, available_memory_bytes
-from droidspeak.kvcache.pool import HiddenPool, KVPool, LayerSegments, ReqToTokenPool, SlotAllocator
+from droidspeak.kvcache.pool import HiddenPool, KVLayout, KVPool, LayerSegments, ReqToTokenPool, SlotAllocator
 from droidspeak.lora.adapter import LoRAAdapter
 from droidspeak.lora.batch import LoRABatch
 from droidspeak.models.config import ModelConfig
@@ -23,15 +23,6 @@ logger = logging.getLogger(__name__)
 class LogitsOutput:
     next_token_logits: torch.Tensor  # [B, V] fp32, at each request's last token
     extra_logits: torch.Tensor | None  # [sum(len(rows)), V] fp32 for `extra_rows`
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """How the pool is cut for cross-model reuse: KV segment boundaries (every
-    recompute group's start and end) and the layers whose input stream is kept
-    as the E cache. The default (no profiles) is one segment and no E cache."""
-    segment_bounds: tuple[int, ...] = ()
-    e_layers: tuple[int, ...] = ()
 
 
 class ModelRunner:

@@ -7,8 +7,7 @@ import torch
 from droidspeak.kvcache.base import PrefixCache
 from droidspeak.kvcache.lease import grow_each
 from droidspeak.kvcache.pool import SlotAllocator
-from droidspeak.runner.batch import ForwardBatch, ForwardMode
-from droidspeak.scheduler.prefill import stack_e_loc
+from droidspeak.runner.batch import ForwardBatch, ForwardMode, stack_e_loc
 from droidspeak.scheduler.request import Req
 
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from droidspeak.crossmodel.profile import GroupScore
 from droidspeak.kvcache.base import MatchResult, PrefixCache
 from droidspeak.kvcache.lease import KVLease, Leases
-from droidspeak.kvcache.pool import SlotAllocator
+from droidspeak.kvcache.pool import LayerSegments, SlotAllocator
 from droidspeak.kvstore.offload import StoreLoad
-from droidspeak.runner.batch import ForwardBatch, ForwardMode, Recompute, recompute_start, sink_tokens
+from droidspeak.runner.batch import (ForwardBatch, ForwardMode, Recompute, recompute_start, sink_tokens,
+                                     stack_e_loc)
 from droidspeak.scheduler.request import Req
 
 # Decode tokens reserved per running request are capped here: a request asking for
@@ -40,22 +40,25 @@ class PrefillEntry:
 @dataclass
 class CrossPlan:
     """Reuse of another variant's (`sender`'s) KV for tokens [start, end): the
-    receiver recomputes the layer group `group` over [first, end) and over the
-    attention sink [0, sink). `indices`/`erows`: the sender's slots and E-cache
-    rows from the prefix tree; None for a load from the KV store."""
+    receiver recomputes layers [layer_start, layer_end) over [first, end) (the
+    last `tail` share of the span) and over the attention sink [0, sink).
+    `indices`/`erows`: the sender's slots and E-cache rows from the prefix tree
+    (or a hand-driven Sequence); None for a load from the KV store."""
     sender: int
     start: int
     end: int
-    group: GroupScore
+    layer_start: int
+    layer_end: int
+    tail: float
     first: int
     sink: int
-    spaces: range                 # the KV segments of `group` (empty: nothing recomputed)
+    spaces: range                 # the KV segments of the group (empty: nothing recomputed)
     indices: torch.Tensor | None = None
     erows: torch.Tensor | None = None
 
     @property
     def recomputes(self) -> bool:
-        return self.group.start < self.group.end
+        return self.layer_start < self.layer_end
 
     @property
     def new_slots(self) -> int:
@@ -90,6 +93,42 @@ class AdmissionPlan:
     @property
     def slots_needed(self) -> int:
         return self.loaded + self.take + (self.cross.new_slots if self.cross is not None else 0)
+
+
+def plan_cross(sender: int, start: int, end: int, layers: tuple[int, int], tail: float,
+               segments: LayerSegments, indices: torch.Tensor | None = None,
+               erows: torch.Tensor | None = None) -> CrossPlan:
+    """The cross-model reuse of the sender's KV over [start, end) with `layers`
+    recomputed over the last `tail` share of the span (before it the sender's KV
+    serves every layer) and the attention sink; `indices` given: a hit on the
+    sender's slots, which the receiver keeps outside the group's segments."""
+    first = recompute_start(start, end, tail)
+    spaces = segments.covering(*layers) if indices is not None else range(0)
+    sink = sink_tokens(start, first, layers[0]) if (spaces or indices is None) else 0
+    return CrossPlan(sender, start, end, layers[0], layers[1], tail, first, sink, spaces, indices, erows)
+
+
+def take_cross(lease: KVLease, cross: CrossPlan) -> None:
+    """Point the lease's row at the sender's slots of a hit ending at its
+    prefix_len, with fresh slots for the recomputed segments (the caller made
+    room for `cross.new_slots`)."""
+    lease.point(cross.start, cross.indices)
+    if cross.spaces:
+        lease.hold_cross(cross.spaces, cross.sink, cross.first)
+
+
+def recompute_job(row: int, cross: CrossPlan, fill_ids: list[int], model_id: int, lora_id: int | None,
+                  e_rows: torch.Tensor | None) -> Recompute | None:
+    """The receiver's recompute of the plan's layers over [first, end) and the
+    sink, from the sender's E-cache rows `e_rows` [end - start] at the group's
+    first layer when it starts above layer 0 (None: nothing recomputed)."""
+    if not cross.recomputes:
+        return None
+    first, sink = cross.first, cross.sink
+    return Recompute(row, first, cross.end, cross.layer_start, cross.layer_end,
+                     None if e_rows is None else e_rows[first - cross.start:].clone(),
+                     torch.tensor(fill_ids[first:cross.end], dtype=torch.int64), model_id, lora_id,
+                     torch.tensor(fill_ids[:sink], dtype=torch.int64) if sink else None)
 
 
 def decode_reserve(req: Req, new_token_ratio: float) -> float:
@@ -165,8 +204,8 @@ class PrefillAdder:
         if plan.cross is not None:
             c = plan.cross
             self.cross_policy.record_hit(c.sender, req.cache_variant, c.end - c.start,
-                                         (c.group.start, c.group.end), c.end - c.first + c.sink,
-                                         req.origin_input_ids, c.end, c.group.tail)
+                                         (c.layer_start, c.layer_end), c.end - c.first + c.sink,
+                                         req.origin_input_ids, c.end, c.tail)
         if plan.chunked:
             self.new_chunked_req = req
         self.budget -= plan.slots_needed - plan.take  # _commit takes the extend and the reserve
@@ -212,13 +251,8 @@ class PrefillAdder:
     def _cross_plan(self, req: Req, sender: int, start: int, end: int,
                     indices: torch.Tensor | None = None, erows: torch.Tensor | None = None) -> CrossPlan:
         group = self.cross_policy.choose(sender, req.cache_variant, self.idle, end - start)
-        # Only the last `tail` share of the span is recomputed; before it the
-        # sender's KV serves every layer.
-        first = recompute_start(start, end, group.tail)
-        spaces = (self.cross_policy.segments.covering(group.start, group.end) if indices is not None
-                  else range(0))
-        sink = sink_tokens(start, first, group.start) if (spaces or indices is None) else 0
-        return CrossPlan(sender, start, end, group, first, sink, spaces, indices, erows)
+        return plan_cross(sender, start, end, (group.start, group.end), group.tail,
+                          self.cross_policy.segments, indices, erows)
 
     def _store_load(self, req: Req, match) -> tuple[StoreLoad | None, bool]:
         """The request's KV-store prefetch if it continues the tree's match,
@@ -269,12 +303,10 @@ class PrefillAdder:
         recompute = None
         cross = plan.cross
         if cross is not None and plan.load is None:  # a hit in the tree
-            lease.point(cross.start, cross.indices)
             if cross.new_slots and not self._make_room(cross.new_slots):
                 lease.release()
                 return None
-            if cross.spaces:
-                lease.hold_cross(cross.spaces, cross.sink, cross.first)
+            take_cross(lease, cross)
             recompute = self._recompute_job(req, lease, cross, cross.erows)
         if plan.load is not None:
             if not self._make_room(plan.loaded):
@@ -299,7 +331,7 @@ class PrefillAdder:
         if cross is None:
             if load.has_e and policy is not None and policy.is_sender(load.variant) and e_alloc.can_allocate(n):
                 kept = e_alloc.allocate(n)  # its own E cache, kept with its KV
-        elif cross.recomputes and policy.e_index(cross.group.start) is not None:
+        elif cross.recomputes and policy.e_index(cross.layer_start) is not None:
             temporary = e_alloc.allocate(n)  # the sender's, for this forward only
         lease.hold(slots, kept)
         lease.kv_len = lease.end  # KV by the time the forward reads it
@@ -309,19 +341,11 @@ class PrefillAdder:
 
     def _recompute_job(self, req: Req, lease: KVLease, cross: CrossPlan,
                        erows: torch.Tensor | None) -> Recompute | None:
-        """The receiver's recompute of the cross plan's layer group over [first,
-        end) and the sink [0, sink), from the sender's E-cache rows `erows`
-        [E, end - start] when the group starts above layer 0 (None: nothing
-        recomputed)."""
-        if not cross.recomputes:
-            return None
-        e_index = self.cross_policy.e_index(cross.group.start)
-        first, sink = cross.first, cross.sink
-        return Recompute(lease.row, first, cross.end, cross.group.start, cross.group.end,
-                         None if e_index is None else erows[e_index, first - cross.start:].clone(),
-                         torch.tensor(req.fill_ids[first:cross.end], dtype=torch.int64),
-                         req.model_id, req.lora_id,
-                         torch.tensor(req.fill_ids[:sink], dtype=torch.int64) if sink else None)
+        """`recompute_job` for the request, from the sender's E-cache rows `erows`
+        [E, end - start]."""
+        e_index = self.cross_policy.e_index(cross.layer_start) if cross.recomputes else None
+        return recompute_job(lease.row, cross, req.fill_ids, req.model_id, req.lora_id,
+                             None if e_index is None else erows[e_index])
 
     def _keeps_e(self, req: Req) -> bool:
         return self.cross_policy is not None and self.cross_policy.is_sender(req.cache_variant)
@@ -376,7 +400,7 @@ def build_prefill_batch(entries: list[PrefillEntry], runner) -> tuple[ForwardBat
         ids.extend(r.fill_ids[first:end])
         positions.append(torch.arange(first, end))
         locs.append(table[:, r.kv.row, first:end])
-        e_loc = r.kv.erows[-1] if r.kv.erows else None
+        e_loc = r.kv.step_erows
         if e_loc is not None and first < r.kv_len:  # no E cache kept for the recomputed rows
             e_loc = torch.cat([torch.zeros((e_loc.shape[0], r.kv_len - first), dtype=e_loc.dtype), e_loc], 1)
         e_locs.append(e_loc)
@@ -419,13 +443,3 @@ def build_prefill_batch(entries: list[PrefillEntry], runner) -> tuple[ForwardBat
     batch.e_pool, batch.e_loc = runner.e_pool, stack_e_loc(e_locs, lens)
     batch.loads = [e.req.kv.load for e in entries if e.req.kv.load is not None]
     return batch, torch.tensor(extra_rows, dtype=torch.int64), extra_pos
-
-
-def stack_e_loc(e_locs: list[torch.Tensor | None], lens: list[int]) -> torch.Tensor | None:
-    """[E, T] E-cache rows for a batch (0 where a request keeps none), or None."""
-    present = [e for e in e_locs if e is not None]
-    if not present:
-        return None
-    num_e = present[0].shape[0]
-    return torch.cat([e if e is not None else torch.zeros((num_e, n), dtype=torch.int64)
-                      for e, n in zip(e_locs, lens)], dim=1)

@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from droidspeak.engine.engine import Engine
 from droidspeak.engine.io import format_output
@@ -31,6 +32,28 @@ from droidspeak.scheduler.scheduler import StepFailed
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05  # how long the loop sleeps on an empty inbox when idle
+
+
+# What the event loop sends the scheduler thread through the inbox.
+@dataclass
+class _Add:
+    reqs: list[Req]
+
+
+@dataclass
+class _Abort:  # their client went away
+    reqs: list[Req]
+
+
+@dataclass
+class _AbortRid:
+    rid: str
+
+
+@dataclass
+class _Call:
+    fn: Callable
+    future: concurrent.futures.Future
 QUEUE_TOKENS_PER_REQUEST = 256  # default queue limit: one queued request per this many KV pool tokens
 RETRY_AFTER_S = 1  # Retry-After of a 429 for a full queue
 
@@ -153,7 +176,7 @@ class AsyncEngine:
             # many small calls from one client are one claimant, not many.
             for r in reqs:
                 r.group = ("client", client)
-        self._inbox.put(("add", reqs))
+        self._inbox.put(_Add(reqs))
         pending = len(reqs)
         try:
             while pending:
@@ -164,18 +187,18 @@ class AsyncEngine:
         finally:
             unfinished = [r for r in reqs if not r.finished]
             if unfinished:
-                self._inbox.put(("abort", unfinished))
+                self._inbox.put(_Abort(unfinished))
             for r in reqs:
                 self._streams.pop(id(r), None)
 
     def abort(self, rid: str) -> None:
         """Abort the requests named `rid` (and each sample of an n > 1 prompt given it)."""
-        self._inbox.put(("abort_rid", rid))
+        self._inbox.put(_AbortRid(rid))
 
     async def call(self, fn: Callable):
         """Run `fn()` on the scheduler thread (between steps) and await its result."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(("call", (fn, future)))
+        self._inbox.put(_Call(fn, future))
         return await asyncio.wrap_future(future)
 
     # ---- the scheduler thread ----------------------------------------------------
@@ -214,24 +237,23 @@ class AsyncEngine:
         except queue.Empty:
             return
         while item is not None:
-            kind, payload = item
-            if kind == "add":
-                for r in payload:
-                    self.scheduler.enqueue(r)
-                with self._inbox_lock:
-                    self._in_inbox -= len(payload)
-            elif kind == "abort":  # their client went away
-                for out in self.scheduler.abort(payload, AbortCause.DISCONNECT):
-                    self._publish(out.req, True)
-            elif kind == "abort_rid":
-                for out in self.scheduler.abort_request(payload):
-                    self._publish(out.req, True)
-            elif kind == "call":
-                fn, future = payload
-                try:
-                    future.set_result(fn())
-                except Exception as exc:  # surfaced to the awaiting handler
-                    future.set_exception(exc)
+            match item:
+                case _Add(reqs):
+                    for r in reqs:
+                        self.scheduler.enqueue(r)
+                    with self._inbox_lock:
+                        self._in_inbox -= len(reqs)
+                case _Abort(reqs):
+                    for out in self.scheduler.abort(reqs, AbortCause.DISCONNECT):
+                        self._publish(out.req, True)
+                case _AbortRid(rid):
+                    for out in self.scheduler.abort_request(rid):
+                        self._publish(out.req, True)
+                case _Call(fn, future):
+                    try:
+                        future.set_result(fn())
+                    except Exception as exc:  # surfaced to the awaiting handler
+                        future.set_exception(exc)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:

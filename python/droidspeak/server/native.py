@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict
 from droidspeak.engine.io import num_prompts, per_prompt
 from droidspeak.errors import InvalidRequestError
 from droidspeak.tokenizer.tokenizer import encode_text
-from droidspeak.server.app import (ServerState, body_schema, client_of, collect, fanout, guard,
-                                   internal_failure_event, parse_body, prepare, read_json)
+from droidspeak.server.handlers import (ServerState, body_schema, client_of, collect, fanout, guard,
+                                        internal_failure_event, parse_body, prepare, read_json)
 
 router = APIRouter()
 

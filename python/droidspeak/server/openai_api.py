@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict
 
 from droidspeak.engine.io import num_prompts
 from droidspeak.errors import InvalidRequestError
-from droidspeak.server.app import (ServerState, body_schema, client_of, collect, guard, internal_failure_event,
-                                  parse_body, prepare)
+from droidspeak.server.handlers import (ServerState, body_schema, client_of, collect, guard, internal_failure_event,
+                                        parse_body, prepare)
 
 router = APIRouter(prefix="/v1")
 
@@ -79,15 +79,16 @@ def _finish(reason: dict | None) -> str | None:
     return {"stop": "stop", "length": "length"}.get(reason["type"], "abort")
 
 
-def _usage(results: list[dict]) -> dict:
-    # n samples of one prompt count the prompt once, as OpenAI does
+def _usage(reqs, results: dict[int, dict]) -> dict:
+    """Token counts of the finished `results` (by index into `reqs`); the n
+    samples of one prompt count the prompt once, as OpenAI does."""
     prompts = {}
-    for r in results:
-        m = r["meta_info"]
-        prompts.setdefault(m["id"].rsplit("-", 1)[0] if "-" in m["id"] else m["id"], m)
+    for index, r in results.items():
+        req = reqs[index]
+        prompts.setdefault(req.parent_rid or req.rid, r["meta_info"])
     prompt_tokens = sum(m["prompt_tokens"] for m in prompts.values())
     cached = sum(m["cached_tokens"] for m in prompts.values())
-    completion = sum(r["meta_info"]["completion_tokens"] for r in results)
+    completion = sum(r["meta_info"]["completion_tokens"] for r in results.values())
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
@@ -104,18 +105,18 @@ def _stream(request: Request, aengine, reqs, fmt: dict, envelope: dict, make_cho
     async def events():
         for choice in first_choices:
             yield _sse(dict(envelope, choices=[choice]))
-        sent_text, sent_tokens, finals = [0] * len(reqs), [0] * len(reqs), []
+        sent_text, sent_tokens, finals = [0] * len(reqs), [0] * len(reqs), {}
         async for index, result, finished in guard(request, aengine.generate(reqs, fmt, client_of(request))):
             delta = result["text"][sent_text[index]:]
             choice = make_choice(index, delta, result, finished, sent_tokens[index])
             sent_text[index], sent_tokens[index] = len(result["text"]), len(result["output_ids"])
             if finished:
-                finals.append(result)
+                finals[index] = result
             yield _sse(dict(envelope, choices=[choice]))
             if failure := internal_failure_event(result, finished):
                 yield failure
         if include_usage:
-            yield _sse(dict(envelope, choices=[], usage=_usage(finals)))
+            yield _sse(dict(envelope, choices=[], usage=_usage(reqs, finals)))
         yield "data: [DONE]\n\n"
     return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -170,7 +171,7 @@ async def completions(request: Request):
     results = await collect(aengine, reqs, fmt, request)
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [choice(i, r["text"], r, True) for i, r in enumerate(results)],
-            "usage": _usage(results)}
+            "usage": _usage(reqs, dict(enumerate(results)))}
 
 
 def _chat_prompt_ids(engine, messages: list[ChatMessage]) -> list[int]:
@@ -243,4 +244,4 @@ async def chat_completions(request: Request):
             "choices": [{"index": i, "message": {"role": "assistant", "content": r["text"]},
                          "logprobs": logprobs(r), "finish_reason": _finish(r["meta_info"]["finish_reason"])}
                         for i, r in enumerate(results)],
-            "usage": _usage(results)}
+            "usage": _usage(reqs, dict(enumerate(results)))}
