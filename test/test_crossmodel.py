@@ -11,6 +11,7 @@ import torch
 
 from droidspeak import Engine
 from droidspeak.crossmodel.policy import PairStats
+from droidspeak.errors import InvalidRequestError, ModelNotFoundError
 from droidspeak.crossmodel.profile import GroupScore, Profile, ProfileError, profile_path
 from droidspeak.crossmodel.profiler import Encoded, Profiler
 from droidspeak.models.identity import fingerprint
@@ -706,3 +707,54 @@ def test_cross_model_hit_from_the_kv_store(family, tmp_path, part_layers):
         assert_no_leak(second)
     finally:
         second.shutdown()
+
+
+def test_receiver_only_engine_reuses_a_remote_senders_stored_kv(family, tmp_path):
+    """An engine that hosts the receiver but not the sender names the sender by
+    its identity (remote_senders): it finds the sender's KV and E cache in the
+    shared tier and reuses them with its profiled recompute, exactly as an
+    engine that hosts both does, without ever loading the sender's weights."""
+    import shutil
+    paths, profiles = family
+
+    def store(name):
+        return dict(kv_store=f"disk:{tmp_path / name}", kv_store_write="through", kv_store_levels="lossless",
+                    kv_store_load="always", kv_store_chunk_size=16)
+    writer = make_engine(family, **store("shared"))
+    try:
+        ids = ids_of(writer, CONTEXT + QUESTIONS[0])
+        ctx = len(ids_of(writer, CONTEXT))
+        run(writer, "a", ids_of(writer, CONTEXT + QUESTIONS[1]), ctx)
+        writer.offloader.flush()
+        identity = writer.identity("a")
+    finally:
+        writer.shutdown()
+    shutil.copytree(tmp_path / "shared", tmp_path / "copy")  # each reader sees only a's chunks
+    full = make_engine(family, **store("copy"))
+    try:
+        expected = run(full, "b", ids, ctx)
+        assert expected["meta_info"]["cross_model_cached_tokens"] == ctx // 16 * 16
+    finally:
+        full.shutdown()
+    receiver = Engine(paths["base"], served_model_name="base", models=(f"b={paths['b']}",),
+                      remote_senders=(f"a={identity}",), cross_model_profiles=profiles,
+                      dtype="float32", max_total_tokens=4096, **store("shared"))
+    try:
+        assert len(receiver.runner.models) == 2  # base and b: a's weights are not here
+        assert receiver.identity("a") == identity
+        out = run(receiver, "b", ids, ctx)
+        span = ctx // 16 * 16
+        meta = out["meta_info"]
+        assert meta["kv_store_cached_tokens"] == meta["cross_model_cached_tokens"] == span
+        assert torch.equal(engine_logprobs(out), engine_logprobs(expected))
+        assert out["output_ids"] == expected["output_ids"]
+        assert receiver.cross_policy.stats[("a", "b")].hits == 1
+        pairs = {(p["sender"], p["receiver"]): p["status"] for p in receiver.cross_policy.describe()}
+        assert pairs[("a", "b")] == "profiled" and ("b", "a") not in pairs  # a only sends here
+        with pytest.raises(ModelNotFoundError, match="served by another engine"):
+            run(receiver, "a", ids, ctx)
+        assert_no_leak(receiver)
+    finally:
+        receiver.shutdown()
+    with pytest.raises(InvalidRequestError, match="kv_store"):
+        Engine(paths["base"], remote_senders=(f"a={identity}",), dtype="float32")

@@ -259,19 +259,24 @@ def test_models_file_toml_and_yaml(family, tmp_path):
         f'[base]\nname = "base"\npath = "{family["base"]}"\n[models]\nft1 = "{family["ft1"]}"\n'
         f'ft2 = {{ path = "{rel}" }}\n')
     (tmp_path / "family.yaml").write_text(
-        f"base: {{name: base, path: {family['base']}}}\nmodels:\n  ft1: {family['ft1']}\n  ft2: {rel}\n")
+        f"base: {{name: base, path: {family['base']}}}\nmodels:\n  ft1: {family['ft1']}\n  ft2: {rel}\n"
+        f"remote:\n  elsewhere: 0123abcd\n")
     outs = []
     for name in ("family.toml", "family.yaml"):
         f = load_models_file(str(tmp_path / name))
         assert f.base_name == "base" and f.models == (f"ft1={family['ft1']}", f"ft2={family['ft2']}")
-        engine = Engine(dtype="float32", models_file=str(tmp_path / name), max_total_tokens=1024)
+        assert f.remote == (("elsewhere=0123abcd",) if name.endswith(".yaml") else ())
+        store = {"kv_store": "ram"} if f.remote else {}  # a remote sender is reused through the store
+        engine = Engine(dtype="float32", models_file=str(tmp_path / name), max_total_tokens=1024, **store)
         assert engine.model_names == ["base", "ft1", "ft2"]
+        if f.remote:
+            assert engine.identity("elsewhere") == "0123abcd"
         outs.append(engine.generate(PROMPTS[0], GREEDY, model="ft2")["output_ids"])
     assert outs[0] == outs[1]
     bad = {"x.toml": "[models]\nft1 = 3\n", "y.toml": "[nope]\n", "z.yaml": "models: [1, 2\n",
-           "w.toml": "[base]\nweights = 1\n", "v.json": "{}"}
+           "w.toml": "[base]\nweights = 1\n", "v.json": "{}", "u.toml": "[remote]\nft1 = 3\n"}
     expect = {"x.toml": "non-empty path", "y.toml": "unknown section", "z.yaml": "not valid YAML",
-              "w.toml": "only name and path", "v.json": "must end in"}
+              "w.toml": "only name and path", "v.json": "must end in", "u.toml": "fingerprint"}
     for name, text in bad.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(InvalidRequestError, match=expect[name]):

@@ -92,5 +92,6 @@ def test_a_profile_made_for_one_twin_is_stale_for_the_other(twins, tmp_path):
     Profile("s", "ft", 3, 1, full, groups, fingerprint(sender), fingerprint(a)).save(
         profile_path(str(tmp_path), "s", "ft"))
     for receiver, expected in ((a, 1), (b, 0)):
-        policy = CrossModelPolicy.from_directory(str(tmp_path), {"s": sender, "ft": receiver}, 0.01, 3, fingerprint)
+        policy = CrossModelPolicy.from_directory(str(tmp_path), {"s": fingerprint(sender), "ft": fingerprint(receiver)},
+                                                 0.01, 3)
         assert len(policy.choices) == expected

@@ -29,6 +29,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             parser.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=PATH",
                                 help=help_text)
             continue
+        if f.name == "remote_senders":
+            parser.add_argument("--remote-sender", dest="remote_senders", action="append", default=[],
+                                metavar="NAME=FINGERPRINT", help=help_text)
+            continue
         base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
         kwargs = dict(type=base, default=f.default, help=help_text)
         if f.name == "schedule_policy":
@@ -40,6 +44,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
     kwargs["models"] = tuple(kwargs["models"])
     kwargs["lora_paths"] = tuple(kwargs["lora_paths"])
+    kwargs["remote_senders"] = tuple(kwargs["remote_senders"])
     return kwargs
 
 

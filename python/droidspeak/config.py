@@ -34,6 +34,11 @@ class EngineConfig:
     lora_paths: tuple[str, ...] = field(
         default=(),
         metadata={"help": "LoRA adapters (PEFT format) on the root model, NAME=PATH each."})
+    remote_senders: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "Family members this engine does not host whose KV it may reuse from the KV store, "
+                          "NAME=FINGERPRINT each (the fingerprint /model_info reports where the member is served; "
+                          "repeatable). Needs --kv-store and a profile for each pair."})
     dtype: str = field(
         default="auto",
         metadata={"help": 'auto (bfloat16 on CPUs with AVX512-BF16 or AMX, else float32), bfloat16, float32, float16.'})
@@ -173,6 +178,13 @@ class EngineConfig:
         for entry in self.models + self.lora_paths:
             if not isinstance(entry, str) or "=" not in entry or not entry.split("=", 1)[0]:
                 raise InvalidRequestError(f"models entries are NAME=PATH, got {entry!r}", "models")
+        for entry in self.remote_senders:
+            if not isinstance(entry, str) or "=" not in entry or not all(entry.split("=", 1)):
+                raise InvalidRequestError(f"remote_senders entries are NAME=FINGERPRINT, got {entry!r}",
+                                          "remote_senders")
+        if self.remote_senders and not self.kv_store:
+            raise InvalidRequestError("remote_senders reuse KV from the KV store: set kv_store too",
+                                      "remote_senders")
         if self.reserved_running_requests is not None and self.reserved_running_requests < 0:
             raise InvalidRequestError("reserved_running_requests must be >= 0", "reserved_running_requests")
         if self.max_requests_per_client is not None and self.max_requests_per_client < 0:

@@ -11,6 +11,9 @@
     [lora]                      # PEFT LoRA adapters on the base
     coder-lora = "/models/coder-lora"
 
+    [remote]                    # members served by other engines: their stored KV is reused
+    writer-2 = "3f9a...c2"      # the fingerprint their /model_info reports
+
 Relative paths are relative to the file. Entries from flags (`--model`,
 `--lora-paths`) are added after the file's.
 """
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 from droidspeak.errors import InvalidRequestError
 
-SECTIONS = ("base", "models", "lora")
+SECTIONS = ("base", "models", "lora", "remote")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class FamilyFile:
     base_name: str | None
     models: tuple[str, ...]   # NAME=PATH
     lora: tuple[str, ...]
+    remote: tuple[str, ...] = ()  # NAME=FINGERPRINT
 
 
 def _fail(path: str, message: str) -> InvalidRequestError:
@@ -94,5 +98,12 @@ def load_models_file(path: str) -> FamilyFile:
                 raise _fail(path, f"bad model name {model!r} in [{section}]")
             out.append(f"{model}={_resolve(path, f'[{section}] {model}', value)}")
         entries[section] = tuple(out)
+    remote = data.get("remote", {})
+    if not isinstance(remote, dict):
+        raise _fail(path, "[remote] must map model names to fingerprints")
+    for model, value in remote.items():
+        if not isinstance(model, str) or not model or "=" in model or not isinstance(value, str) or not value:
+            raise _fail(path, f"[remote] entries are name = \"fingerprint\", got {model!r} = {value!r}")
     base_path = _resolve(path, "[base] path", base["path"]) if "path" in base else None
-    return FamilyFile(base_path, name, entries["models"], entries["lora"])
+    return FamilyFile(base_path, name, entries["models"], entries["lora"],
+                      tuple(f"{model}={value}" for model, value in remote.items()))

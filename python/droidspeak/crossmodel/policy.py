@@ -57,6 +57,7 @@ class CrossModelPolicy:
         self._senders: dict[int, dict[int, int | None]] = {}
         self._e_senders: set[int] = set()
         self._missed_logged: set[tuple[int, int]] = set()
+        self._remote: set[str] = set()  # members served elsewhere: their stored KV is reused here
         # Called as hit_listener(sender, receiver, prompt_ids, span_end, group, tail) on each hit.
         self.hit_listener = None
 
@@ -97,30 +98,34 @@ class CrossModelPolicy:
         return choices, statuses
 
     @classmethod
-    def from_directory(cls, directory: str | None, names: dict[str, str], quality: float,
-                       num_layers: int, fingerprints, idle_ttft_ms: float | None = None) -> "CrossModelPolicy":
-        """Profiles for every ordered pair of `names` (name -> path) found in
-        `directory`; `fingerprints(path)` checks each is still for those weights."""
-        profiles, statuses = read_profiles(directory, names, fingerprints)
+    def from_directory(cls, directory: str | None, fingerprints: dict[str, str], quality: float,
+                       num_layers: int, idle_ttft_ms: float | None = None) -> "CrossModelPolicy":
+        """Profiles for every ordered pair of the members `fingerprints` names
+        (name -> the fingerprint of its weights, which each profile must match)
+        found in `directory`."""
+        profiles, statuses = read_profiles(directory, fingerprints)
         return cls(profiles, quality, num_layers, idle_ttft_ms, statuses)
 
-    def reload(self, directory: str | None, names: dict[str, str], fingerprints, layout: KVLayout,
+    def reload(self, directory: str | None, fingerprints: dict[str, str], layout: KVLayout,
                supports) -> None:
         """Read the profiles again while serving (new members, new or re-made
         profiles); the running pool's KV `layout` stays, so each pair's group must be
         one it `supports(start, end)`. Counters are kept; a drift guard's
         retargeting is replaced by the profile's."""
-        profiles, statuses = read_profiles(directory, names, fingerprints)
+        profiles, statuses = read_profiles(directory, fingerprints)
         self.layout, self.segments = layout, LayerSegments(self.num_layers, layout.segment_bounds)
         self.choices, self.statuses = self._choose(profiles, supports, statuses)
         self.bind(self._variants)
 
-    def bind(self, variants: dict[str, int]) -> None:
-        """Map model names to prefix-cache variants (call again when adapters change)."""
+    def bind(self, variants: dict[str, int], remote: tuple[str, ...] | None = None) -> None:
+        """Map model names to prefix-cache variants (call again when adapters
+        change); `remote` of them are hosted elsewhere: senders only."""
         self._variants = dict(variants)
+        if remote is not None:
+            self._remote = set(remote)
         self._names = {v: n for n, v in variants.items()}
         self._pairs = {(variants[s], variants[r]): c for (s, r), c in self.choices.items()
-                       if s in variants and r in variants}
+                       if s in variants and r in variants and r not in self._remote}
         self._reindex()
 
     def _reindex(self) -> None:
@@ -157,7 +162,7 @@ class CrossModelPolicy:
         out = []
         for s in self._variants:
             for r in self._variants:
-                if s == r:
+                if s == r or r in self._remote:
                     continue
                 c = self.choices.get((s, r))
                 if c is None:
@@ -232,13 +237,14 @@ class CrossModelPolicy:
                         self._names[s], self._names[s], self._names[receiver])
 
 
-def read_profiles(directory: str | None, names: dict[str, str], fingerprints
+def read_profiles(directory: str | None, fingerprints: dict[str, str]
                   ) -> tuple[list[Profile], dict[tuple[str, str], str]]:
-    """The usable profiles of every ordered pair of `names` (name -> path) in
-    `directory`, and for each pair without one, why ("missing", stale, invalid)."""
+    """The usable profiles of every ordered pair of the members `fingerprints`
+    names in `directory`, and for each pair without one, why ("missing", stale,
+    invalid)."""
     profiles, statuses = [], {}
-    for sender in names:
-        for receiver in names:
+    for sender in fingerprints:
+        for receiver in fingerprints:
             path = profile_path(directory, sender, receiver) if directory else None
             if sender == receiver:
                 continue
@@ -252,7 +258,7 @@ def read_profiles(directory: str | None, names: dict[str, str], fingerprints
                 statuses[(sender, receiver)] = f"invalid: {e}"
                 continue
             stale = [n for n, fp in ((sender, p.sender_fingerprint), (receiver, p.receiver_fingerprint))
-                     if fp != fingerprints(names[n])]
+                     if fp != fingerprints[n]]
             if stale or (p.sender, p.receiver) != (sender, receiver):
                 logger.warning("profile %s was made for other weights of %s; re-run `droidspeak profile "
                                "--sender %s --receiver %s`; that pair prefills in full", path,

@@ -46,7 +46,8 @@ from droidspeak.tokenizer.tokenizer import encode_text, eos_token_ids, load_toke
 logger = logging.getLogger(__name__)
 
 # Prefix-cache namespaces of LoRA adapters start here (full models use 0..N-1).
-LORA_NAMESPACE_BASE = 1 << 16
+LORA_NAMESPACE_BASE = 1 << 16    # cache variants of adapters: this plus the adapter's id
+REMOTE_NAMESPACE_BASE = 1 << 20  # cache variants of remote senders: this plus their index
 PROFILE_DIR_CHECK_S = 5.0  # how often an idle engine looks for new cross-model profiles
 STORE_WAIT_TIMEOUT_S = 60.0  # longest an offline wait_for_kv_store call waits for its writes
 
@@ -71,7 +72,8 @@ def _with_models_file(config: EngineConfig) -> EngineConfig:
     family = load_models_file(config.models_file)
     return config.replace(model_path=config.model_path or family.base_path,
                           served_model_name=config.served_model_name or family.base_name,
-                          models=family.models + config.models, lora_paths=family.lora + config.lora_paths)
+                          models=family.models + config.models, lora_paths=family.lora + config.lora_paths,
+                          remote_senders=family.remote + config.remote_senders)
 
 
 class Engine:
@@ -87,9 +89,12 @@ class Engine:
         root_name = self.config.served_model_name or os.path.basename(os.path.normpath(self.model_path))
         members = [(root_name, self.model_path)] + [
             (name, resolve_model_path(path)) for name, path in parse_model_entries(self.config.models)]
+        # Members served elsewhere: their KV can be found in the KV store by their
+        # identity, so this engine reuses it without their weights.
+        self._remote = dict(parse_model_entries(self.config.remote_senders))
         names = [n for n, _ in members]
-        if len(set(names)) != len(names):
-            raise InvalidRequestError(f"model names must be unique, got {names}", "models")
+        if len(set(names + list(self._remote))) != len(names) + len(self._remote):
+            raise InvalidRequestError(f"model names must be unique, got {names + list(self._remote)}", "models")
         self.tokenizer = load_tokenizer(self.model_path)
         self._max_token_chars = max_token_chars(self.tokenizer)
         self._call_ids = itertools.count(1)  # Req.group of each make_requests call
@@ -123,8 +128,17 @@ class Engine:
         self._profile_dir_seen = _mtime(directory)
         paths = dict(members)
         paths.update(parse_model_entries(self.config.lora_paths))
-        return CrossModelPolicy.from_directory(directory, paths, self.config.cross_model_quality,
-                                               num_layers, self._fingerprint, self.config.cross_model_idle_ttft_ms)
+        return CrossModelPolicy.from_directory(directory, self._profile_fingerprints(paths),
+                                               self.config.cross_model_quality, num_layers,
+                                               self.config.cross_model_idle_ttft_ms)
+
+    def _profile_fingerprints(self, paths: dict[str, str]) -> dict[str, str]:
+        """name -> what a profile of it must have been made for: the fingerprint of
+        each hosted member's own weights (an adapter's alone), and of each remote
+        sender's (the last part of its identity)."""
+        out = {name: self._fingerprint(path) for name, path in paths.items()}
+        out.update((name, identity.rsplit("+", 1)[-1]) for name, identity in self._remote.items())
+        return out
 
     def reload_cross_model_profiles(self) -> list[dict]:
         """Read the profile directory again (call between scheduler steps): profiles
@@ -132,8 +146,8 @@ class Engine:
         their group fits the running KV layout. Returns every pair's status."""
         if not self.config.disable_cross_model:
             self._profile_dir_seen = _mtime(self._profile_dir)
-            self.cross_policy.reload(self._profile_dir, self.model_paths, self._fingerprint, self.runner.layout,
-                                     self.runner.supports_group)
+            self.cross_policy.reload(self._profile_dir, self._profile_fingerprints(self.model_paths),
+                                     self.runner.layout, self.runner.supports_group)
         return self.cross_policy.describe()
 
     def _make_offloader(self) -> KVOffloader:
@@ -220,7 +234,10 @@ class Engine:
         return entry[0] if entry else f"unloaded-adapter-{req.lora_id}"
 
     def _variants(self) -> dict[str, int]:
-        return {name: variant for variant, (name, _) in self._by_variant.items()}
+        """Every member's cache variant, remote senders included."""
+        variants = {name: variant for variant, (name, _) in self._by_variant.items()}
+        variants.update((name, REMOTE_NAMESPACE_BASE + i) for i, name in enumerate(self._remote))
+        return variants
 
     def _rebind(self) -> None:
         """Refresh the variant -> (name, Target) map and the policy's view of it
@@ -229,18 +246,21 @@ class Engine:
         for name in self.model_names:
             target = self.resolve(name)
             self._by_variant[target.cache_namespace] = (name, target)
-        self.cross_policy.bind(self._variants())
+        self.cross_policy.bind(self._variants(), tuple(self._remote))
         if self.config.kv_store:
             # Stored KV is named by the weights that computed it, so engines that
             # call a model differently still share it.
             root = self._fingerprint(self._full_model_paths[0])
             self._namespaces = {variant: Namespace(root, self.identity(name), self.config.resolved_dtype,
                                                    self.config.kv_store_chunk_size)
-                                for variant, (name, _) in self._by_variant.items()}
+                                for name, variant in self._variants().items()}
 
     def identity(self, name: str | None) -> str:
         """The fingerprint of the weights that serve `name`: a full model's, or an
-        adapter's with its base model's before it (models.identity)."""
+        adapter's with its base model's before it (models.identity); a remote
+        sender's as configured."""
+        if name in self._remote:
+            return self._remote[name]
         target = self.resolve(name)
         model = self._fingerprint(self._full_model_paths[target.model_id])
         if target.lora_id is not None:
@@ -276,6 +296,9 @@ class Engine:
         try:
             model_id = self._full_model_names.index(name)
         except ValueError:
+            if name in self._remote:
+                raise ModelNotFoundError(f"model {name!r} is served by another engine: this one reuses its "
+                                         f"stored KV but does not host it; models here: {self.model_names}") from None
             raise ModelNotFoundError(f"model {name!r} not found; known models: {self.model_names}") from None
         return Target(model_id, None, model_id)
 
@@ -286,7 +309,7 @@ class Engine:
     def load_lora_adapter(self, name: str, path: str) -> None:
         """Load a PEFT LoRA adapter on the root model under `name`. Call between
         scheduler steps (the server runs it on the scheduler thread)."""
-        if name in self.model_names:
+        if name in self.model_names or name in self._remote:
             raise InvalidRequestError(f"a model named {name!r} is already loaded", "lora_name")
         adapter = load_adapter(name, path, self.runner.model_config, self.runner.dtype)
         lora_id = next(self._adapter_ids)
