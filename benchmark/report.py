@@ -148,6 +148,30 @@ def abuse(d: dict) -> list[str]:
             f"KV pool usage after the flush {a['kv_pool_usage_after_flush']:g}."]
 
 
+def scaleout(d: dict) -> list[str]:
+    def mib(r: dict) -> str:
+        if not r["shared_tier"]:
+            return "-"
+        return f"{r['redis_bytes_written'] / 2**20:.0f} / {r['redis_bytes_read'] / 2**20:.0f}"
+
+    def chunks(r: dict) -> str:
+        if not r["shared_tier"]:
+            return "-"
+        return f"{r['chunks_written']} / {r['chunks_loaded']} / {r['chunks_recompute_chosen']}"
+    rows = [[r["engines"], "shared Redis" if r["shared_tier"] else "none", num(r["req_s"]),
+             f"{num(r['ttft_p50_ms'])} / {num(r['ttft_p99_ms'])}", f"{num(r['e2e_p50_s'])} / {num(r['e2e_p99_s'])}",
+             pct(100 * r["later_turns_cached_share"], False), pct(100 * r["later_turns_store_share"], False), mib(r),
+             chunks(r),
+             pct(100 * r["identical_answers"], False), pct(100 * r["agreeing_tokens"], False)] for r in d["rows"]]
+    threads = ", ".join(f"{n} engine(s): {t}" for n, t in d["threads_per_engine"].items())
+    return [f"{d['model']}, {d['dtype']}; {d['conversations']} concurrent conversations of {d['turns']} turns over "
+            f"a ~{d['context_chars']}-character held-out context, {d['max_new_tokens']} greedy tokens per answer; "
+            f"routing: {d['routing']}; threads per engine: {threads}. Baseline: {d['baseline']}.", ""] + table(
+        ["engines", "tier", "req/s", "TTFT p50 / p99 ms", "e2e p50 / p99 s", "later turns: prompt cached",
+         "from the store", "Redis MiB written / read", "chunks written / loaded / recomputed instead",
+         "answers identical", "tokens agreeing"], rows)
+
+
 def multi_model(d: dict) -> list[str]:
     rows = [[r["system"], num(r["req_s"]), num(r["out_tok_s"]), f"{num(r['ttft_p50_ms'])} / {num(r['ttft_p99_ms'])}",
              num(r["e2e_p50_s"]), f"{r['rss_mib'] / 1024:.1f} GiB"] for r in d["rows"]]
@@ -304,6 +328,7 @@ TABLES = {
     "process_split": ("bench_process_split", process_split),
     "abuse": ("bench_abuse", abuse),
     "multi_model": ("bench_multi_model", multi_model),
+    "scaleout": ("bench_scaleout", scaleout),
     "finetune_loss": ("finetunes", finetune_loss),
     "finetune_wholesale": ("finetunes", finetune_wholesale),
     "cross_model": ("bench_cross_model", cross_model),
