@@ -13,7 +13,17 @@ from the store and from any cache, Redis bytes moved, and quality: each greedy
 answer against the one engine run without a store (identical answers, and
 agreeing tokens).
 
+With `--family` the conversations are agent hand-offs in the default model's
+family (scripts/make_finetunes.py; profiles are made first if missing, as
+bench_cross_model.py does): the default model reads a held-out context and
+answers, then each fine-tune answers its own question on the same context, each
+turn on the next engine, so a receiver reuses the sender's KV (DroidSpeak) from
+its own tree or, on another engine, from the shared tier. Quality there is
+against one engine without cross-model reuse or a store (every model's full
+prefill). Results go to bench_scaleout_family.json.
+
     python benchmark/bench_scaleout.py [--conversations 12] [--turns 4] [--quick]
+    python benchmark/bench_scaleout.py --family [--contexts 12]
 """
 from __future__ import annotations
 
@@ -41,8 +51,11 @@ QUESTIONS = ["\n\nQuestion: what does the code above do? Answer briefly.\nAnswer
              "\n\nQuestion: what would you rename above, and to what?\nAnswer:"]
 
 
-def make_conversations(num: int, turns: int, context_chars: int, seed: int = 0) -> list[list[str]]:
-    """Each conversation: the prompts of its turns (context, then the questions so far)."""
+Turn = tuple  # (model name or None for the root, prompt)
+
+
+def make_conversations(num: int, turns: int, context_chars: int, seed: int = 0) -> list[list[Turn]]:
+    """Each conversation: its turns (context, then the questions so far), on the root model."""
     rng = random.Random(seed)
     texts = stdlib_texts(min_chars=context_chars + 200)
     out = []
@@ -52,7 +65,7 @@ def make_conversations(num: int, turns: int, context_chars: int, seed: int = 0) 
         prompt, prompts = text[start:start + context_chars], []
         for k in range(turns):
             prompt += QUESTIONS[(c + k) % len(QUESTIONS)]
-            prompts.append(prompt)
+            prompts.append((None, prompt))
         out.append(prompts)
     return out
 
@@ -73,14 +86,29 @@ def start_redis() -> tuple[subprocess.Popen, str]:
     raise RuntimeError("redis-server did not start")
 
 
-def start_engines(count: int, redis_url: str | None, args) -> list[tuple[subprocess.Popen, str]]:
+def family_conversations(args) -> tuple[list[list[Turn]], list[str]]:
+    """Hand-offs over held-out contexts: the root answers, then each receiver; and
+    the engine flags that host the family with its profiles."""
+    from bench_cross_model import build_handoffs, load_family, model_flags
+    from droidspeak.tokenizer.tokenizer import load_tokenizer
+    family = load_family(args)
+    if family is None:
+        raise SystemExit(1)
+    root_path, root, names, profiles = family
+    handoffs = build_handoffs(load_tokenizer(root_path), args.contexts, args.context_tokens, args.seed, 0)
+    models = [root, *args.receivers]
+    conversations = [[(m, h["context"] + q) for m, q in zip(models, h["questions"])] for h in handoffs]
+    return conversations, [*model_flags(names), "--cross-model-profiles", profiles]
+
+
+def start_engines(count: int, redis_url: str | None, args, extra: list[str]) -> list[tuple[subprocess.Popen, str]]:
     threads = max(1, (os.cpu_count() or 1) // count)
     engines = []
     for _ in range(count):
         port = free_port()
         cmd = [sys.executable, "-m", "droidspeak.launch_server", "--port", str(port), "--dtype", args.dtype,
                "--num-threads", str(threads), "--max-total-tokens", str(args.max_total_tokens),
-               "--max-requests-per-client", "0"]
+               "--max-requests-per-client", "0", *extra]
         if redis_url is not None:
             cmd += ["--kv-store", f"ram,{redis_url}", "--kv-store-write", "through"]
         engines.append(start_http(cmd, port))
@@ -97,9 +125,12 @@ def stop(procs: list[subprocess.Popen]) -> None:
             p.kill()
 
 
-async def one_turn(client: httpx.AsyncClient, url: str, prompt: str, max_new: int) -> dict:
+async def one_turn(client: httpx.AsyncClient, url: str, turn: Turn, max_new: int) -> dict:
+    model, prompt = turn
     body = {"text": prompt, "stream": True, "wait_for_kv_store": True,
             "sampling_params": {"temperature": 0, "max_new_tokens": max_new}}
+    if model is not None:
+        body["model"] = model
     start = time.perf_counter()
     first, last = None, None
     async with client.stream("POST", url + "/generate", json=body) as r:
@@ -111,17 +142,17 @@ async def one_turn(client: httpx.AsyncClient, url: str, prompt: str, max_new: in
     meta = last["meta_info"]
     return {"ttft": first - start, "e2e": time.perf_counter() - start, "output_ids": last["output_ids"],
             "prompt_tokens": meta["prompt_tokens"], "cached": meta["cached_tokens"],
-            "store": meta.get("kv_store_cached_tokens", 0)}
+            "store": meta.get("kv_store_cached_tokens", 0), "cross": meta.get("cross_model_cached_tokens", 0)}
 
 
-async def run_workload(urls: list[str], conversations: list[list[str]], max_new: int) -> tuple[dict, list]:
+async def run_workload(urls: list[str], conversations: list[list[Turn]], max_new: int) -> tuple[dict, list]:
     """Every conversation concurrently, its turns in order, turn k of conversation c on
     engine (c + k) % len(urls); returns the summary and every turn's result."""
     results: list[list[dict | None]] = [[None] * len(turns) for turns in conversations]
 
     async def conversation(client, c: int) -> None:
-        for k, prompt in enumerate(conversations[c]):
-            results[c][k] = await one_turn(client, urls[(c + k) % len(urls)], prompt, max_new)
+        for k, turn in enumerate(conversations[c]):
+            results[c][k] = await one_turn(client, urls[(c + k) % len(urls)], turn, max_new)
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256)) as client:
         start = time.perf_counter()
@@ -136,7 +167,8 @@ async def run_workload(urls: list[str], conversations: list[list[str]], max_new:
             "e2e_p50_s": percentile([r["e2e"] for r in flat], 0.5),
             "e2e_p99_s": percentile([r["e2e"] for r in flat], 0.99),
             "later_turns_cached_share": sum(r["cached"] for r in later) / prompt_tokens,
-            "later_turns_store_share": sum(r["store"] for r in later) / prompt_tokens}, results
+            "later_turns_store_share": sum(r["store"] for r in later) / prompt_tokens,
+            "later_turns_cross_model_share": sum(r["cross"] for r in later) / prompt_tokens}, results
 
 
 STORE_COUNTERS = ("chunks_written", "chunks_dropped", "chunks_loaded", "chunks_recompute_chosen")
@@ -180,38 +212,55 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-total-tokens", type=int, default=60000)
     parser.add_argument("--quick", action="store_true", help="4 conversations of 3 turns, 1 and 2 engines")
+    parser.add_argument("--family", action="store_true", help="hand-offs between the default model's fine-tunes")
+    parser.add_argument("--contexts", type=int, default=12, help="with --family: held-out contexts")
+    parser.add_argument("--context-tokens", type=int, default=1024, help="with --family")
+    from bench_cross_model import add_family_args
+    add_family_args(parser)
     args = parser.parse_args()
     if args.quick:
-        args.conversations, args.turns, args.engines = 4, 3, [1, 2]
+        args.conversations, args.turns, args.engines, args.contexts = 4, 3, [1, 2], 4
     if shutil.which("redis-server") is None:
         raise SystemExit("redis-server is not installed (Debian: apt-get install redis-server; `make redis`)")
-    conversations = make_conversations(args.conversations, args.turns, args.context_chars)
+    if args.family:
+        conversations, extra = family_conversations(args)
+        # the reference: every model's own full prefill, one engine, no store
+        systems = [(1, False, ["--disable-cross-model"])]
+    else:
+        conversations, extra = make_conversations(args.conversations, args.turns, args.context_chars), []
+        systems = []
+    systems += [(count, shared, []) for count in args.engines for shared in (False, True)]
     rows, reference = [], None
-    for count in args.engines:
-        for shared in (False, True):
-            redis_proc, redis_url = start_redis() if shared else (None, None)
-            engines = start_engines(count, redis_url, args)
-            urls = [url for _, url in engines]
-            try:
-                print(f"{count} engine(s), {'shared Redis tier' if shared else 'no shared tier'} ...", flush=True)
-                summary, results = asyncio.run(run_workload(urls, conversations, args.max_new_tokens))
-                if shared:
-                    summary.update(store_stats(urls))
-            finally:
-                stop([p for p, _ in engines] + ([redis_proc] if redis_proc else []))
-            if reference is None:
-                reference = results  # one engine, no store: every prompt its own prefill or prefix hit
-            row = {"engines": count, "shared_tier": shared, **summary, **agreement(results, reference)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    print_table(rows, ["engines", "shared_tier", "req_s", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_s",
+    for count, shared, flags in systems:
+        redis_proc, redis_url = start_redis() if shared else (None, None)
+        engines = start_engines(count, redis_url, args, extra + flags)
+        urls = [url for _, url in engines]
+        label = f"{count} engine(s), {'shared Redis tier' if shared else 'no shared tier'}{' '.join(['', *flags])}"
+        try:
+            print(label + " ...", flush=True)
+            summary, results = asyncio.run(run_workload(urls, conversations, args.max_new_tokens))
+            if shared:
+                summary.update(store_stats(urls))
+        finally:
+            stop([p for p, _ in engines] + ([redis_proc] if redis_proc else []))
+        if reference is None:
+            reference = results  # the first system: one engine, no store
+        row = {"engines": count, "shared_tier": shared, "flags": flags, **summary, **agreement(results, reference)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print_table(rows, ["engines", "shared_tier", "flags", "req_s", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_s",
                        "later_turns_cached_share", "later_turns_store_share", "identical_answers"])
-    write_json("bench_scaleout", {
-        "model": "SmolLM2-135M-Instruct", "dtype": args.dtype, "conversations": args.conversations,
-        "turns": args.turns, "context_chars": args.context_chars, "max_new_tokens": args.max_new_tokens,
+    shape = ({"contexts": len(conversations), "context_tokens": args.context_tokens, "receivers": args.receivers,
+              "turns": 1 + len(args.receivers)} if args.family else
+             {"conversations": args.conversations, "turns": args.turns, "context_chars": args.context_chars})
+    write_json("bench_scaleout_family" if args.family else "bench_scaleout", {
+        "model": "SmolLM2-135M-Instruct" + (f" and its fine-tunes {', '.join(args.receivers)}" if args.family else ""),
+        "dtype": args.dtype, **shape, "max_new_tokens": args.max_new_tokens,
         "routing": "turn k of conversation c on engine (c + k) % E (no affinity)",
         "threads_per_engine": {str(c): max(1, (os.cpu_count() or 1) // c) for c in args.engines},
-        "baseline": "the same engines without a shared tier; quality against 1 engine without a store",
+        "baseline": ("the same engines without a shared tier; quality against 1 engine with every model's own "
+                     "full prefill (--disable-cross-model, no store)") if args.family else
+                    "the same engines without a shared tier; quality against 1 engine without a store",
         "rows": rows})
 
 

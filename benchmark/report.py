@@ -149,27 +149,35 @@ def abuse(d: dict) -> list[str]:
 
 
 def scaleout(d: dict) -> list[str]:
-    def mib(r: dict) -> str:
-        if not r["shared_tier"]:
-            return "-"
-        return f"{r['redis_bytes_written'] / 2**20:.0f} / {r['redis_bytes_read'] / 2**20:.0f}"
-
-    def chunks(r: dict) -> str:
-        if not r["shared_tier"]:
-            return "-"
-        return f"{r['chunks_written']} / {r['chunks_loaded']} / {r['chunks_recompute_chosen']}"
-    rows = [[r["engines"], "shared Redis" if r["shared_tier"] else "none", num(r["req_s"]),
-             f"{num(r['ttft_p50_ms'])} / {num(r['ttft_p99_ms'])}", f"{num(r['e2e_p50_s'])} / {num(r['e2e_p99_s'])}",
-             pct(100 * r["later_turns_cached_share"], False), pct(100 * r["later_turns_store_share"], False), mib(r),
-             chunks(r),
-             pct(100 * r["identical_answers"], False), pct(100 * r["agreeing_tokens"], False)] for r in d["rows"]]
+    def shared(r: dict, text: str) -> str:
+        return text if r["shared_tier"] else "-"
+    family = "receivers" in d
+    rows = []
+    for r in d["rows"]:
+        tier = ("shared Redis" if r["shared_tier"] else "none") + "".join(" " + f for f in r.get("flags", []))
+        row = [r["engines"], tier, num(r["req_s"]), f"{num(r['ttft_p50_ms'])} / {num(r['ttft_p99_ms'])}",
+               f"{num(r['e2e_p50_s'])} / {num(r['e2e_p99_s'])}", pct(100 * r["later_turns_cached_share"], False)]
+        if family:
+            row.append(pct(100 * r["later_turns_cross_model_share"], False))
+        row += [pct(100 * r["later_turns_store_share"], False),
+                shared(r, f"{r.get('redis_bytes_written', 0) / 2**20:.0f} / {r.get('redis_bytes_read', 0) / 2**20:.0f}"),
+                shared(r, f"{r.get('chunks_written', 0)} / {r.get('chunks_loaded', 0)} / "
+                          f"{r.get('chunks_recompute_chosen', 0)}"),
+                pct(100 * r["identical_answers"], False), pct(100 * r["agreeing_tokens"], False)]
+        rows.append(row)
     threads = ", ".join(f"{n} engine(s): {t}" for n, t in d["threads_per_engine"].items())
-    return [f"{d['model']}, {d['dtype']}; {d['conversations']} concurrent conversations of {d['turns']} turns over "
-            f"a ~{d['context_chars']}-character held-out context, {d['max_new_tokens']} greedy tokens per answer; "
+    if family:
+        shape = (f"{d['contexts']} held-out contexts of {d['context_tokens']} tokens, each read by the default model "
+                 f"and then questioned by {', '.join(d['receivers'])}, concurrently")
+    else:
+        shape = (f"{d['conversations']} concurrent conversations of {d['turns']} turns over a "
+                 f"~{d['context_chars']}-character held-out context")
+    columns = ["engines", "tier", "req/s", "TTFT p50 / p99 ms", "e2e p50 / p99 s", "later turns: prompt cached",
+               *(["of it cross-model"] if family else []), "from the store", "Redis MiB written / read",
+               "chunks written / loaded / recomputed instead", "answers identical", "tokens agreeing"]
+    return [f"{d['model']}, {d['dtype']}; {shape}, {d['max_new_tokens']} greedy tokens per answer; "
             f"routing: {d['routing']}; threads per engine: {threads}. Baseline: {d['baseline']}.", ""] + table(
-        ["engines", "tier", "req/s", "TTFT p50 / p99 ms", "e2e p50 / p99 s", "later turns: prompt cached",
-         "from the store", "Redis MiB written / read", "chunks written / loaded / recomputed instead",
-         "answers identical", "tokens agreeing"], rows)
+        columns, rows)
 
 
 def multi_model(d: dict) -> list[str]:
@@ -329,6 +337,7 @@ TABLES = {
     "abuse": ("bench_abuse", abuse),
     "multi_model": ("bench_multi_model", multi_model),
     "scaleout": ("bench_scaleout", scaleout),
+    "scaleout_family": ("bench_scaleout_family", scaleout),
     "finetune_loss": ("finetunes", finetune_loss),
     "finetune_wholesale": ("finetunes", finetune_wholesale),
     "cross_model": ("bench_cross_model", cross_model),
