@@ -15,12 +15,11 @@ import argparse
 import gc
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 
+from bench_serving import start_redis
 from common import RESULTS_DIR, print_table, write_json
 
 SAMPLING = {"max_new_tokens": 1, "temperature": 0}
@@ -50,22 +49,9 @@ def ttft(engine, ids) -> tuple[float, dict]:
     return time.perf_counter() - start, out["meta_info"]
 
 
-def start_redis() -> tuple[subprocess.Popen, str] | None:
-    if shutil.which("redis-server") is None:
-        return None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--maxmemory", "4gb"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    return proc, f"redis://127.0.0.1:{port}/0"
-
-
 def tier_rows(args, prompts, pool_tokens, recompute_s) -> list[dict]:
     rows = []
-    redis = None if args.no_redis else start_redis()
+    redis = None if args.no_redis or shutil.which("redis-server") is None else start_redis("--maxmemory", "4gb")
     disk = tempfile.mkdtemp(prefix="ds-kv-disk-")
     specs = [("ram", "ram", lv) for lv in ("lossless", "high", "medium", "low")]
     specs += [("disk", f"disk:{disk}", "high")]

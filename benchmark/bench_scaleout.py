@@ -40,7 +40,7 @@ import time
 
 import httpx
 
-from bench_serving import free_port, start_http
+from bench_serving import free_port, start_http, start_redis
 from common import percentile, print_table, stdlib_texts, write_json
 
 QUESTIONS = ["\n\nQuestion: what does the code above do? Answer briefly.\nAnswer:",
@@ -68,22 +68,6 @@ def make_conversations(num: int, turns: int, context_chars: int, seed: int = 0) 
             prompts.append((None, prompt))
         out.append(prompts)
     return out
-
-
-def start_redis() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            return proc, f"redis://127.0.0.1:{port}"
-        except redis.ConnectionError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("redis-server did not start")
 
 
 def family_conversations(args) -> tuple[list[list[Turn]], list[str]]:

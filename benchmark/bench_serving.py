@@ -51,6 +51,24 @@ def start_http(cmd: list[str], port: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("server did not start")
 
 
+def start_redis(*extra: str) -> tuple[subprocess.Popen, str]:
+    """A redis-server on a free loopback port, no persistence (`extra`: more of its
+    flags); returns it with its URL once it answers a ping."""
+    import redis
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            return proc, f"redis://127.0.0.1:{port}"
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_new: int) -> dict:
     body = {"text": prompt, "stream": True,
             "sampling_params": {"temperature": 0, "max_new_tokens": max_new, "ignore_eos": True}}

@@ -166,7 +166,6 @@ class KVLease:
         nobody needs them)."""
         table, row, alloc = self.req_pool.table, self.row, self.cache.allocator
         alloc.free(table[:, row, self.prefix_len:self.kv_len].to(torch.int64))
-        self.end = self.kv_len
         if self.cross_spaces is not None:
             g = self.cross_spaces
             alloc.free(table[g.start:g.stop, row, self.cross_start:self.prefix_len].to(torch.int64), g)
@@ -190,20 +189,21 @@ class KVLease:
             self.registry.live.pop(self, None)
 
 
-def grow_each(leases: list[KVLease], slots: torch.Tensor, erows: list[torch.Tensor | None]) -> None:
+def grow_each(leases: list[KVLease], slots: torch.Tensor,
+              erows: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """One more slot for each lease, `slots[:, i]` for the i-th (with its E-cache
-    row `erows[i]` [E, 1] or None): a decode step's, written to the table at once."""
-    if not leases:
-        return
-    table = leases[0].req_pool.table
+    row `erows[i]` [E, 1] or None): a decode step's, written to the table at once.
+    Returns the leases' rows and the positions the slots took."""
     rows = torch.tensor([lease.row for lease in leases], dtype=torch.int64)
     ends = torch.tensor([lease.end for lease in leases], dtype=torch.int64)
-    table[:, rows, ends] = slots.to(torch.int32)
+    if leases:
+        leases[0].req_pool.table[:, rows, ends] = slots.to(torch.int32)
     for lease, e in zip(leases, erows):
         lease.end += 1
         lease.step_erows = e
         if e is not None:
             lease.erows.append(e)
+    return rows, ends
 
 
 class Leases:

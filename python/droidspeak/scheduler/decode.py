@@ -40,11 +40,9 @@ def build_decode_batch(running: list[Req], allocator: SlotAllocator, runner,
     """`is_sender(variant)`: whether a variant keeps an E cache (cross-model senders)."""
     table = runner.req_to_token_pool.table
     slots = allocator.allocate(len(running))
-    rows = torch.tensor([r.kv.row for r in running], dtype=torch.int64)
-    kv_lens = torch.tensor([r.kv_len for r in running], dtype=torch.int64)
     e_locs = [runner.e_allocator.allocate(1) if is_sender is not None and is_sender(r.cache_variant) else None
               for r in running]
-    grow_each([r.kv for r in running], slots, e_locs)
+    rows, kv_lens = grow_each([r.kv for r in running], slots, e_locs)  # positions = every kv_len
     batch = ForwardBatch(
         mode=ForwardMode.DECODE,
         input_ids=torch.tensor([r.output_ids[-1] for r in running], dtype=torch.int64),

@@ -273,7 +273,6 @@ class Scheduler:
                              active_models={r.cache_namespace for r in self.running},
                              cross_policy=self.cross_policy,
                              idle=not self.running and len(self.waiting) <= 1, offloader=self.offloader)
-        self._in_step = {}
         if self.chunked_req is not None:
             if not adder.add_chunked(self.chunked_req):
                 return []
